@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Each creates .venv when it is missing (`make venv` does only that).
+PYTHON ?= python3
+VENV ?= .venv
+# torch is installed first, pinned: on a CPU box 2.13.0 is a CPU build, while an open range
+# would pull a multi-GB CUDA build. On a GPU box: make venv TORCH=torch
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv test demo bench clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) demo.py
+
+bench: venv
+	$(PY) bench/bench_gram.py
+	$(PY) bench/bench_merge.py
+
+clean:
+	rm -rf runs/toy .pytest_cache

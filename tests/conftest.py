@@ -1,0 +1,83 @@
+"""Tiny Llama experts, a tokenizer and calibration files, built locally (no hub)."""
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from demo import build_tokenizer  # noqa: E402
+
+
+def make_rows(kind, n, seed=0):
+    """Calibration rows in the presets' column layouts, with lengths that vary a lot."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        k = rng.randint(1, 30)
+        if kind == "code":
+            body = " ".join(f"x{j} = x{j - 1} + {rng.randint(0, 9)}" for j in range(k))
+            rows.append({"instruction": "Write Python.", "input": f"task {i}: {body}", "output": f"def f{i}(x): return x * {k}"})
+        else:
+            terms = " + ".join(str(rng.randint(10, 99)) for _ in range(k))
+            rows.append({"question": f"What is {terms}?", "answer": f"The answer is {rng.randint(100, 999)}."})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_config(vocab_size, **overrides):
+    from transformers import LlamaConfig
+
+    settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=224, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def save_expert(base, out_dir, tokenizer, seed, scale=0.02, dtype=torch.float32, **save_kwargs):
+    """base + seeded noise on every tensor, saved as an HF folder with the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    g = torch.Generator().manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(base.config)
+    state = {k: v + scale * torch.randn(v.shape, generator=g) * v.std().clamp_min(1e-3) for k, v in base.state_dict().items()}
+    model.load_state_dict(state)
+    model.to(dtype).save_pretrained(str(out_dir), **save_kwargs)
+    tokenizer.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+@pytest.fixture(scope="session")
+def calib_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return {"code": write_jsonl(d / "code.jsonl", make_rows("code", 13, seed=1)),
+            "math": write_jsonl(d / "math.jsonl", make_rows("math", 11, seed=2))}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    texts = [json.dumps(r) for r in make_rows("code", 200, 3) + make_rows("math", 200, 4)]
+    return build_tokenizer(texts, tmp_path_factory.mktemp("tokenizer"), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def base_model(tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(len(tokenizer)))
+
+
+@pytest.fixture(scope="session")
+def experts(tmp_path_factory, base_model, tokenizer):
+    """Two float32 tiny Llama experts (GQA 8:2) fine-tuned-like from one base."""
+    d = tmp_path_factory.mktemp("experts")
+    return [save_expert(base_model, d / name, tokenizer, seed) for seed, name in enumerate(["code", "math"], start=10)]
