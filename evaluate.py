@@ -1,0 +1,307 @@
+"""Stage 3: evaluate merged model folders with lm-eval, then tabulate the scores.
+
+    python evaluate.py runs/merges/avg runs/merges/regmean_0.1     # lm_eval on each folder, then the table
+    python evaluate.py runs/merges/regmean_0.1 --tasks gsm8k --limit 100 --batch_size auto
+    python evaluate.py --table runs/merges/avg runs/merges/regmean_0.1    # the table only
+
+For each folder this runs the seed's lm_eval command, plus `--include_path lm-eval-harness`
+(this repository's HumanEval override, see lm-eval-harness/README.md):
+
+    HF_ALLOW_CODE_EVAL=1 lm_eval --model vllm \\
+        --model_args pretrained=DIR,tensor_parallel_size=1,dtype=bfloat16 \\
+        --tasks mathqa,gsm8k,humaneval_instruct,mbpp --output_path DIR/lm_eval_results_preds \\
+        --log_samples --trust_remote_code --confirm_run_unsafe_code --include_path lm-eval-harness
+
+vLLM is used when it is installed and a CUDA device is present, else lm-eval's `hf` backend.
+Arguments evaluate.py does not know (--batch_size auto, --gen_kwargs ..., --num_fewshot ...),
+written after the folders, go to lm_eval unchanged. A task may also be a YAML file (lm_eval loads it by path).
+HumanEval and MBPP execute model-written code: read their safety notes before running.
+
+The table (`--output`/results.md and results.png) has one row per folder and the seed's
+columns: GSM8k 5-shot exact match (strict-match), MathQA 0-shot acc_norm, HumanEval-Instruct
+0-shot pass@1, MBPP 3-shot pass@1, in percent with two decimals; a blank where a task was
+not run. Scores come from each folder's newest lm_eval result file per task.
+"""
+import argparse
+import codecs
+import collections
+import importlib.util
+import json
+import math
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from utils import UserError, choose_device, choose_dtype, peak_memory, run_main
+
+HARNESS_DIR = Path(__file__).resolve().parent / "lm-eval-harness"  # task overrides, always included
+RESULTS_DIR = "lm_eval_results_preds"  # lm_eval's --output_path inside each model folder
+SEED_TASKS = "mathqa,gsm8k,humaneval_instruct,mbpp"
+
+# (title, metric label, lm_eval task, result keys tried in order): the seed's table.
+SEED_COLUMNS = [
+    ("GSM8k (Math)", "5-shot EM", "gsm8k", ["exact_match,strict-match"]),
+    ("MathQA (Math)", "0-shot Acc-norm", "mathqa", ["acc_norm,none"]),
+    ("HumanEval-Instruct (Code)", "0-shot Pass@1", "humaneval_instruct", ["pass@1,create_test", "pass_at_1,create_test"]),
+    ("MBPP (Code)", "3-shot Pass@1", "mbpp", ["pass_at_1,none", "pass@1,none"]),
+]
+# lm_eval options that evaluate.py sets itself (passing them through would give lm_eval two).
+MANAGED_OPTIONS = {"--model", "-M", "--output_path", "-o", "--include_path", "-t", "-a", "-L"}
+
+
+# ----------------------------------------------------------------------------- running lm_eval
+def check_model_folder(folder):
+    """A folder lm_eval can load: config.json and weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder")
+    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    if not (folder / "config.json").is_file() or not has_weights:
+        raise UserError(f"{folder} holds no model (it needs config.json and .safetensors/.bin weights)")
+
+
+def check_tasks(tasks, metadata=None):
+    """Load every task once here, as lm_eval will (datasets included), so that an unknown task
+    or one whose data cannot be had (offline, no cache) fails before any model is loaded.
+    `metadata` is what the run gives lm_eval's --metadata (some tasks read their data paths there)."""
+    import logging
+
+    import datasets
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # the override notices are expected
+    os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # upstream mbpp checks code execution when it loads
+    datasets.disable_progress_bars()
+    manager = TaskManager(include_path=str(HARNESS_DIR), metadata=metadata)
+    for task in tasks:
+        spec = str(Path(task).resolve()) if task.endswith(".yaml") else task
+        try:
+            manager.load([spec])
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"task {task!r} cannot be loaded: {type(e).__name__}: {first}")
+
+
+def choose_backend(name, device):
+    """vLLM when asked for or when 'auto' finds it and a GPU; lm-eval's hf backend otherwise."""
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if name == "vllm" and not has_vllm:
+        raise UserError("--backend vllm asked for, but vllm is not installed (pip install vllm, on a CUDA machine)")
+    if name == "auto":
+        if has_vllm and device.type == "cuda":
+            return "vllm"
+        why = "vllm is not installed" if not has_vllm else "no CUDA device"
+        print(f"note: {why}; evaluating with lm-eval's hf backend (slower than vLLM)", file=sys.stderr)
+        return "hf"
+    return name
+
+
+def lm_eval_command(folder, backend, device, dtype, tasks, limit, model_args, passthrough):
+    """The seed's lm_eval command line for one folder (+ --include_path, + the hf backend's device)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    if backend == "vllm":
+        args = f"pretrained={folder},tensor_parallel_size=1,dtype={dtype_name}"
+    else:
+        args = f"pretrained={folder},dtype={dtype_name}"
+    if model_args:
+        args += "," + model_args
+    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", backend, "--model_args", args,
+           "--tasks", ",".join(tasks), "--output_path", str(Path(folder) / RESULTS_DIR),
+           "--log_samples", "--trust_remote_code", "--confirm_run_unsafe_code", "--include_path", str(HARNESS_DIR)]
+    if backend == "hf":
+        cmd += ["--device", str(device)]
+    if limit is not None:
+        cmd += ["--limit", f"{limit:g}"]
+    return cmd + passthrough
+
+
+def run_lm_eval(cmd, folder):
+    """Run lm_eval, its stderr echoed live (progress bars included) and its tail kept, so that a
+    failure ends in one line that names the folder and lm_eval's own last error."""
+    env = dict(os.environ, HF_ALLOW_CODE_EVAL="1")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env)
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+    tail = collections.deque(maxlen=64)
+    while chunk := os.read(proc.stderr.fileno(), 65536):
+        text = decode(chunk)
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        tail.append(text)
+    proc.stderr.close()
+    if proc.wait() != 0:
+        lines = [ln.strip() for ln in "".join(tail).replace("\r", "\n").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b", ln)]
+        last = (errors or lines or ["no output"])[-1]
+        raise UserError(f"lm_eval failed on {folder} (exit {proc.returncode}): {last}")
+
+
+# ----------------------------------------------------------------------------- the table
+def label_for(folder):
+    """Row name from a merge folder's name: avg -> Average, regmean_0.1 -> RegMean (α=0.1),
+    regmeanpp_0.1 -> RegMean++ (α=0.1), anything else as is."""
+    name = Path(folder).name
+    if name == "avg":
+        return "Average"
+    m = re.fullmatch(r"(regmean|regmeanpp)_(.+)", name)
+    if m:
+        return f"{'RegMean++' if m[1] == 'regmeanpp' else 'RegMean'} (α={m[2]})"
+    return name
+
+
+def read_results(folder):
+    """{task: {metric key: value}} from folder/lm_eval_results_preds/*/results_*.json, each task
+    taken from the newest file holding it (file names carry lm_eval's timestamp)."""
+    files = sorted(Path(folder, RESULTS_DIR).glob("*/results_*.json"), key=lambda p: p.name)
+    if not files:
+        raise UserError(f"{folder}: no lm_eval result files ({Path(folder) / RESULTS_DIR}/*/results_*.json); "
+                        f"run python evaluate.py {folder} first")
+    results = {}
+    for file in files:
+        try:
+            results.update(json.loads(file.read_text())["results"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{file}: not an lm_eval result file ({type(e).__name__}: {e})")
+    return results
+
+
+def score(results, task, keys):
+    """The first of `keys` found for `task`, in percent; None when the task was not run."""
+    metrics = results.get(task, {})
+    return next((100 * float(metrics[k]) for k in keys if isinstance(metrics.get(k), (int, float))), None)
+
+
+def write_atomic(path, data):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def plot(labels, ticks, values, path):
+    """Grouped bar chart: one group per benchmark, one bar per row. Uses matplotlib's Figure
+    directly (Agg canvas), so no pyplot state or GUI backend is involved."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 1.6 * len(ticks) + 0.4 * len(labels)), 4.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(labels))
+    for i, (label, row) in enumerate(zip(labels, values)):
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(ticks))]
+        bars = ax.bar(xs, [math.nan if v is None else v for v in row], width, label=label)
+        ax.bar_label(bars, labels=["" if v is None else f"{v:.1f}" for v in row], fontsize=7)
+    ax.set_xticks(range(len(ticks)), ticks)
+    top = max((v for row in values for v in row if v is not None), default=0.0)
+    ax.set_ylim(0, max(1.0, top) * 1.25)  # headroom for the value labels and the legend
+    ax.set_ylabel("score (%)")
+    ax.legend(fontsize=8, ncols=min(len(labels), 4), loc="upper center")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    write_atomic(path, buf.getvalue())
+
+
+def build_table(rows, columns=SEED_COLUMNS, output_dir="runs/merges", mean_column=False):
+    """Write output_dir/results.md and results.png; return the markdown.
+
+    rows: [(label, folder)] (a bare folder gets label_for(folder)); scores are read from each
+    folder's lm_eval result files. columns: [(title, metric label, task, [result keys])].
+    mean_column adds "Mean", the mean of a row's scores (blank unless all are present)."""
+    rows = [(label_for(r), r) if isinstance(r, (str, Path)) else tuple(r) for r in rows]
+    columns = [tuple(c) for c in columns]
+    values = []
+    for _, folder in rows:
+        results = read_results(folder)
+        row = [score(results, task, keys) for _, _, task, keys in columns]
+        if mean_column:
+            row.append(None if None in row else sum(row) / len(row))
+        values.append(row)
+    titles = [c[0] for c in columns] + (["Mean"] if mean_column else [])
+    metric_labels = [c[1] for c in columns] + ([""] if mean_column else [])
+
+    def line(cells):
+        return "| " + " | ".join(cells) + " |"
+
+    md = [line(["Method/Benchmark"] + titles), line(["----"] * (len(titles) + 1)), line([""] + metric_labels)]
+    md += [line([label] + ["" if v is None else f"{v:.2f}" for v in row]) for (label, _), row in zip(rows, values)]
+    markdown = "\n".join(md) + "\n"
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(output_dir / "results.md", markdown.encode())
+    ticks = [f"{title}\n{metric}" if metric else title for title, metric in zip(titles, metric_labels)]
+    plot([label for label, _ in rows], ticks, values, output_dir / "results.png")
+    return markdown
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Evaluate merged model folders with lm-eval (vLLM or hf backend) and tabulate the scores. "
+                    "Unknown arguments (after the folders) are passed to lm_eval.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser.add_argument("folders", nargs="+", metavar="DIR", help="merged model folders (e.g. runs/merges/regmean_0.1)")
+    parser.add_argument("--table", action="store_true", help="only build the table from the folders' existing lm_eval results")
+    parser.add_argument("--backend", choices=["auto", "vllm", "hf"], default="auto", help="lm-eval model backend; auto: vllm when installed and on CUDA, else hf")
+    parser.add_argument("--tasks", default=SEED_TASKS, help="comma-separated lm_eval task names or task YAML files")
+    parser.add_argument("--limit", type=float, default=None, help="lm_eval --limit: at most N examples per task (a fraction if < 1)")
+    parser.add_argument("--output", default="runs/merges", help="folder for results.md and results.png")
+    parser.add_argument("--device", default="auto", help="auto|cuda|cpu (the hf backend's device)")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto", help="model dtype; auto: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--model-args", "--model_args", dest="model_args", default="", help="extra key=value,... appended to lm_eval --model_args (e.g. max_model_len=4096)")
+    args, passthrough = parser.parse_known_args(argv)
+
+    t0 = time.perf_counter()
+    if args.table:
+        if passthrough:
+            raise UserError(f"--table takes no lm_eval arguments, got {' '.join(passthrough)}")
+        markdown = build_table(args.folders, output_dir=args.output)
+        print(markdown, end="")
+        print(f"wrote {Path(args.output) / 'results.md'} and results.png in {time.perf_counter() - t0:.1f} s")
+        return Path(args.output) / "results.md"
+
+    managed = sorted({a.split("=", 1)[0] for a in passthrough} & MANAGED_OPTIONS)
+    if managed:
+        raise UserError(f"evaluate.py sets {', '.join(managed)} itself; use --backend, --tasks, --limit, --model-args "
+                        "(tasks outside lm-eval-harness/ can be given as YAML files in --tasks)")
+    for folder in args.folders:
+        check_model_folder(folder)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--tasks is empty")
+    device = choose_device(args.device)
+    dtype = choose_dtype(args.dtype, device)
+    backend = choose_backend(args.backend, device)
+    check_tasks(tasks)
+
+    seconds = {}
+    for folder in args.folders:
+        cmd = lm_eval_command(folder, backend, device, dtype, tasks, args.limit, args.model_args, passthrough)
+        print(f"[{folder}] HF_ALLOW_CODE_EVAL=1 {' '.join(cmd[2:]).replace('lm_eval run', 'lm_eval', 1)}", file=sys.stderr)
+        start = time.perf_counter()
+        run_lm_eval(cmd, folder)
+        seconds[folder] = time.perf_counter() - start
+
+    markdown = build_table(args.folders, output_dir=args.output)
+    print(markdown, end="")
+    samples = 0
+    for folder in args.folders:
+        newest = max(Path(folder, RESULTS_DIR).glob("*/results_*.json"), key=lambda p: p.name)
+        samples += sum(int(n.get("effective", 0)) for n in json.loads(newest.read_text()).get("n-samples", {}).values())
+    wall = time.perf_counter() - t0
+    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    print(f"evaluated {len(args.folders)} folder(s) with {backend} in {wall:.1f} s "
+          f"({', '.join(f'{Path(f).name} {s:.1f} s' for f, s in seconds.items())}); "
+          f"{samples} samples, {samples / wall:.2f} samples/s; {peak_memory()} (lm_eval peak RSS {child_rss:.2f} GiB)")
+    print(f"wrote {Path(args.output) / 'results.md'} and results.png")
+    return Path(args.output) / "results.md"
+
+
+if __name__ == "__main__":
+    run_main(main)
