@@ -1,0 +1,166 @@
+"""Gram pass speed: compute_gram.py's accumulation against the seed's method, on the same
+randomly initialised Llama-shaped model and the same token rows, in one run.
+
+    python bench/bench_gram.py             # ~71M params with 8B proportions, 256 rows, batch 32, cpu float32
+    python bench/bench_gram.py --quick     # a smoke run of the same flow, in seconds
+    python bench/bench_gram.py --device cuda --dtype bfloat16 --hidden 4096 --intermediate 14336 \
+        --layers 2 --heads 32 --kv-heads 8 --vocab 128256   # an 8B-shaped slice on a GPU
+
+The seed's method: a forward hook on every nn.Linear that keeps a float32 running mean of
+xᵀx over all positions (padding included), one per module (q/k/v and gate/up computed
+three and two times), batches padded in dataset order, logits computed. This project's:
+shared inputs computed once, padding rows dropped, batches sorted by length, upper
+block-triangle products, no logits.
+
+Both figures count the same calibration tokens (padding excluded) per second. The share of
+the matmul peak is the useful work (the linear layers on real tokens, without lm_head's
+logits, plus one XᵀX per distinct input) per second, over the best `torch.mm` rate
+measured in the same run and dtype.
+"""
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from compute_gram import collate, compute_grams  # noqa: E402
+from utils import DTYPES, choose_device  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=512, help="hidden size")
+    p.add_argument("--intermediate", type=int, default=1792, help="MLP size (3.5 x hidden, as in Llama-3-8B)")
+    p.add_argument("--layers", type=int, default=16, help="decoder layers")
+    p.add_argument("--heads", type=int, default=8, help="attention heads")
+    p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (4:1 grouped-query attention)")
+    p.add_argument("--vocab", type=int, default=16384, help="vocabulary (about 31 x hidden, as in Llama-3-8B)")
+    p.add_argument("--rows", type=int, default=256, help="calibration rows")
+    p.add_argument("--min-length", type=int, default=4, help="shortest row, in tokens")
+    p.add_argument("--max-length", type=int, default=256, help="longest row, in tokens")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights and the row lengths")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 small layers, 64 rows up to 128 tokens")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.intermediate, args.layers, args.vocab, args.rows, args.max_length = 256, 896, 2, 8192, 64, 128
+    return args
+
+
+def seed_method(model, token_ids, batch_size):
+    """The seed's compute_gram: hooks on every nn.Linear, float32 running mean over all
+    positions of padded, dataset-order batches, full forward with logits."""
+    device = model.device
+    grams, counts = {}, {}
+
+    def hook(name):
+        def fn(module, inputs, output):
+            x = inputs[0].detach().float()
+            x = x.view(-1, x.size(-1))
+            xtx = x.T @ x
+            if name not in grams:
+                grams[name], counts[name] = (xtx / x.size(0)).cpu(), x.size(0)
+            else:  # the seed kept the means on the host and moved them back every step
+                grams[name] = ((grams[name].to(device) * counts[name] + xtx) / (counts[name] + x.size(0))).cpu()
+                counts[name] += x.size(0)
+        return fn
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(token_ids), batch_size):
+                input_ids, mask = collate(token_ids, list(range(start, min(start + batch_size, len(token_ids)))))
+                model(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+def ours(model, token_ids, batch_size):
+    grams, _, _ = compute_grams(model, token_ids, batch_size, progress=False)
+    return {key: g.result() for key, g in grams.items()}
+
+
+def matmul_peak(device, dtype, n):
+    """Best rate of an n x n matmul (FLOP/s), this run, this device and dtype."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def useful_flops(model, num_tokens):
+    """Linear layers on the real tokens (lm_head's logits excluded, they are not needed)
+    plus one full XᵀX per distinct linear input (lm_head's included)."""
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
+    cfg = model.config
+    gram_dims = [cfg.hidden_size, cfg.hidden_size, cfg.hidden_size, cfg.intermediate_size] * cfg.num_hidden_layers + [cfg.hidden_size]
+    return 2 * num_tokens * (linear + sum(d * d for d in gram_dims))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, *args):
+    sync(device)
+    t = time.perf_counter()
+    out = fn(*args)
+    sync(device)
+    return out, time.perf_counter() - t
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    device, dtype = choose_device(args.device), DTYPES[args.dtype]
+    torch.manual_seed(args.seed)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                         max_position_embeddings=max(args.max_length, 512), tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    rng = random.Random(args.seed)
+    token_ids = [[rng.randrange(args.vocab) for _ in range(rng.randint(args.min_length, args.max_length))] for _ in range(args.rows)]
+    num_tokens = sum(map(len, token_ids))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model: {params / 1e6:.1f}M params (hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+          f"{args.heads}:{args.kv_heads} heads, vocab {args.vocab}), {args.dtype} on {device}, {torch.get_num_threads()} cpu threads")
+    print(f"rows: {args.rows}, {args.min_length}-{args.max_length} tokens, {num_tokens} tokens, batch {args.batch_size}")
+
+    warm = token_ids[: args.batch_size // 4 or 1]  # first-call allocations out of both timings
+    seed_method(model, warm, args.batch_size), ours(model, warm, args.batch_size)
+    _, t_seed = timed(seed_method, device, model, token_ids, args.batch_size)
+    _, t_ours = timed(ours, device, model, token_ids, args.batch_size)
+    peak = matmul_peak(device, dtype, 4096 if device.type == "cuda" else 2048)
+    work = useful_flops(model, num_tokens)
+
+    print(f"matmul peak ({args.dtype}): {peak / 1e9:.0f} GFLOP/s")
+    for name, t in (("seed method", t_seed), ("compute_gram", t_ours)):
+        print(f"{name:>13}: {t:7.2f} s  {num_tokens / t:9.0f} tokens/s  {work / t / peak:6.1%} of matmul peak")
+    print(f"speed-up: {t_seed / t_ours:.2f}x")
+    # On an 8B-shaped slice, the seed's job (10k rows through 32 layers) scales about with
+    # layers x tokens; lm_head's share is counted 32/layers times, so this is an upper bound.
+    mean_len = num_tokens / args.rows
+    for name, t in (("seed method", t_seed), ("compute_gram", t_ours)) if args.hidden == 4096 else ():
+        hours = t / num_tokens * (32 / args.layers) * 10000 * mean_len / 3600
+        print(f"extrapolated 10k rows of {mean_len:.0f} tokens, 32 layers, {name}: {hours:.2f} h")
+    return t_seed / t_ours
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""Stage 1: an expert and its calibration data -> gram.safetensors, the inner products
+XᵀX / n of the input of every linear layer (lm_head included), over non-padding tokens.
+
+    python compute_gram.py code        # rombos Replete-Coder on code_bagel_hermes-2.5
+    python compute_gram.py math        # MAmmoTH2-8B on WebInstructSub
+    python compute_gram.py toy-code    # the demo's toy expert (after `python demo.py`)
+    python compute_gram.py code --model DIR --dataset rows.jsonl --num-examples 500 \
+        --output-dir runs/grams/mine --checkpoint-every 20
+
+Each row is rendered with the model's chat template (code: instruction/input/output as
+system/user/assistant; math: question/answer as user/assistant), truncated to
+--max-length tokens; the first --num-examples rows are used, unshuffled. Examples are
+batched by length so that little compute goes to padding, and the logits are never
+computed: lm_head's gram only needs its input.
+
+Linear layers that read the same tensor (q/k/v and gate/up in Llama, Mistral, Qwen2,
+Gemma) share one gram; that is found by watching one forward pass, not from names. The
+file stores one gram per distinct input under the first module's name, and maps the
+others to it in the `aliases` metadata.
+
+With --checkpoint-every K the partial sums are saved every K batches to
+OUTPUT_DIR/.gram-checkpoint.safetensors; running the same command again after an
+interruption continues from there (a checkpoint made with other settings or data is
+refused, with a message saying so). The checkpoint is deleted once gram.safetensors is
+written.
+"""
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from array import array
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from utils import (FORMATS, GRAM_FILE, PRESETS, Timer, UserError, choose_device, choose_dtype, format_rows,
+                   load_rows, peak_memory, resolve_model_dir, run_main, save_grams, tokenize_texts)
+
+CHECKPOINT_FILE = ".gram-checkpoint.safetensors"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("preset", choices=sorted(PRESETS), help="expert + calibration data preset")
+    p.add_argument("--model", help="hub id or local folder (default: the preset's)")
+    p.add_argument("--dataset", help="hub id or a .json/.jsonl/.parquet/.csv file (default: the preset's)")
+    p.add_argument("--format", choices=sorted(FORMATS), help="row columns -> chat turns (default: the preset's)")
+    p.add_argument("--split", default="train", help="dataset split (hub datasets)")
+    p.add_argument("--num-examples", type=int, default=10000, help="first N rows, unshuffled")
+    p.add_argument("--max-length", type=int, default=256, help="truncate each example to this many tokens")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
+    p.add_argument("--output-dir", help="folder for gram.safetensors (default: the preset's)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save partial sums every K batches (0: never)")
+    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="model dtype (auto: bfloat16 on cuda, float32 on cpu)")
+    args = p.parse_args(argv)
+    for name in ("num_examples", "max_length", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    return args
+
+
+# ----------------------------------------------------------------------------- the accumulator
+class Gram:
+    """Running ΣXᵀX, float32 on `device`, and the number of rows fed to `add`.
+
+    XᵀX is symmetric, so only its upper block-triangle is computed: the columns are cut
+    into B blocks and block row i gets X[:, i]ᵀ X[:, i:] with one addmm_, (B+1)/2B of the
+    full product's flops. `result()` mirrors the upper triangle once, at the end.
+    """
+
+    def __init__(self, dim, device, blocks=None):
+        self.sum = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+        self.num_rows = 0
+        # Narrow blocks make slow GEMMs: about 256 columns or more each, at most 8 blocks.
+        blocks = blocks or min(8, max(1, dim // 256))
+        self.edges = [round(i * dim / blocks) for i in range(blocks + 1)]
+
+    def add(self, x, rows=None):
+        """x: [..., dim]. rows: which rows of x.reshape(-1, dim) to use, as indices or as a
+        bool mask shaped like x.shape[:-1] (None: all of them)."""
+        x = x.reshape(-1, x.shape[-1])
+        if rows is not None:
+            if rows.dtype == torch.bool:
+                rows = rows.reshape(-1).nonzero().squeeze(1)
+            x = x.index_select(0, rows)
+        # bf16/fp16 values are exact in TF32, so on cuda their float32 products may run on
+        # tensor cores with nothing lost (products and sums stay float32); float32 inputs may not.
+        tf32 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        x = x.to(torch.float32)
+        allowed = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            for start, end in zip(self.edges[:-1], self.edges[1:]):
+                self.sum[start:end, start:].addmm_(x[:, start:end].T, x[:, start:])
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allowed
+        self.num_rows += x.shape[0]
+
+    def result(self):
+        """ΣXᵀX / num_rows as a full symmetric float32 matrix on the cpu."""
+        upper = self.sum.cpu().triu_()
+        return upper.add_(upper.triu(1).T).div_(max(self.num_rows, 1))
+
+
+# ----------------------------------------------------------------------------- batches
+def length_batches(lengths, batch_size):
+    """Example indices grouped into batches of similar length, longest first (so that a
+    batch too big for memory fails at once, not hours in)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(token_ids, batch, pad_id=0):
+    """Right-padded input_ids and attention_mask [B, T] (causal attention never looks at
+    the padding on the right, so real tokens see exactly their own prefix)."""
+    width = max(len(token_ids[i]) for i in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, i in enumerate(batch):
+        input_ids[row, :len(token_ids[i])] = torch.tensor(token_ids[i])
+        mask[row, :len(token_ids[i])] = 1
+    return input_ids, mask
+
+
+# ----------------------------------------------------------------------------- shared inputs
+def find_shared_inputs(model, input_ids):
+    """Watch one forward pass and group the nn.Linear modules by the tensor they read.
+
+    Returns (leaders {name: module}, aliases {other module: leader name}, head name,
+    head_reads_base_output). Two modules share an input only when they get the very same
+    tensor object, unmodified (same version counter), within this one pass; a data_ptr
+    match alone is not enough, since freed memory is reused within a forward.
+    `head_reads_base_output` tells whether lm_head's input is exactly the base model's
+    last hidden state, so that the logits can be skipped."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    seen = {}  # module name -> (input tensor, its version); strong refs keep ids unique
+
+    def record(name):
+        def hook(module, args):
+            seen.setdefault(name, (args[0], args[0]._version))
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in linears.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+    never_called = [name for name in linears if name not in seen]
+    if never_called:
+        print(f"note: {len(never_called)} linear module(s) never run, no gram for them: {never_called[:4]}", file=sys.stderr)
+    leaders, aliases = {}, {}
+    for name, module in linears.items():
+        if name not in seen:
+            continue
+        x, version = seen[name]
+        leader = next((k for k in leaders if seen[k][0] is x and seen[k][1] == version), None)
+        if leader is None:
+            leaders[name] = module
+        else:
+            aliases[name] = leader
+    head = model.get_output_embeddings()
+    head_name = next((name for name, m in linears.items() if m is head and name in seen), None)
+    head_reads_base_output = False
+    if head_name is not None and model.base_model is not model:
+        with torch.no_grad():
+            base_output = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        head_input = seen[head_name][0]
+        head_reads_base_output = head_input.shape == base_output.shape and torch.allclose(
+            head_input.float(), base_output.float(), rtol=1e-3, atol=1e-3)
+    return leaders, aliases, head_name, head_reads_base_output
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, grams, batches_done, settings):
+    """Partial sums + progress + the run's settings, written atomically."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    meta = {"settings": json.dumps(settings, sort_keys=True), "batches_done": str(batches_done),
+            "num_rows": json.dumps({k: g.num_rows for k, g in grams.items()})}
+    try:
+        save_file({k: g.sum.cpu() for k, g in grams.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, grams, settings):
+    """Fill `grams` from the checkpoint and return the number of batches it covers."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        saved = json.loads(meta["settings"])
+        if saved != settings:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in settings if saved.get(k) != settings.get(k))
+            raise UserError(f"{path} was made with other settings ({diff}); rerun with those settings to resume, or delete it to start over")
+        num_rows = json.loads(meta["num_rows"])
+        for key, gram in grams.items():
+            gram.sum.copy_(f.get_tensor(key))
+            gram.num_rows = num_rows[key]
+    return int(meta["batches_done"])
+
+
+def fingerprint(token_ids):
+    """sha256 of the tokenized calibration set: a checkpoint only resumes on the same data."""
+    h = hashlib.sha256()
+    for ids in token_ids:
+        h.update(array("q", ids).tobytes() + b"|")
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- the run
+def compute_grams(model, token_ids, batch_size, checkpoint=None, checkpoint_every=0, settings=None, progress=True):
+    """Accumulate the grams of every distinct linear-layer input of `model` over the
+    examples `token_ids` (lists of ids). Returns ({stored key: Gram}, aliases, number of
+    tokens run in this call: fewer than all when resuming from a checkpoint)."""
+    device = model.device
+    probe = torch.tensor([token_ids[0][:16]], device=device)
+    leaders, aliases, head_name, head_reads_base_output = find_shared_inputs(model, probe)
+    grams = {name: Gram(m.in_features, device) for name, m in leaders.items()}
+    batches = length_batches([len(ids) for ids in token_ids], batch_size)
+
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        start = load_checkpoint(checkpoint, grams, settings)
+        print(f"resuming from {checkpoint}: {start}/{len(batches)} batches done", file=sys.stderr)
+
+    batch_rows = {}  # the batch being run: flat indices of its real tokens, read by the hooks
+
+    def accumulate(name):
+        def hook(module, args):
+            x = args[0]
+            if x.numel() // x.shape[-1] != batch_rows["total"]:
+                raise UserError(f"{name} reads {x.numel() // x.shape[-1]} rows, not one per token ({batch_rows['total']}); this architecture is not supported")
+            grams[name].add(x, batch_rows["index"])
+        return hook
+
+    skip_head = head_reads_base_output  # lm_head fed from the base model's output, no logits
+    hooks = [m.register_forward_pre_hook(accumulate(name)) for name, m in leaders.items() if not (skip_head and name == head_name)]
+    total_tokens = sum(len(ids) for ids in token_ids)
+    done_tokens = sum(len(token_ids[i]) for batch in batches[:start] for i in batch)
+    bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="gram", disable=not progress)
+    try:
+        with torch.inference_mode():
+            for b in range(start, len(batches)):
+                input_ids, mask = collate(token_ids, batches[b])
+                batch_rows["index"] = mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+                batch_rows["total"] = mask.numel()
+                input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+                if skip_head:
+                    hidden = model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+                    grams[head_name].add(hidden, batch_rows["index"])
+                    del hidden
+                else:
+                    model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                bar.update(len(batch_rows["index"]))
+                if checkpoint is not None and checkpoint_every and (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):
+                    save_checkpoint(checkpoint, grams, b + 1, settings)
+    finally:
+        bar.close()
+        for h in hooks:
+            h.remove()
+    return grams, aliases, bar.n - done_tokens
+
+
+def load_model(model_dir, device, dtype):
+    from transformers import AutoModelForCausalLM
+
+    # flash-attention-2 where installed (cuda only), else PyTorch's sdpa
+    attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn, device_map=str(device))
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load a causal LM from {model_dir}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return model.eval()
+
+
+def load_tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load a tokenizer from {model_dir}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if not tokenizer.chat_template:
+        raise UserError(f"the tokenizer in {model_dir} has no chat template")
+    return tokenizer
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    preset = PRESETS[args.preset]
+    model_spec = args.model or preset["model"]
+    dataset = args.dataset or preset["dataset"]
+    fmt = args.format or preset["format"]
+    out_dir = Path(args.output_dir or preset["gram_dir"])
+    timer = Timer()
+    device = choose_device(args.device)
+    dtype = choose_dtype(args.dtype, device)
+
+    # Everything that can be wrong with the input is checked before the model loads.
+    model_dir = resolve_model_dir(model_spec)
+    tokenizer = load_tokenizer(model_dir)
+    rows = load_rows(dataset, args.split, args.num_examples)
+    token_ids = tokenize_texts(tokenizer, format_rows(rows, fmt, tokenizer), args.max_length)
+    model = load_model(model_dir, device, dtype)
+    print(f"{model_spec}: {len(token_ids)} examples of {dataset}, {sum(map(len, token_ids))} tokens, "
+          f"on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+
+    provenance = dict(model=model_spec, dataset=dataset, split=args.split, num_examples=len(token_ids),
+                      max_length=args.max_length, format=fmt, dtype=str(dtype).removeprefix("torch."))
+    # what must match for a checkpoint to resume (batch size fixes the batches' contents)
+    settings = provenance | dict(batch_size=args.batch_size, data=fingerprint(token_ids))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / CHECKPOINT_FILE
+    with timer("gram"):
+        grams, aliases, tokens_run = compute_grams(model, token_ids, args.batch_size, checkpoint, args.checkpoint_every, settings)
+    del model
+    num_tokens = sum(map(len, token_ids))
+    result = {key: grams.pop(key).result() for key in list(grams)}  # one device->host copy each
+    path = out_dir / GRAM_FILE
+    save_grams(path, result, aliases, num_tokens, provenance)
+    checkpoint.unlink(missing_ok=True)
+
+    print(f"wrote {path}: {len(result)} grams ({len(aliases)} aliases), {num_tokens} tokens")
+    print(f"wall {timer.total():.1f} s, {tokens_run} tokens in {timer.phases['gram']:.1f} s ({tokens_run / timer.phases['gram']:.0f} tokens/s), {peak_memory(device)}")
+    return path
+
+
+if __name__ == "__main__":
+    run_main(main)
