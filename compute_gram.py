@@ -1,4 +1,4 @@
-"""Stage 1: an expert and its calibration data -> gram.safetensors, the inner products
+r"""Stage 1: an expert and its calibration data -> gram.safetensors, the inner products
 XᵀX / n of the input of every linear layer (lm_head included), over non-padding tokens.
 
     python compute_gram.py code        # rombos Replete-Coder on code_bagel_hermes-2.5
@@ -6,6 +6,9 @@ XᵀX / n of the input of every linear layer (lm_head included), over non-paddin
     python compute_gram.py toy-code    # the demo's toy expert (after `python demo.py`)
     python compute_gram.py code --model DIR --dataset rows.jsonl --num-examples 500 \
         --output-dir runs/grams/mine --checkpoint-every 20
+    accelerate launch --multi_gpu --num_processes 8 compute_gram.py code   # 8 GPUs, data parallel
+    accelerate launch --multi_gpu --num_processes 2 compute_gram.py code --device-map auto  # 2 copies, each on half the GPUs
+    accelerate launch --multi_gpu --num_processes 2 compute_gram.py toy-code --device cpu     # 2 cpu processes (gloo)
 
 Each row is rendered with the model's chat template (code: instruction/input/output as
 system/user/assistant; math: question/answer as user/assistant), truncated to
@@ -18,11 +21,21 @@ Gemma) share one gram; that is found by watching one forward pass, not from name
 file stores one gram per distinct input under the first module's name, and maps the
 others to it in the `aliases` metadata.
 
+Several processes (`accelerate launch` or `torchrun`) split the work data parallel: the
+length-sorted batches of a single run are dealt whole to the processes, balanced in padded
+tokens; each accumulates its own sums on its own GPU (or cpu), the sums and token counts
+are all-reduced (nccl on cuda, gloo on cpu), and the main process alone writes the file.
+Any number of processes gives the single-process gram up to float rounding. With
+--device-map each process spreads its copy of the expert over its share of the node's
+GPUs (accelerate's big-model loading), and each layer's grams live on that layer's GPU.
+
 With --checkpoint-every K the partial sums are saved every K batches to
-OUTPUT_DIR/.gram-checkpoint.safetensors; running the same command again after an
-interruption continues from there (a checkpoint made with other settings or data is
-refused, with a message saying so). The checkpoint is deleted once gram.safetensors is
-written.
+OUTPUT_DIR/.gram-checkpoint.safetensors (one file per process when there are several:
+.gram-checkpoint.rankR-of-N.safetensors); running the same command again after an
+interruption continues from there (a checkpoint made with other settings, data or number
+of processes is refused, with a message saying so). The checkpoints are deleted once
+gram.safetensors is written. The gram file and the checkpoints are streamed to disk one
+tensor at a time, so host memory never holds all the grams at once.
 """
 import argparse
 import hashlib
@@ -31,16 +44,21 @@ import json
 import os
 import sys
 from array import array
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils import (FORMATS, GRAM_FILE, PRESETS, Timer, UserError, choose_device, choose_dtype, format_rows,
-                   load_rows, peak_memory, resolve_model_dir, run_main, save_grams, tokenize_texts)
+from utils import (FORMATS, GRAM_FILE, PRESETS, Timer, UserError, choose_device, choose_dtype, format_rows, load_rows,
+                   peak_memory, resolve_model_dir, run_main, save_grams, tokenize_texts, write_safetensors)
 
 CHECKPOINT_FILE = ".gram-checkpoint.safetensors"
+# How long processes wait for each other (torch's nccl default is 10 minutes): after a
+# resume the shares left can differ by many batches, and the main process writes the file
+# (32 GB for an 8B expert) while the others wait.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
 
 
 def parse_args(argv=None):
@@ -55,7 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
     p.add_argument("--output-dir", help="folder for gram.safetensors (default: the preset's)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save partial sums every K batches (0: never)")
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (several processes on cuda: cuda:LOCAL_RANK each)")
+    p.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="spread the expert over the visible GPUs (accelerate big-model loading; with several processes, "
+                        "each takes GPUs // processes-per-node of them); cuda only, ignored on cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="model dtype (auto: bfloat16 on cuda, float32 on cpu)")
     args = p.parse_args(argv)
     for name in ("num_examples", "max_length", "batch_size"):
@@ -83,17 +104,18 @@ class Gram:
         self.edges = [round(i * dim / blocks) for i in range(blocks + 1)]
 
     def add(self, x, rows=None):
-        """x: [..., dim]. rows: which rows of x.reshape(-1, dim) to use, as indices or as a
-        bool mask shaped like x.shape[:-1] (None: all of them)."""
+        """x: [..., dim], on any device (it is moved to the gram's). rows: which rows of
+        x.reshape(-1, dim) to use, as indices or as a bool mask shaped like x.shape[:-1]
+        (None: all of them)."""
         x = x.reshape(-1, x.shape[-1])
         if rows is not None:
             if rows.dtype == torch.bool:
                 rows = rows.reshape(-1).nonzero().squeeze(1)
-            x = x.index_select(0, rows)
+            x = x.index_select(0, rows.to(x.device))
         # bf16/fp16 values are exact in TF32, so on cuda their float32 products may run on
         # tensor cores with nothing lost (products and sums stay float32); float32 inputs may not.
-        tf32 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-        x = x.to(torch.float32)
+        tf32 = self.sum.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        x = x.to(self.sum.device, torch.float32)
         allowed = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
@@ -104,8 +126,9 @@ class Gram:
         self.num_rows += x.shape[0]
 
     def result(self):
-        """ΣXᵀX / num_rows as a full symmetric float32 matrix on the cpu."""
-        upper = self.sum.cpu().triu_()
+        """ΣXᵀX / num_rows as a full symmetric float32 matrix, made in place on the gram's
+        device (the running sum becomes the result: call it once, at the end)."""
+        upper = self.sum.triu_()
         return upper.add_(upper.triu(1).T).div_(max(self.num_rows, 1))
 
 
@@ -115,6 +138,21 @@ def length_batches(lengths, batch_size):
     batch too big for memory fails at once, not hours in)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def split_batches(batches, lengths, num_shares):
+    """Deal whole batches to `num_shares` processes so that each gets about the same work
+    (padded tokens): the costliest batch first, each to the least loaded share, ties to the
+    lowest rank. Deterministic, so every process computes the same split; each share keeps
+    the longest-first order. The batches themselves are those of a single process, so any
+    split sums the same products, in another order only."""
+    cost = [len(batch) * max(lengths[i] for i in batch) for batch in batches]
+    shares, load = [[] for _ in range(num_shares)], [0] * num_shares
+    for b in sorted(range(len(batches)), key=lambda b: -cost[b]):
+        rank = min(range(num_shares), key=lambda r: load[r])
+        shares[rank].append(b)
+        load[rank] += cost[b]
+    return [[batches[b] for b in sorted(share)] for share in shares]
 
 
 def collate(token_ids, batch, pad_id=0):
@@ -176,23 +214,33 @@ def find_shared_inputs(model, input_ids):
             base_output = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         head_input = seen[head_name][0]
         head_reads_base_output = head_input.shape == base_output.shape and torch.allclose(
-            head_input.float(), base_output.float(), rtol=1e-3, atol=1e-3)
+            head_input.float(), base_output.to(head_input.device).float(), rtol=1e-3, atol=1e-3)
     return leaders, aliases, head_name, head_reads_base_output
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path, grams, batches_done, settings):
-    """Partial sums + progress + the run's settings, written atomically."""
-    from safetensors.torch import save_file
+def checkpoint_path(out_dir, rank=0, num_processes=1):
+    """One checkpoint per process: each holds the partial sums of its own share."""
+    if num_processes == 1:
+        return Path(out_dir) / CHECKPOINT_FILE
+    return Path(out_dir) / CHECKPOINT_FILE.replace(".safetensors", f".rank{rank}-of-{num_processes}.safetensors")
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+def check_no_foreign_checkpoints(out_dir, num_processes):
+    """A checkpoint left by a run with another number of processes covers another split of
+    the batches: refuse it rather than silently starting over."""
+    ours = {checkpoint_path(out_dir, r, num_processes) for r in range(num_processes)}
+    foreign = sorted(p.name for p in Path(out_dir).glob(CHECKPOINT_FILE.replace(".safetensors", "*.safetensors")) if p not in ours)
+    if foreign:
+        raise UserError(f"{out_dir} holds checkpoint(s) of a run with another number of processes ({', '.join(foreign)}); "
+                        f"rerun with that number to resume, or delete them to start over")
+
+
+def save_checkpoint(path, grams, batches_done, settings):
+    """Partial sums + progress + the run's settings, written atomically, one tensor at a time."""
     meta = {"settings": json.dumps(settings, sort_keys=True), "batches_done": str(batches_done),
             "num_rows": json.dumps({k: g.num_rows for k, g in grams.items()})}
-    try:
-        save_file({k: g.sum.cpu() for k, g in grams.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_safetensors(path, {k: g.sum for k, g in grams.items()}, meta)
 
 
 def load_checkpoint(path, grams, settings):
@@ -221,20 +269,32 @@ def fingerprint(token_ids):
 
 
 # ----------------------------------------------------------------------------- the run
-def compute_grams(model, token_ids, batch_size, checkpoint=None, checkpoint_every=0, settings=None, progress=True):
+def module_device(module, default):
+    """Where a module computes: its weight's device, or `default` for a weight offloaded by
+    accelerate (kept on the meta device and brought in per forward)."""
+    device = module.weight.device
+    return default if device.type == "meta" else device
+
+
+def compute_grams(model, token_ids, batch_size, checkpoint=None, checkpoint_every=0, settings=None, progress=True,
+                  rank=0, num_processes=1):
     """Accumulate the grams of every distinct linear-layer input of `model` over the
-    examples `token_ids` (lists of ids). Returns ({stored key: Gram}, aliases, number of
-    tokens run in this call: fewer than all when resuming from a checkpoint)."""
+    examples `token_ids` (lists of ids), or over share `rank` of `num_processes` of their
+    batches (see split_batches). Each gram lives on its module's device (a model spread
+    over several GPUs keeps each layer's grams beside it). Returns ({stored key: Gram},
+    aliases, number of tokens run in this call: fewer than its share when resuming)."""
     device = model.device
     probe = torch.tensor([token_ids[0][:16]], device=device)
     leaders, aliases, head_name, head_reads_base_output = find_shared_inputs(model, probe)
-    grams = {name: Gram(m.in_features, device) for name, m in leaders.items()}
-    batches = length_batches([len(ids) for ids in token_ids], batch_size)
+    grams = {name: Gram(m.in_features, module_device(m, device)) for name, m in leaders.items()}
+    lengths = [len(ids) for ids in token_ids]
+    batches = split_batches(length_batches(lengths, batch_size), lengths, num_processes)[rank]
 
     start = 0
     if checkpoint is not None and checkpoint.exists():
         start = load_checkpoint(checkpoint, grams, settings)
-        print(f"resuming from {checkpoint}: {start}/{len(batches)} batches done", file=sys.stderr)
+        who = f"rank {rank}: " if num_processes > 1 else ""
+        print(f"{who}resuming from {checkpoint}: {start}/{len(batches)} batches done", file=sys.stderr)
 
     batch_rows = {}  # the batch being run: flat indices of its real tokens, read by the hooks
 
@@ -248,9 +308,10 @@ def compute_grams(model, token_ids, batch_size, checkpoint=None, checkpoint_ever
 
     skip_head = head_reads_base_output  # lm_head fed from the base model's output, no logits
     hooks = [m.register_forward_pre_hook(accumulate(name)) for name, m in leaders.items() if not (skip_head and name == head_name)]
-    total_tokens = sum(len(ids) for ids in token_ids)
+    total_tokens = sum(lengths[i] for batch in batches for i in batch)
     done_tokens = sum(len(token_ids[i]) for batch in batches[:start] for i in batch)
     bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="gram", disable=not progress)
+    tokens_run = 0  # counted here: a disabled bar counts nothing
     try:
         with torch.inference_mode():
             for b in range(start, len(batches)):
@@ -264,6 +325,7 @@ def compute_grams(model, token_ids, batch_size, checkpoint=None, checkpoint_ever
                     del hidden
                 else:
                     model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                tokens_run += len(batch_rows["index"])
                 bar.update(len(batch_rows["index"]))
                 if checkpoint is not None and checkpoint_every and (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):
                     save_checkpoint(checkpoint, grams, b + 1, settings)
@@ -271,16 +333,52 @@ def compute_grams(model, token_ids, batch_size, checkpoint=None, checkpoint_ever
         bar.close()
         for h in hooks:
             h.remove()
-    return grams, aliases, bar.n - done_tokens
+    return grams, aliases, tokens_run
 
 
-def load_model(model_dir, device, dtype):
+# ----------------------------------------------------------------------------- several processes
+def all_reduce_grams(grams, tokens_run):
+    """Sum the partial sums, row counts and tokens run of every process, in place, one gram
+    at a time on the device it lives on. Returns the total tokens run (a no-op alone)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tokens_run
+    for gram in tqdm(grams.values(), desc="all-reduce", unit="gram", disable=dist.get_rank() != 0):
+        dist.all_reduce(gram.sum)
+    first = next(iter(grams.values())).sum.device  # nccl reduces cuda tensors, gloo cpu ones
+    counts = torch.tensor([g.num_rows for g in grams.values()] + [tokens_run], dtype=torch.int64, device=first)
+    dist.all_reduce(counts)
+    for gram, n in zip(grams.values(), counts.tolist()):
+        gram.num_rows = n
+    return counts[-1].item()
+
+
+def rank_placement(device, device_map, state):
+    """This process's device and, with --device-map on several processes, its own slice of
+    the node's GPUs as accelerate's max_memory (GPUs // processes per node each)."""
+    if device.type != "cuda" or state.num_processes == 1:
+        return device, None  # alone, --device-map may use every visible GPU
+    if not device_map:
+        return state.device, None  # cuda:LOCAL_RANK
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    per_rank = torch.cuda.device_count() // per_node
+    if per_rank < 1:
+        raise UserError(f"--device-map with {per_node} processes per node needs at least that many GPUs, found {torch.cuda.device_count()}")
+    gpus = range(state.local_process_index * per_rank, (state.local_process_index + 1) * per_rank)
+    torch.cuda.set_device(gpus[0])
+    return torch.device("cuda", gpus[0]), {i: torch.cuda.mem_get_info(i)[0] for i in gpus}
+
+
+def load_model(model_dir, device, dtype, device_map=None, max_memory=None):
     from transformers import AutoModelForCausalLM
 
     # flash-attention-2 where installed (cuda only), else PyTorch's sdpa
     attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    # --device-map: accelerate's big-model loading spreads the layers over the GPUs
+    placement = dict(device_map=device_map, max_memory=max_memory) if device_map and device.type == "cuda" else dict(device_map=str(device))
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn, device_map=str(device))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn, **placement)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load a causal LM from {model_dir}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return model.eval()
@@ -299,6 +397,8 @@ def load_tokenizer(model_dir):
 
 
 def main(argv=None):
+    from accelerate import PartialState
+
     args = parse_args(argv)
     preset = PRESETS[args.preset]
     model_spec = args.model or preset["model"]
@@ -307,34 +407,50 @@ def main(argv=None):
     out_dir = Path(args.output_dir or preset["gram_dir"])
     timer = Timer()
     device = choose_device(args.device)
+    # Under `accelerate launch` (or torchrun) this joins the process group, gloo on cpu and
+    # nccl on cuda; run alone it is one process and sets nothing up.
+    state = PartialState(cpu=device.type == "cpu", timeout=PROCESS_GROUP_TIMEOUT)
+    rank, num_processes = state.process_index, state.num_processes
+    device, max_memory = rank_placement(device, args.device_map, state)
     dtype = choose_dtype(args.dtype, device)
 
-    # Everything that can be wrong with the input is checked before the model loads.
+    # Everything that can be wrong with the input is checked before the model loads; every
+    # process reads and tokenizes all rows (cheap), so all agree on the batches and refuse alike.
     model_dir = resolve_model_dir(model_spec)
     tokenizer = load_tokenizer(model_dir)
     rows = load_rows(dataset, args.split, args.num_examples)
     token_ids = tokenize_texts(tokenizer, format_rows(rows, fmt, tokenizer), args.max_length)
-    model = load_model(model_dir, device, dtype)
-    print(f"{model_spec}: {len(token_ids)} examples of {dataset}, {sum(map(len, token_ids))} tokens, "
-          f"on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+    if out_dir.exists():
+        check_no_foreign_checkpoints(out_dir, num_processes)
+    model = load_model(model_dir, device, dtype, args.device_map, max_memory)
+    if state.is_main_process:
+        where = f"{num_processes} processes" if num_processes > 1 else str(device)
+        print(f"{model_spec}: {len(token_ids)} examples of {dataset}, {sum(map(len, token_ids))} tokens, "
+              f"on {where} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
 
     provenance = dict(model=model_spec, dataset=dataset, split=args.split, num_examples=len(token_ids),
                       max_length=args.max_length, format=fmt, dtype=str(dtype).removeprefix("torch."))
-    # what must match for a checkpoint to resume (batch size fixes the batches' contents)
-    settings = provenance | dict(batch_size=args.batch_size, data=fingerprint(token_ids))
+    # what must match for a checkpoint to resume (batch size and the number of processes fix
+    # the batches each process runs)
+    settings = provenance | dict(batch_size=args.batch_size, num_processes=num_processes, data=fingerprint(token_ids))
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = out_dir / CHECKPOINT_FILE
+    checkpoint = checkpoint_path(out_dir, rank, num_processes)
     with timer("gram"):
-        grams, aliases, tokens_run = compute_grams(model, token_ids, args.batch_size, checkpoint, args.checkpoint_every, settings)
-    del model
+        grams, aliases, tokens_run = compute_grams(model, token_ids, args.batch_size, checkpoint, args.checkpoint_every, settings,
+                                                   progress=state.is_main_process, rank=rank, num_processes=num_processes)
+        del model
+        tokens_run = all_reduce_grams(grams, tokens_run)
     num_tokens = sum(map(len, token_ids))
-    result = {key: grams.pop(key).result() for key in list(grams)}  # one device->host copy each
     path = out_dir / GRAM_FILE
-    save_grams(path, result, aliases, num_tokens, provenance)
-    checkpoint.unlink(missing_ok=True)
-
-    print(f"wrote {path}: {len(result)} grams ({len(aliases)} aliases), {num_tokens} tokens")
-    print(f"wall {timer.total():.1f} s, {tokens_run} tokens in {timer.phases['gram']:.1f} s ({tokens_run / timer.phases['gram']:.0f} tokens/s), {peak_memory(device)}")
+    if state.is_main_process:  # the one writer; the gram is streamed to disk one tensor at a time
+        save_grams(path, {key: gram.result() for key, gram in grams.items()}, aliases, num_tokens, provenance)
+        for r in range(num_processes):
+            checkpoint_path(out_dir, r, num_processes).unlink(missing_ok=True)
+        print(f"wrote {path}: {len(grams)} grams ({len(aliases)} aliases), {num_tokens} tokens")
+        print(f"wall {timer.total():.1f} s, {tokens_run} tokens in {timer.phases['gram']:.1f} s ({tokens_run / timer.phases['gram']:.0f} tokens/s)"
+              f"{f' over {num_processes} processes' if num_processes > 1 else ''}, {peak_memory(device)}")
+    del grams
+    state.wait_for_everyone()  # the others return once the file is in place
     return path
 
 

@@ -208,22 +208,53 @@ def tokenize_texts(tokenizer, texts, max_length):
 
 
 # ----------------------------------------------------------------------------- gram files
-def save_grams(path, grams, aliases, num_tokens, provenance):
-    """Write gram.safetensors atomically: `grams` {stored key: [in, in] sum / num_tokens},
-    `aliases` {other module: stored key}, provenance {str: str}. Nothing appears under `path`
-    until the file is complete."""
-    from safetensors.torch import save_file
+# safetensors dtype names (https://github.com/huggingface/safetensors, format section)
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
 
+
+def write_safetensors(path, tensors, metadata=None, dtype=None):
+    """Write {name: tensor} as a .safetensors file, one tensor at a time: the header (8-byte
+    little-endian length + JSON with every shape and offset) is laid out first from the shapes
+    alone, then each tensor is copied to the host (cast to `dtype` when given) and appended.
+    Host memory holds one tensor at a time, whatever device the tensors live on. Atomic:
+    written under a temporary name and renamed when complete."""
+    path = Path(path)
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        kind = dtype or t.dtype
+        size = t.numel() * torch.empty((), dtype=kind).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[kind], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for t in tensors.values():
+                host = t.detach().to("cpu", dtype or t.dtype).contiguous()
+                f.write(host.reshape(-1).view(torch.uint8).numpy().data)  # raw bytes, no extra copy
+                del host
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_grams(path, grams, aliases, num_tokens, provenance):
+    """Write gram.safetensors atomically: `grams` {stored key: [in, in] sum / num_tokens} on
+    any device(s), `aliases` {other module: stored key}, provenance {str: str}. The grams are
+    streamed to disk one at a time as float32 (a Llama-3-8B's 32 GB never sit in host memory
+    at once), and nothing appears under `path` until the file is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {k: str(v) for k, v in provenance.items()}
     metadata.update(num_tokens=str(int(num_tokens)), aliases=json.dumps(aliases, sort_keys=True), format="regmean-gram-v1")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.to(torch.float32).contiguous() for k, v in grams.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_safetensors(path, grams, metadata, dtype=torch.float32)
 
 
 class _TensorsOnlyUnpickler(pickle.Unpickler):

@@ -3,6 +3,8 @@ randomly initialised Llama-shaped model and the same token rows, in one run.
 
     python bench/bench_gram.py             # ~71M params with 8B proportions, 256 rows, batch 32, cpu float32
     python bench/bench_gram.py --quick     # a smoke run of the same flow, in seconds
+    python bench/bench_gram.py --processes 2   # compute_gram in 1 vs 2 processes (gloo), same cores
+    python bench/bench_gram.py --processes 8 --device cuda --dtype bfloat16   # 1 GPU vs 8 GPUs (nccl)
     python bench/bench_gram.py --device cuda --dtype bfloat16 --hidden 4096 --intermediate 14336 \
         --layers 2 --heads 32 --kv-heads 8 --vocab 128256   # an 8B-shaped slice on a GPU
 
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compute_gram import collate, compute_grams  # noqa: E402
+from compute_gram import all_reduce_grams, collate, compute_grams  # noqa: E402
 from utils import DTYPES, choose_device  # noqa: E402
 
 
@@ -47,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights and the row lengths")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 small layers, 64 rows up to 128 tokens")
+    p.add_argument("--processes", type=int, default=1, help="N > 1: compute_gram's pass in 1 vs N processes instead of against the seed")
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.vocab, args.rows, args.max_length = 256, 896, 2, 8192, 64, 128
@@ -124,23 +127,93 @@ def timed(fn, device, *args):
     return out, time.perf_counter() - t
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def build(args, device):
+    """The seeded random model and token rows: the same in every process that builds them."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    device, dtype = choose_device(args.device), DTYPES[args.dtype]
     torch.manual_seed(args.seed)
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                          max_position_embeddings=max(args.max_length, 512), tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[args.dtype], attn_implementation="sdpa").to(device).eval()
     rng = random.Random(args.seed)
     token_ids = [[rng.randrange(args.vocab) for _ in range(rng.randint(args.min_length, args.max_length))] for _ in range(args.rows)]
+    return model, token_ids
+
+
+# ----------------------------------------------------------------------------- 1 vs N processes
+def process_worker(rank, args, port, threads, reference, results):
+    """One of --processes ranks: compute_gram.py's share + all-reduce, timed between barriers;
+    rank 0 reports the time and the largest difference from the one-process grams."""
+    import torch.distributed as dist
+
+    cuda = args.device.startswith("cuda")
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    torch.set_num_threads(threads)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.processes)
+    try:
+        model, token_ids = build(args, device)
+        compute_grams(model, token_ids[: args.batch_size // 4 or 1], args.batch_size, progress=False)  # warm-up
+        dist.barrier()
+        t = time.perf_counter()
+        grams, _, tokens = compute_grams(model, token_ids, args.batch_size, progress=False, rank=rank, num_processes=args.processes)
+        all_reduce_grams(grams, tokens)
+        sync(device)
+        dist.barrier()
+        elapsed = time.perf_counter() - t
+        if rank == 0:
+            from safetensors import safe_open
+
+            with safe_open(reference, "pt") as f:
+                error = max(((g.result().cpu() - f.get_tensor(k)).abs().max() / f.get_tensor(k).abs().max()).item() for k, g in grams.items())
+            results.put((elapsed, error))
+    finally:
+        dist.destroy_process_group()
+
+
+def compare_processes(args, device, model, token_ids):
+    """compute_gram's pass in this process against the same pass split over --processes
+    spawned ranks (gloo on cpu, one GPU each on cuda), the same rows, in one run. On cpu each
+    rank gets threads // processes threads, so both use the same cores."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from utils import write_safetensors
+
+    num_tokens = sum(map(len, token_ids))
+    ours(model, token_ids[: args.batch_size // 4 or 1], args.batch_size)  # warm-up
+    single, t_one = timed(ours, device, model, token_ids, args.batch_size)
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+        reference = f"{tmp}/single.safetensors"
+        write_safetensors(reference, single)
+        del single
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        threads = max(1, torch.get_num_threads() // args.processes) if device.type == "cpu" else torch.get_num_threads()
+        results = mp.get_context("spawn").SimpleQueue()
+        mp.spawn(process_worker, args=(args, port, threads, reference, results), nprocs=args.processes)
+        t_many, error = results.get()
+    print(f"{'1 process':>13}: {t_one:7.2f} s  {num_tokens / t_one:9.0f} tokens/s  ({torch.get_num_threads()} threads)")
+    print(f"{f'{args.processes} processes':>13}: {t_many:7.2f} s  {num_tokens / t_many:9.0f} tokens/s  "
+          f"({threads} threads each, all-reduce included)")
+    print(f"speed-up: {t_one / t_many:.2f}x; largest difference from one process: {error:.1e} (relative)")
+    return t_one / t_many
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype = choose_device(args.device), DTYPES[args.dtype]
+    model, token_ids = build(args, device)
     num_tokens = sum(map(len, token_ids))
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.1f}M params (hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
           f"{args.heads}:{args.kv_heads} heads, vocab {args.vocab}), {args.dtype} on {device}, {torch.get_num_threads()} cpu threads")
     print(f"rows: {args.rows}, {args.min_length}-{args.max_length} tokens, {num_tokens} tokens, batch {args.batch_size}")
+    if args.processes > 1:
+        return compare_processes(args, device, model, token_ids)
 
     warm = token_ids[: args.batch_size // 4 or 1]  # first-call allocations out of both timings
     seed_method(model, warm, args.batch_size), ours(model, warm, args.batch_size)
