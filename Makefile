@@ -31,4 +31,4 @@ bench: venv
 	$(PY) bench/bench_merge.py
 
 clean:
-	rm -rf runs/toy .pytest_cache
+	rm -rf runs/toy runs/toy-quick .pytest_cache
