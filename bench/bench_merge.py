@@ -1,0 +1,321 @@
+"""Benchmark of merge_model.py (streaming RegMean) against the seed's method, side by side.
+
+    python bench/bench_merge.py              # Llama-shaped bf16 experts (hidden 2048, intermediate 5632,
+                                             # vocab 32000, GQA 16:4) with 2 and 6 layers; ~15 min on 2 cores
+    python bench/bench_merge.py --quick      # small shapes, ~1 min: checks that the benchmark runs
+    python bench/bench_merge.py --repeat 3   # on a busy machine: alternate the methods, keep the fastest run
+    python bench/bench_merge.py --layer-8b --device cuda   # one Llama-3-8B-shaped layer (+ lm_head) on a GPU
+
+For each depth it writes two experts (random bf16 weights, safetensors shards) and synthetic SPD
+grams for them, both as gram.safetensors (this project) and as the seed's gram.pkl (one tensor
+per module), then runs, each in its own process so that peak RSS is that method's alone:
+- baseline: the seed's merge_model.py: both models loaded with from_pretrained (float32), all
+  grams unpickled, torch.linalg.lstsq per linear module, the result saved with save_pretrained;
+- streaming: `merge_model.py regmean` with default settings (output in the experts' dtype).
+It prints wall time and peak RSS of each, the ratios against the targets (peak RSS at the
+deepest <= 25% of the baseline's and <= 1.15x the shallowest's, wall <= 0.6x the baseline's),
+and an extrapolation to the seed's Llama-3-8B pair.
+"""
+import argparse
+import json
+import os
+import pickle
+import resource
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LLAMA3_8B = dict(hidden=4096, intermediate=14336, vocab=128256, heads=32, kv_heads=8, layers=32)
+NUM_EXPERTS = 2
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--depths", type=int, nargs="+", default=[2, 6], help="numbers of layers to run (memory must be flat in depth)")
+    p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--repeat", type=int, default=1, help="runs per method and depth, alternating; the fastest counts (for a shared machine)")
+    p.add_argument("--quick", action="store_true", help="small shapes (hidden 256, intermediate 704, vocab 4000, 1 and 3 layers)")
+    p.add_argument("--work-dir", default="runs/bench/merge", help="experts, grams and outputs go here")
+    p.add_argument("--layer-8b", action="store_true", help="time one Llama-3-8B-shaped layer and lm_head on --device instead")
+    p.add_argument("--device", default="auto", help="for --layer-8b")
+    p.add_argument("--child", choices=["baseline", "streaming"], help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads, args.depths = 256, 704, 4000, 4, 1, [1, 3]
+    return args
+
+
+# ----------------------------------------------------------------------------- inputs
+def linear_shapes(hidden, intermediate, vocab, heads, kv_heads, layers):
+    """{module: (out, in)} of a Llama model's linear layers."""
+    kv = hidden // heads * kv_heads
+    per_layer = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
+                 "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+                 "mlp.down_proj": (hidden, intermediate)}
+    shapes = {f"model.layers.{i}.{name}": shape for i in range(layers) for name, shape in per_layer.items()}
+    shapes["lm_head"] = (vocab, hidden)
+    return shapes
+
+
+def input_key(module):
+    """The module whose gram `module` shares: k/v read q's input, up reads gate's."""
+    return module.replace("k_proj", "q_proj").replace("v_proj", "q_proj").replace("up_proj", "gate_proj")
+
+
+def seeded(name, *extra):
+    return torch.Generator().manual_seed(zlib.crc32("/".join([name, *map(str, extra)]).encode()))
+
+
+def synthetic_gram(n, seed_name, rank=256):
+    """An SPD gram with a spread spectrum: low rank plus a diagonal, like real activations."""
+    b = torch.randn(n, rank, generator=seeded(seed_name))
+    d = torch.rand(n, generator=seeded(seed_name, "d")) * 0.9 + 0.1
+    return b @ b.T / rank + torch.diag(d)
+
+
+def write_expert(folder, config, index, max_shard_size="300MB"):
+    """Random bf16 weights (a shared base plus a small per-expert change), written shard by shard."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config).state_dict()
+    split = split_torch_state_dict_into_shards({k: v.to(torch.bfloat16) for k, v in meta.items()}, max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        shard = {}
+        for name in names:
+            shape = meta[name].shape
+            if name.endswith("norm.weight"):
+                base = torch.ones(shape)
+            else:
+                base = torch.randn(shape, generator=seeded(name)) * 0.02
+            shard[name] = (base + 0.002 * torch.randn(shape, generator=seeded(name, index))).to(torch.bfloat16)
+        save_file(shard, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(dict(metadata=split.metadata, weight_map=split.tensor_to_filename)))
+    config.save_pretrained(str(folder))
+
+
+def prepare(folder, args, layers):
+    """Two experts and their grams in both formats under `folder` (skipped when already there)."""
+    from transformers import LlamaConfig
+
+    from utils import save_grams
+
+    done = folder / "done"
+    if done.exists():
+        return
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=layers,
+                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, tie_word_embeddings=False, dtype="bfloat16")
+    shapes = linear_shapes(args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads, layers)
+    for i in range(NUM_EXPERTS):
+        write_expert(folder / f"expert{i}", config, i)
+        aliases = {m: input_key(m) for m in shapes if input_key(m) != m}  # one gram per distinct input
+        stored = {m: synthetic_gram(shapes[m][1], f"{m}/{i}") for m in shapes if m not in aliases}
+        save_grams(folder / f"expert{i}" / "gram.safetensors", stored, aliases, 100000, dict(model="synthetic", dataset="synthetic"))
+        with open(folder / f"expert{i}" / "gram.pkl", "wb") as f:  # the seed's format: a tensor per module
+            pickle.dump({m: stored[aliases.get(m, m)] for m in shapes}, f)
+        del stored
+    done.touch()
+
+
+# ----------------------------------------------------------------------------- the two methods (children)
+def baseline(folder, alpha):
+    """The seed's merge: everything in memory, lstsq per module, save_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(str(folder / f"expert{i}"), dtype=torch.float32) for i in range(NUM_EXPERTS)]
+    all_grams = []
+    for i in range(NUM_EXPERTS):
+        with open(folder / f"expert{i}" / "gram.pkl", "rb") as f:
+            all_grams.append(pickle.load(f))  # the seed's own (unrestricted) loading of its own files
+    params = {}
+    for model in models:
+        for name, p in model.named_parameters():
+            params.setdefault(name, []).append(p)
+    merged = {}
+    with torch.no_grad():
+        for name, ps in params.items():
+            module = name[: -len(".weight")]
+            if name.endswith(".weight") and module in all_grams[0]:
+                grams, gram_ws = [], []
+                for grams_i, p in zip(all_grams, ps):
+                    g = grams_i[module]
+                    mask = torch.full_like(g, alpha)  # off-diagonals scaled by alpha, diagonal kept
+                    mask.fill_diagonal_(1.0)
+                    g = g * mask
+                    gram_ws.append(g @ p.float().T)
+                    grams.append(g)
+                merged[name] = torch.linalg.lstsq(sum(grams), sum(gram_ws)).solution.T
+            else:
+                merged[name] = torch.stack(ps).mean(0)
+        for name, p in models[-1].named_parameters():
+            p.data.copy_(merged[name])
+    models[-1].save_pretrained(str(folder / "out-baseline"))
+
+
+def streaming(folder, alpha):
+    import merge_model
+
+    out = merge_model.main(["regmean", "--models", str(folder / "expert0"), str(folder / "expert1"),
+                            "--grams", str(folder / "expert0"), str(folder / "expert1"), "--alpha", str(alpha),
+                            "--output-dir", str(folder / "out-streaming"), "--overwrite", "--device", "cpu"])
+    return json.loads((out / "merge_report.json").read_text())["figures"]
+
+
+def child(args):
+    folder = Path(args.dir)
+    t0 = time.perf_counter()
+    figures = baseline(folder, args.alpha) if args.child == "baseline" else streaming(folder, args.alpha)
+    wall = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print("RESULT " + json.dumps(dict(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, rss_gib=usage.ru_maxrss / 2**20, figures=figures)))
+
+
+def run_child(method, folder, alpha):
+    proc = subprocess.run([sys.executable, __file__, "--child", method, "--dir", str(folder), "--alpha", str(alpha)],
+                          capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"{method} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# ----------------------------------------------------------------------------- extrapolation
+def solve_flops(shapes):
+    """Floating point operations of the streaming solve: per distinct input of size n read by
+    layers with m outputs in all, a Cholesky (n³/3), the right-hand sides (2 N n² m) and the
+    triangular solves (2 n² m)."""
+    groups = {}
+    for module, (out, n) in shapes.items():
+        groups.setdefault(input_key(module), [n, 0])[1] += out
+    return sum(n**3 / 3 + (2 * NUM_EXPERTS + 2) * n * n * m for n, m in groups.values())
+
+
+def working_set(shapes, block_mb):
+    """Bytes the streaming merge holds at its largest step: the N grams of one input, N - 1
+    differences and the Cholesky factor, plus a block of rows per expert and ~5 temporaries."""
+    n = max(n for _, n in shapes.values())
+    system = 2 * NUM_EXPERTS * n * n * 4
+    rows = (NUM_EXPERTS + 5) * block_mb * 2**20
+    return system + rows
+
+
+def model_bytes(c, dtype_bytes):
+    kv = c["hidden"] // c["heads"] * c["kv_heads"]
+    per_layer = 2 * c["hidden"] * c["hidden"] + 2 * kv * c["hidden"] + 3 * c["hidden"] * c["intermediate"] + 2 * c["hidden"]
+    return dtype_bytes * (c["layers"] * per_layer + 2 * c["vocab"] * c["hidden"] + c["hidden"])
+
+
+def seed_gram_bytes(shapes):
+    return sum(n * n * 4 for _, n in shapes.values())
+
+
+# ----------------------------------------------------------------------------- one 8B layer on a device
+def layer_8b(args):
+    import merge_model
+    from utils import choose_device
+
+    device = choose_device(args.device)
+    c = dict(LLAMA3_8B) if not args.quick else dict(hidden=512, intermediate=1792, vocab=16000, heads=8, kv_heads=2, layers=32)
+    shapes = linear_shapes(c["hidden"], c["intermediate"], c["vocab"], c["heads"], c["kv_heads"], 1)
+    groups = {"q": ["q_proj", "k_proj", "v_proj"], "o": ["o_proj"], "gate": ["gate_proj", "up_proj"], "down": ["down_proj"], "lm_head": [None]}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = {}
+    for key, members in groups.items():
+        modules = ["lm_head"] if key == "lm_head" else [next(m for m in shapes if m.endswith(p)) for p in members]
+        n = shapes[modules[0]][1]
+        grams = [synthetic_gram(n, f"8b/{key}/{i}").to(device) for i in range(NUM_EXPERTS)]
+        weights = {m: [torch.randn(shapes[m], generator=seeded(m, i)).mul_(0.02).to(device) for i in range(NUM_EXPERTS)] for m in modules}
+        sync()
+        t0 = time.perf_counter()
+        system = merge_model.regmean_factor(grams, args.alpha, [1 / NUM_EXPERTS] * NUM_EXPERTS, device,
+                                            num_rows=sum(shapes[m][0] for m in modules))
+        for m in modules:
+            rows = shapes[m][0]
+            step = max(1, int(merge_model.parse_args(["regmean"]).block_mb * 2**20 // (n * 4)))  # the merge's row blocks
+            for start in range(0, rows, step):
+                merge_model.regmean_solve(system, [w[start:start + step] for w in weights[m]])
+        sync()
+        times[key] = time.perf_counter() - t0
+        del grams, weights, system
+    layer = sum(v for k, v in times.items() if k != "lm_head")
+    print(f"one layer (hidden {c['hidden']}, intermediate {c['intermediate']}, vocab {c['vocab']}{', --quick shapes' if args.quick else ''}) on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}): "
+          + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
+    print(f"solve time per layer {layer:.2f}s; 32 layers + lm_head: {32 * layer + times['lm_head']:.1f}s (solves only; reading and "
+          f"writing the 2 x 16 GB experts and 2 x 32 GB of grams come on top)")
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    import merge_model
+
+    args = parse_args(argv)
+    if args.child:
+        return child(args)
+    if args.layer_8b:
+        return layer_8b(args)
+    work = Path(args.work_dir) / f"h{args.hidden}-i{args.intermediate}-v{args.vocab}"
+    results = {}
+    for layers in args.depths:
+        folder = work / f"layers{layers}"
+        t0 = time.perf_counter()
+        prepare(folder, args, layers)
+        print(f"{layers} layers: inputs ready in {folder} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        for _ in range(args.repeat):
+            for method in ("streaming", "baseline"):
+                r = run_child(method, folder, args.alpha)
+                print(f"  {method:9s} wall {r['wall_s']:7.1f}s   CPU {r['cpu_s']:7.1f}s   peak RSS {r['rss_gib']:6.2f} GiB", flush=True)
+                results.setdefault((method, layers), []).append(r)
+    # the fastest run of each; peak RSS is the largest seen
+    results = {k: dict(min(runs, key=lambda r: r["wall_s"]), rss_gib=max(r["rss_gib"] for r in runs)) for k, runs in results.items()}
+    lo, hi = min(args.depths), max(args.depths)
+    s, b, s_lo = results["streaming", hi], results["baseline", hi], results["streaming", lo]
+    checks = [("peak RSS, streaming / baseline", s["rss_gib"] / b["rss_gib"], 0.25, f"at {hi} layers"),
+              ("peak RSS, streaming deep / shallow", s["rss_gib"] / s_lo["rss_gib"], 1.15, f"{hi} vs {lo} layers"),
+              ("wall time, streaming / baseline", s["wall_s"] / b["wall_s"], 0.6, f"at {hi} layers")]
+    cpu = s["cpu_s"] / b["cpu_s"]
+    print(f"\n(CPU time, streaming / baseline at {hi} layers: {cpu:.3f}; less sensitive than wall time to a busy machine)")
+    print("ratio                                   value   target")
+    for name, value, target, where in checks:
+        print(f"{name:36s} {value:8.3f}   <= {target}  {'ok' if value <= target else 'MISSED'} ({where})")
+
+    if args.quick:
+        print("(--quick: shapes too small for the targets, where start-up costs dominate; this checks that the benchmark runs)")
+    # Extrapolation to the seed's Llama-3-8B pair from the deepest run.
+    shape = dict(hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab, heads=args.heads, kv_heads=args.kv_heads, layers=hi)
+    here, big = linear_shapes(**shape), linear_shapes(**LLAMA3_8B)
+    f = s["figures"]
+    solve_8b = f.get("solve_s", 0) * solve_flops(big) / solve_flops(here)
+    io_8b = (f.get("load_s", 0) + f.get("write_s", 0)) * model_bytes(LLAMA3_8B, 2) / model_bytes(shape, 2)
+    block_mb = merge_model.parse_args(["regmean"]).block_mb
+    rss_8b = s["rss_gib"] + (working_set(big, block_mb) - working_set(here, block_mb)) / 2**30
+    base_8b = (NUM_EXPERTS * model_bytes(LLAMA3_8B, 4) + NUM_EXPERTS * seed_gram_bytes(big)) / 2**30
+    print(f"\nLlama-3-8B pair (32 layers, hidden 4096, intermediate 14336, vocab 128256), extrapolated:")
+    print(f"  streaming: peak RSS ~ {rss_8b:.1f} GiB (measured {s['rss_gib']:.2f} GiB + larger gram systems and row blocks); "
+          f"CPU time ~ {(solve_8b + io_8b) / 3600:.1f} h on this machine (solve {solve_8b / 3600:.1f} h by flops, "
+          f"load+write {io_8b / 60:.0f} min by bytes)")
+    print(f"  baseline: both float32 models and all per-module grams in memory: ~ {base_8b:.0f} GiB before any work")
+
+
+if __name__ == "__main__":
+    main()

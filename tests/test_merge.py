@@ -1,0 +1,371 @@
+"""merge_model.py on tiny experts: RegMean against a float64 closed form, avg exact, formats,
+sharding, biases, loading the result, and every bad input refused with nothing written."""
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import ROOT, save_expert, tiny_config
+from utils import UserError, format_rows, load_rows, save_grams, tokenize_texts
+
+import merge_model
+
+# ----------------------------------------------------------------------------- helpers
+def activations(model_dir, calib_file, fmt, tokenizer):
+    """{linear module: [tokens, in] float64 inputs} of one expert on its calibration rows."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    acts, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            hooks.append(module.register_forward_hook(lambda m, inp, out, name=name: acts.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1]).double())))
+    texts = format_rows(load_rows(str(calib_file)), fmt, tokenizer)
+    with torch.no_grad():
+        for ids in tokenize_texts(tokenizer, texts, 64):  # one row at a time: no padding
+            model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat(v) for k, v in acts.items()}
+
+
+def grams_of(acts):
+    return {k: (x.T @ x / x.shape[0]).float() for k, x in acts.items()}
+
+
+def write_project_grams(path, grams, num_tokens):
+    """gram.safetensors with shared inputs stored once (k/v -> q, up -> gate), as compute_gram.py writes."""
+    aliases = {k: k.replace(k.rsplit(".", 1)[1], {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}[k.rsplit(".", 1)[1]])
+               for k in grams if k.endswith(("k_proj", "v_proj", "up_proj"))}
+    stored = {k: v for k, v in grams.items() if k not in aliases}
+    save_grams(path, stored, aliases, num_tokens, dict(model="test", dataset="test.jsonl", split="train"))
+    return path
+
+
+def write_seed_pickle(path, grams):
+    with open(path, "wb") as f:
+        pickle.dump(dict(grams), f)
+    return path
+
+
+def read_folder(folder):
+    """{name: tensor} of a merged folder (one file or shards)."""
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+def reference_regmean(weights, grams, alpha, coefs):
+    """(Σ cᵢ G̃ᵢ)⁻¹ Σ cᵢ G̃ᵢ Wᵢᵀ in float64, written out plainly."""
+    a = 0
+    b = 0
+    for w, g, c in zip(weights, grams, coefs):
+        g = g.double()
+        g_reduced = alpha * g + (1 - alpha) * torch.diag(torch.diag(g))
+        a = a + c * g_reduced
+        b = b + c * g_reduced @ w.double().T
+    return torch.linalg.solve(a, b).T
+
+
+def rel(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def run(*args):
+    return merge_model.main([str(a) for a in args])
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def calib(experts, calib_files, tokenizer, tmp_path_factory):
+    """Each expert's activations on its own calibration data, and its grams in both formats."""
+    d = tmp_path_factory.mktemp("grams")
+    out = []
+    for expert, kind in zip(experts, ["code", "math"]):
+        acts = activations(expert, calib_files[kind], kind, tokenizer)  # the fixture files use the preset formats
+        grams = grams_of(acts)
+        n = next(iter(acts.values())).shape[0]
+        out.append(dict(acts=acts, grams=grams, st=write_project_grams(d / f"{kind}.safetensors", grams, n),
+                        pkl=write_seed_pickle(d / f"{kind}.pkl", grams)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def expert_tensors(experts):
+    return [read_folder(e) for e in experts]
+
+
+# ----------------------------------------------------------------------------- correctness
+@pytest.mark.parametrize("alpha,tol", [(0.1, 1e-4), (1.0, 1e-3)])
+def test_regmean_matches_float64_reference(experts, calib, expert_tensors, tmp_path, alpha, tol):
+    out = run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--alpha", alpha, "--output-dir", tmp_path / "m")
+    merged = read_folder(out)
+    assert set(merged) == set(expert_tensors[0])
+    for name, w in merged.items():
+        module = name.rsplit(".", 1)[0]
+        ws = [t[name] for t in expert_tensors]
+        if module in calib[0]["grams"]:
+            ref = reference_regmean(ws, [c["grams"][module] for c in calib], alpha, [0.5, 0.5])
+            assert rel(w, ref) <= tol, name
+            assert rel(w, (ws[0].double() + ws[1].double()) / 2) > 10 * tol, f"{name} is just the average"
+        else:
+            assert torch.equal(w, torch.stack(ws).mean(0)), name
+    report = json.loads((out / "merge_report.json").read_text())
+    assert len(report["layers"]) == sum(name.rsplit(".", 1)[0] in calib[0]["grams"] for name in merged)
+    assert all(r["residual"] < 1e-3 for r in report["layers"])
+    assert report["settings"]["alpha"] == alpha
+
+
+def test_regmean_loss_never_above_average(experts, calib, tmp_path):
+    """At alpha 1 RegMean minimizes Σᵢ ‖Xᵢ(W − Wᵢ)ᵀ‖² / nᵢ per layer: never above the average's."""
+    out_rm = run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--alpha", 1.0, "--output-dir", tmp_path / "rm")
+    out_avg = run("avg", "--models", *experts, "--output-dir", tmp_path / "avg")
+    rm, avg, ws = read_folder(out_rm), read_folder(out_avg), [read_folder(e) for e in experts]
+
+    def loss(w, name):
+        module = name.rsplit(".", 1)[0]
+        return sum(((c["acts"][module] @ (w.double() - wi[name].double()).T) ** 2).sum() / len(c["acts"][module]) for c, wi in zip(calib, ws))
+
+    linear = [n for n in rm if n.rsplit(".", 1)[0] in calib[0]["acts"]]
+    assert linear
+    for name in linear:
+        assert loss(rm[name], name) <= loss(avg[name], name) * (1 + 1e-6), name
+    assert sum(loss(rm[n], n) for n in linear) < 0.99 * sum(loss(avg[n], n) for n in linear)
+
+
+def test_avg_is_exact_mean_and_folder_is_complete(experts, expert_tensors, tmp_path):
+    out = run("avg", "--models", *experts, "--output-dir", tmp_path / "avg")
+    merged = read_folder(out)
+    for name, w in merged.items():
+        assert torch.equal(w, torch.stack([t[name] for t in expert_tensors]).mean(0)), name
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "merge_report.json"} <= files
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model:\n") and "- merge\n- regmean\n" in card and "library_name: transformers" in card
+    assert f"- {experts[0]}" in card and "merge_model.py avg" in card
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_three_experts_with_weights(experts, calib, expert_tensors, base_model, tokenizer, tmp_path):
+    third = save_expert(base_model, tmp_path / "third", tokenizer, seed=12)
+    t3 = read_folder(third)
+    coefs = [0.25, 0.25, 0.5]
+    grams3 = {k: (g + calib[1]["grams"][k]) / 2 for k, g in calib[0]["grams"].items()}  # any SPD grams will do
+    g3 = write_seed_pickle(tmp_path / "g3.pkl", grams3)
+    common = ["--models", *experts, third, "--weights", 1, 1, 2]
+    avg = read_folder(run("avg", *common, "--output-dir", tmp_path / "avg"))
+    rm = read_folder(run("regmean", *common, "--grams", calib[0]["st"], calib[1]["pkl"], g3, "--output-dir", tmp_path / "rm"))
+    tensors = expert_tensors + [t3]
+    for name in avg:
+        ws = [t[name] for t in tensors]
+        mean = sum(c * w.double() for c, w in zip(coefs, ws))
+        assert rel(avg[name], mean) < 1e-6, name
+        module = name.rsplit(".", 1)[0]
+        if module in grams3:
+            ref = reference_regmean(ws, [calib[0]["grams"][module], calib[1]["grams"][module], grams3[module]], 0.1, coefs)
+            assert rel(rm[name], ref) <= 1e-4, name
+        else:
+            assert rel(rm[name], mean) < 1e-6, name
+
+
+def test_seed_pickle_gives_the_same_merge(experts, calib, tmp_path):
+    a = read_folder(run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--output-dir", tmp_path / "a"))
+    b = read_folder(run("regmean", "--models", *experts, "--grams", calib[0]["pkl"], calib[1]["pkl"], "--output-dir", tmp_path / "b"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
+
+
+def test_sharded_experts_and_sharded_output(experts, calib, base_model, tokenizer, tmp_path):
+    sharded = [save_expert(base_model, tmp_path / f"s{i}", tokenizer, seed, max_shard_size="60KB") for i, seed in enumerate([10, 11])]
+    assert all((s / "model.safetensors.index.json").exists() for s in sharded)
+    grams = ["--grams", calib[0]["st"], calib[1]["st"]]
+    whole = read_folder(run("regmean", "--models", *experts, *grams, "--output-dir", tmp_path / "whole"))
+    out = run("regmean", "--models", *sharded, *grams, "--output-dir", tmp_path / "sharded", "--max-shard-size", "50KB", "--block-mb", 0.01)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and set(index["weight_map"]) == set(whole)
+    merged = read_folder(out)
+    for name in whole:  # same experts, same grams: same merge, whatever the shards and blocks
+        torch.testing.assert_close(merged[name], whole[name], rtol=1e-5, atol=1e-7)
+
+
+def test_merged_folder_loads_and_generates(experts, calib, expert_tensors, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--dtype", "bfloat16",
+              "--output-dir", tmp_path / "m", "--max-shard-size", "100KB")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.dtype == torch.bfloat16
+    merged = read_folder(out)
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, merged[name]), name
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    gen = model.generate(**ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 5
+
+
+def test_qwen2_expert_with_qkv_biases(tokenizer, calib_files, tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    base = AutoModelForCausalLM.from_config(config)
+    assert base.model.layers[0].self_attn.q_proj.bias is not None
+    experts = [save_expert(base, tmp_path / f"q{i}", tokenizer, seed) for i, seed in enumerate([20, 21])]
+    gram_files, grams = [], []
+    for i, (e, kind) in enumerate(zip(experts, ["code", "math"])):
+        g = grams_of(activations(e, calib_files[kind], kind, tokenizer))
+        gram_files.append(write_seed_pickle(tmp_path / f"g{i}.pkl", g))
+        grams.append(g)
+    out = run("regmean", "--models", *experts, "--grams", *gram_files, "--alpha", 0.5, "--output-dir", tmp_path / "m")
+    merged, ts = read_folder(out), [read_folder(e) for e in experts]
+    assert "lm_head.weight" not in merged  # tied embeddings: the gram of lm_head has no weight to merge
+    assert "model.layers.0.self_attn.q_proj.bias" in merged
+    for name, w in merged.items():
+        module, kind = name.rsplit(".", 1)
+        ws = [t[name] for t in ts]
+        if kind == "weight" and module in grams[0]:
+            assert rel(w, reference_regmean(ws, [g[module] for g in grams], 0.5, [0.5, 0.5])) <= 1e-4, name
+        else:
+            assert torch.equal(w, torch.stack(ws).mean(0)), name
+    AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def test_never_active_input_keeps_the_average(experts, calib, expert_tensors, tmp_path):
+    """A zero column/row in every gram (an input the data never excites): that weight column is
+    the experts' average, and nothing is NaN."""
+    module, dead = "model.layers.1.mlp.down_proj", 5
+    files = []
+    for i, c in enumerate(calib):
+        g = dict(c["grams"])
+        g[module] = g[module].clone()
+        g[module][dead, :] = 0
+        g[module][:, dead] = 0
+        files.append(write_seed_pickle(tmp_path / f"g{i}.pkl", g))
+    merged = read_folder(run("regmean", "--models", *experts, "--grams", *files, "--alpha", 1.0, "--output-dir", tmp_path / "m"))
+    w = merged[module + ".weight"]
+    ws = [t[module + ".weight"] for t in expert_tensors]
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w[:, dead], (ws[0][:, dead] + ws[1][:, dead]) / 2, rtol=1e-6, atol=1e-8)
+    assert not torch.allclose(w, (ws[0] + ws[1]) / 2, atol=1e-5)  # the other columns are RegMean's
+
+
+# ----------------------------------------------------------------------------- the solver alone
+def spd(n, cond, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return ((q * torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)) @ q.T).float()
+
+
+@pytest.mark.parametrize("out_features", [48, 160])  # fewer rows than inputs, and more (A⁻¹Δ formed once)
+def test_solver_accuracy_on_ill_conditioned_grams(out_features):
+    """Grams with condition number 1e7: within the targets of the float64 closed form."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(out_features, 96, generator=g)
+    ws = [base + 0.05 * torch.randn(out_features, 96, generator=g) for _ in range(2)]
+    grams = [spd(96, 1e7, 2), spd(96, 1e7, 3)]
+    for alpha, tol in [(1.0, 1e-3), (0.1, 1e-4)]:
+        merged, diag = merge_model.regmean_merge_weight(ws, grams, alpha, [0.5, 0.5])
+        ref = reference_regmean(ws, grams, alpha, [0.5, 0.5])
+        assert rel(merged, ref) <= tol, (alpha, diag)
+        assert diag["residual"] < 1e-3
+
+
+def test_solver_falls_back_on_an_indefinite_gram():
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(8, 16, generator=g) for _ in range(2)]
+    bad = torch.eye(16)
+    bad[3, 3] = -1.0  # not a gram of any data: Cholesky must fail, the eigendecomposition copes
+    merged, diag = merge_model.regmean_merge_weight(ws, [bad, bad], 1.0, [0.5, 0.5])
+    assert diag["path"] == "eigh64" and torch.isfinite(merged).all()
+    torch.testing.assert_close(merged[:, 3], (ws[0][:, 3] + ws[1][:, 3]) / 2)  # no positive curvature: the average
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def test_bad_inputs_are_refused_with_nothing_written(experts, calib, base_model, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    st = [calib[0]["st"], calib[1]["st"]]
+    g0 = calib[0]["grams"]
+    wrong_shape = dict(g0, **{"model.layers.0.mlp.down_proj": torch.eye(7)})
+    nan = dict(g0, **{"model.layers.1.self_attn.o_proj": g0["model.layers.1.self_attn.o_proj"].clone().fill_(float("nan"))})
+    missing = {k: v for k, v in g0.items() if k != "model.layers.1.mlp.up_proj"}
+    other_size = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer), intermediate_size=192))
+    other_depth = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer), num_hidden_layers=1))
+    other_arch = tmp_path / "arch"
+    shutil.copytree(experts[1], other_arch)
+    config = json.loads((other_arch / "config.json").read_text())
+    (other_arch / "config.json").write_text(json.dumps(dict(config, model_type="mistral", architectures=["MistralForCausalLM"])))
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    cases = {
+        "architecture": (["--models", experts[0], other_arch], "model_type"),
+        "shape": (["--models", experts[0], save_expert(other_size, tmp_path / "o1", tokenizer, 1)], "model.layers.0.mlp"),
+        "names": (["--models", experts[0], save_expert(other_depth, tmp_path / "o2", tokenizer, 1)], "model.layers.1"),
+        "gram shape": (["--grams", st[0], write_seed_pickle(tmp_path / "ws.pkl", wrong_shape)], "model.layers.0.mlp.down_proj"),
+        "gram nan": (["--grams", st[0], write_seed_pickle(tmp_path / "nan.pkl", nan)], "model.layers.1.self_attn.o_proj"),
+        "gram missing": (["--grams", st[0], write_seed_pickle(tmp_path / "mi.pkl", missing)], "model.layers.1.mlp.up_proj"),
+        "gram file": (["--grams", st[0], tmp_path / "nowhere.pkl"], "nowhere.pkl"),
+        "weights": (["--weights", 1, 2, 3], "--weights"),
+        "grams count": (["--grams", st[0]], "--grams"),
+        "one model": (["--models", experts[0], "--grams", st[0]], "--models"),
+        "exists": (["--output-dir", exists], "exists"),
+        "shard size": (["--max-shard-size", "lots"], "--max-shard-size"),
+    }
+    for case, (args, needle) in cases.items():
+        args = [str(a) for a in args]
+        full = ["regmean"] + (["--models", *map(str, experts)] if "--models" not in args else []) \
+            + (["--grams", *map(str, st)] if "--grams" not in args else []) + args
+        out = tmp_path / f"out-{case.replace(' ', '-')}"
+        if "--output-dir" not in args:
+            full += ["--output-dir", str(out)]
+        with pytest.raises(UserError, match=needle.replace(".", r"\.")):
+            merge_model.main(full)
+        assert not out.exists(), case
+    assert not list(exists.iterdir())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+def test_interrupted_merge_leaves_nothing(experts, calib, tmp_path, monkeypatch):
+    solve, calls = merge_model.regmean_solve, []
+
+    def interrupted(*args):  # the real solver, then an interruption halfway through the layers
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return solve(*args)
+
+    monkeypatch.setattr(merge_model, "regmean_solve", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--output-dir", tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_malicious_pickle_is_refused_before_it_runs(experts, calib, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "gram.pkl"
+    evil.write_bytes(pickle.dumps({"model.layers.0.mlp.down_proj": Exploit()}))
+    out = tmp_path / "m"
+    proc = subprocess.run([sys.executable, str(ROOT / "merge_model.py"), "regmean", "--models", *map(str, experts),
+                           "--grams", str(calib[0]["st"]), str(evil), "--output-dir", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "system" in proc.stderr, proc.stderr  # one line naming what was refused
+    assert not marker.exists() and not out.exists()
