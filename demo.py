@@ -1,7 +1,7 @@
 """The whole pipeline, offline, on two toy experts that the demo builds itself.
 
     python demo.py            # builds runs/toy/ once (a few minutes on 2 CPU cores), then
-                              # gram -> merge (avg, regmean 0.1, regmean 1.0) -> lm_eval -> table
+                              # gram -> merge (avg, regmean 0.1, regmean 1.0, regmean++ 0.1) -> lm_eval -> table
     python demo.py --quick    # tiny sizes and few rows, into runs/toy-quick/: the same flow
     python demo.py --rebuild  # build the data, tokenizer and experts again
 
@@ -22,6 +22,7 @@ The stages then run on them exactly as on the 8B experts (the toy-code / toy-mat
 point at runs/toy/), so after a demo this works too:
 
     python merge_model.py regmean --models toy-code toy-math --alpha 0.1
+    python merge_model.py regmean++ --models toy-code toy-math --alpha 0.1
 """
 import argparse
 import json
@@ -272,7 +273,7 @@ COLUMNS = [("toy-code", "exact match", "toy_code", ["exact_match,none"]),
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build two toy experts (once), then run compute_gram -> merge_model "
-                                "(avg, regmean 0.1, regmean 1.0) -> lm_eval on them, offline on the CPU.")
+                                "(avg, regmean 0.1, regmean 1.0, regmean++ 0.1) -> lm_eval on them, offline on the CPU.")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few rows (a smoke test of the flow; default root runs/toy-quick)")
     p.add_argument("--root", default=None, help="folder of the toy world and its results (default runs/toy, or runs/toy-quick with --quick)")
     p.add_argument("--rebuild", action="store_true", help="build data, tokenizer and experts again even when present")
@@ -304,14 +305,18 @@ def main(argv=None):
             compute_gram.main([name, "--model", str(folder), "--dataset", str(root / "data" / f"{kind}_calib.jsonl"),
                                "--num-examples", str(sizes["calib_rows"]), "--output-dir", str(grams[name]), "--device", "cpu"])
 
-    merges = {"Average": ("avg", None), "RegMean (α=0.1)": ("regmean", 0.1), "RegMean (α=1.0)": ("regmean", 1.0)}
+    merges = {"Average": ("avg", None), "RegMean (α=0.1)": ("regmean", 0.1), "RegMean (α=1.0)": ("regmean", 1.0),
+              "RegMean++ (α=0.1)": ("regmean++", 0.1)}
     folders = {"Code expert": experts["toy-code"], "Math expert": experts["toy-math"]}
     with timer("merge"):
         for label, (method, alpha) in merges.items():
-            out = root / "merges" / (method if alpha is None else f"{method}_{alpha}")
+            out = root / "merges" / (method if alpha is None else f"{method.replace('++', 'pp')}_{alpha}")
             cmd = [method, "--models", *map(str, experts.values()), "--output-dir", str(out), "--overwrite", "--device", "cpu"]
-            if alpha is not None:
+            if method == "regmean":
                 cmd += ["--grams", *map(str, grams.values()), "--alpha", str(alpha)]
+            elif method == "regmean++":  # the same calibration rows as the grams, through the merged layers
+                cmd += ["--datasets", *(str(root / "data" / f"{kind}_calib.jsonl") for kind in ("code", "math")), "--formats", "code", "math",
+                        "--num-examples", str(sizes["calib_rows"]), "--alpha", str(alpha)]
             folders[label] = merge_model.main(cmd)
 
     # lm_eval runs as evaluate.py runs it, plus the chat template (the toy tasks are chat

@@ -5,15 +5,19 @@
     python bench/bench_merge.py --quick      # small shapes, ~1 min: checks that the benchmark runs
     python bench/bench_merge.py --repeat 3   # on a busy machine: alternate the methods, keep the fastest run
     python bench/bench_merge.py --layer-8b --device cuda   # one Llama-3-8B-shaped layer (+ lm_head) on a GPU
+    python bench/bench_merge.py --pp-examples 0   # streaming and baseline only, without regmean++
 
 For each depth it writes two experts (random bf16 weights, safetensors shards) and synthetic SPD
 grams for them, both as gram.safetensors (this project) and as the seed's gram.pkl (one tensor
 per module), then runs, each in its own process so that peak RSS is that method's alone:
 - baseline: the seed's merge_model.py: both models loaded with from_pretrained (float32), all
   grams unpickled, torch.linalg.lstsq per linear module, the result saved with save_pretrained;
-- streaming: `merge_model.py regmean` with default settings (output in the experts' dtype).
+- streaming: `merge_model.py regmean` with default settings (output in the experts' dtype);
+- regmean++: `merge_model.py regmean++` on --pp-examples toy chat rows per expert (code and math
+  rows of demo.py, a local BPE tokenizer with the chat template), forward passes in float32.
 It prints wall time and peak RSS of each, the ratios against the targets (peak RSS at the
 deepest <= 25% of the baseline's and <= 1.15x the shallowest's, wall <= 0.6x the baseline's),
+regmean++ next to regmean (wall, peak RSS, seconds per calibration token and per token-layer),
 and an extrapolation to the seed's Llama-3-8B pair.
 """
 import argparse
@@ -50,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", default="runs/bench/merge", help="experts, grams and outputs go here")
     p.add_argument("--layer-8b", action="store_true", help="time one Llama-3-8B-shaped layer and lm_head on --device instead")
     p.add_argument("--device", default="auto", help="for --layer-8b")
-    p.add_argument("--child", choices=["baseline", "streaming"], help=argparse.SUPPRESS)
+    p.add_argument("--pp-examples", type=int, default=32, help="calibration rows per expert for regmean++ (0: skip regmean++)")
+    p.add_argument("--child", choices=["baseline", "streaming", "regmeanpp"], help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -169,6 +174,36 @@ def baseline(folder, alpha):
     models[-1].save_pretrained(str(folder / "out-baseline"))
 
 
+def prepare_calibration(folder, num_examples):
+    """Toy chat rows (code and math, as demo.py writes them) and a local BPE tokenizer with the chat
+    template in each expert folder, for regmean++ (skipped when already there)."""
+    import random
+
+    import demo
+
+    files = [folder / f"calib_{kind}.jsonl" for kind in ("code", "math")]
+    if all(f.exists() for f in files) and len(files[0].read_text().splitlines()) == num_examples:
+        return files
+    rng = random.Random(0)
+    rows = {kind: [make(rng) for _ in range(num_examples)] for kind, make in (("code", demo.code_row), ("math", demo.math_row))}
+    tokenizer = demo.build_tokenizer([json.dumps(r) for kind in rows for r in rows[kind]], folder / "tokenizer", vocab_size=512, split_digits=True)
+    for i in range(NUM_EXPERTS):
+        tokenizer.save_pretrained(str(folder / f"expert{i}"))
+    for f, kind in zip(files, rows):
+        demo.write_jsonl(f, rows[kind])
+    return files
+
+
+def regmeanpp(folder, alpha, num_examples):
+    import merge_model
+
+    out = merge_model.main(["regmean++", "--models", str(folder / "expert0"), str(folder / "expert1"),
+                            "--datasets", str(folder / "calib_code.jsonl"), str(folder / "calib_math.jsonl"), "--formats", "code", "math",
+                            "--num-examples", str(num_examples), "--alpha", str(alpha),
+                            "--output-dir", str(folder / "out-regmeanpp"), "--overwrite", "--device", "cpu"])
+    return json.loads((out / "merge_report.json").read_text())["figures"]
+
+
 def streaming(folder, alpha):
     import merge_model
 
@@ -181,14 +216,18 @@ def streaming(folder, alpha):
 def child(args):
     folder = Path(args.dir)
     t0 = time.perf_counter()
-    figures = baseline(folder, args.alpha) if args.child == "baseline" else streaming(folder, args.alpha)
+    if args.child == "regmeanpp":
+        figures = regmeanpp(folder, args.alpha, args.pp_examples)
+    else:
+        figures = baseline(folder, args.alpha) if args.child == "baseline" else streaming(folder, args.alpha)
     wall = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print("RESULT " + json.dumps(dict(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, rss_gib=usage.ru_maxrss / 2**20, figures=figures)))
 
 
-def run_child(method, folder, alpha):
-    proc = subprocess.run([sys.executable, __file__, "--child", method, "--dir", str(folder), "--alpha", str(alpha)],
+def run_child(method, folder, alpha, pp_examples=0):
+    proc = subprocess.run([sys.executable, __file__, "--child", method, "--dir", str(folder), "--alpha", str(alpha),
+                           "--pp-examples", str(pp_examples)],
                           capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -280,10 +319,14 @@ def main(argv=None):
         folder = work / f"layers{layers}"
         t0 = time.perf_counter()
         prepare(folder, args, layers)
+        methods = ["streaming", "baseline"]
+        if args.pp_examples:
+            prepare_calibration(folder, args.pp_examples)
+            methods.append("regmeanpp")
         print(f"{layers} layers: inputs ready in {folder} ({time.perf_counter() - t0:.0f}s)", flush=True)
         for _ in range(args.repeat):
-            for method in ("streaming", "baseline"):
-                r = run_child(method, folder, args.alpha)
+            for method in methods:
+                r = run_child(method, folder, args.alpha, args.pp_examples)
                 print(f"  {method:9s} wall {r['wall_s']:7.1f}s   CPU {r['cpu_s']:7.1f}s   peak RSS {r['rss_gib']:6.2f} GiB", flush=True)
                 results.setdefault((method, layers), []).append(r)
     # the fastest run of each; peak RSS is the largest seen
@@ -299,6 +342,17 @@ def main(argv=None):
     for name, value, target, where in checks:
         print(f"{name:36s} {value:8.3f}   <= {target}  {'ok' if value <= target else 'MISSED'} ({where})")
 
+    if args.pp_examples:
+        print("\nregmean++ next to regmean (streaming), same experts:")
+        print("layers  wall pp/rm   peak RSS pp/rm   calibration tokens   s per token   ms per token and layer")
+        for layers in args.depths:
+            pp, rm = results["regmeanpp", layers], results["streaming", layers]
+            tokens = pp["figures"]["calibration_tokens"]
+            print(f"{layers:6d}  {pp['wall_s'] / rm['wall_s']:10.2f}   {pp['rss_gib'] / rm['rss_gib']:14.2f}   {tokens:18d}"
+                  f"   {pp['wall_s'] / tokens:11.4f}   {1000 * pp['wall_s'] / tokens / layers:22.3f}")
+        pp_lo, pp_hi = results["regmeanpp", lo], results["regmeanpp", hi]
+        print(f"regmean++ peak RSS, deep / shallow: {pp_hi['rss_gib'] / pp_lo['rss_gib']:.3f} ({hi} vs {lo} layers; one layer per expert "
+              f"in memory at a time); its forward passes took {pp_hi['figures'].get('forward_s', 0):.1f}s of {pp_hi['wall_s']:.1f}s at {hi} layers")
     if args.quick:
         print("(--quick: shapes too small for the targets, where start-up costs dominate; this checks that the benchmark runs)")
     # Extrapolation to the seed's Llama-3-8B pair from the deepest run.

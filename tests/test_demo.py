@@ -42,7 +42,7 @@ def test_quick_demo_runs_the_whole_flow(tmp_path):
     root = tmp_path / "toy"
     results = demo.main(["--quick", "--root", str(root)])
     assert results == root / "results.md"
-    for folder in ["toy-code", "toy-math", "merges/avg", "merges/regmean_0.1", "merges/regmean_1.0"]:
+    for folder in ["toy-code", "toy-math", "merges/avg", "merges/regmean_0.1", "merges/regmean_1.0", "merges/regmeanpp_0.1"]:
         assert (root / folder / "config.json").is_file()
         assert list((root / folder / "lm_eval_results_preds").glob("*/results_*.json"))
     for name in ["toy-code", "toy-math"]:
@@ -50,7 +50,7 @@ def test_quick_demo_runs_the_whole_flow(tmp_path):
     lines = results.read_text().splitlines()
     assert lines[0].split("|")[1:-1] == [" Method/Benchmark ", " toy-code ", " toy-math ", " Mean "]
     labels = [line.split("|")[1].strip() for line in lines[3:]]
-    assert labels == ["Code expert", "Math expert", "Average", "RegMean (α=0.1)", "RegMean (α=1.0)"]
+    assert labels == ["Code expert", "Math expert", "Average", "RegMean (α=0.1)", "RegMean (α=1.0)", "RegMean++ (α=0.1)"]
     for line in lines[3:]:
         code, math, mean = (float(c) for c in line.split("|")[2:5])
         assert 0 <= code <= 100 and 0 <= math <= 100 and mean == pytest.approx((code + math) / 2, abs=0.01)
