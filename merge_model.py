@@ -63,7 +63,7 @@ from compute_gram import Gram, collate, length_batches, load_tokenizer
 from compute_gram import parse_args as gram_args
 from utils import (DTYPES, FORMATS, PRESETS, SAFETENSORS_DTYPES, GramFile, Timer, UserError, atomic_dir, checkpoint_files,
                    choose_device, choose_dtype, format_rows, load_rows, peak_memory, read_tensor, resolve_model_dir, run_main,
-                   tensor_infos, tokenize_texts)
+                   safetensors_header, tensor_infos, tokenize_texts)
 
 # Solver constants (why: see regmean_factor / regmean_solve).
 RIDGE = 1e-9  # λ = RIDGE * mean(diag(Σ cᵢ G̃ᵢ)): below any direction the data excites, above float64 rounding
@@ -336,23 +336,15 @@ class ShardWriter:
         self.where = {}  # tensor name -> (fd, byte offset of its data, bytes per row, total bytes)
         self.fds, self.written = [], {}
         for filename, names in self.split.filename_to_tensors.items():
-            header, offset = {"__metadata__": {"format": "pt"}}, 0
-            for name in names:
-                shape, dtype = plan[name]
-                size = math.prod(shape) * dtype.itemsize
-                header[name] = dict(dtype=SAFETENSORS_DTYPES[dtype], shape=list(shape), data_offsets=[offset, offset + size])
-                offset += size
-            head = json.dumps(header, separators=(",", ":")).encode()
-            head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
+            head, spans = safetensors_header({name: plan[name] for name in names}, {"format": "pt"})
             fd = os.open(self.out_dir / filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.pwrite(fd, len(head).to_bytes(8, "little") + head, 0)
-            os.ftruncate(fd, 8 + len(head) + offset)
+            os.pwrite(fd, head, 0)
+            os.ftruncate(fd, len(head) + max((end for _, end in spans.values()), default=0))
             self.fds.append(fd)
-            for name in names:
-                shape, dtype = plan[name]
-                begin, end = header[name]["data_offsets"]
+            for name, (begin, end) in spans.items():
+                shape = plan[name][0]
                 row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
-                self.where[name] = (fd, 8 + len(head) + begin, row_bytes, end - begin)
+                self.where[name] = (fd, len(head) + begin, row_bytes, end - begin)
                 self.written[name] = 0
 
     def write(self, name, tensor, row=0):

@@ -7,6 +7,7 @@ evaluate.py, demo.py) are the entry points.
 import contextlib
 import io
 import json
+import math
 import os
 import pickle
 import resource
@@ -214,28 +215,34 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16:
                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def write_safetensors(path, tensors, metadata=None, dtype=None):
-    """Write {name: tensor} as a .safetensors file, one tensor at a time: the header (8-byte
-    little-endian length + JSON with every shape and offset) is laid out first from the shapes
-    alone, then each tensor is copied to the host (cast to `dtype` when given) and appended.
-    Host memory holds one tensor at a time, whatever device the tensors live on. Atomic:
-    written under a temporary name and renamed when complete."""
-    path = Path(path)
-    header, offset = {}, 0
-    for name, t in tensors.items():
-        kind = dtype or t.dtype
-        size = t.numel() * torch.empty((), dtype=kind).element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[kind], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+def safetensors_header(specs, metadata=None):
+    """Lay out a .safetensors file from shapes alone: specs {name: (shape, torch dtype)} in file
+    order -> (the bytes before the data: 8-byte little-endian length + JSON header padded so the
+    data starts 8-byte aligned, {name: (first byte, end byte) within the data})."""
+    header, spans, offset = {}, {}, 0
+    for name, (shape, dtype) in specs.items():
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        spans[name] = (offset, offset + size)
         offset += size
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob, spans
+
+
+def write_safetensors(path, tensors, metadata=None, dtype=None):
+    """Write {name: tensor} as a .safetensors file, one tensor at a time: the header is laid out
+    first from the shapes alone, then each tensor is copied to the host (cast to `dtype` when
+    given) and appended. Host memory holds one tensor at a time, whatever device the tensors
+    live on. Atomic: written under a temporary name and renamed when complete."""
+    path = Path(path)
+    head, _ = safetensors_header({name: (tuple(t.shape), dtype or t.dtype) for name, t in tensors.items()}, metadata)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
+            f.write(head)
             for t in tensors.values():
                 host = t.detach().to("cpu", dtype or t.dtype).contiguous()
                 f.write(host.reshape(-1).view(torch.uint8).numpy().data)  # raw bytes, no extra copy
