@@ -67,17 +67,17 @@ def parse_args(argv=None):
     p.add_argument("--model", help="hub id or local folder (default: the preset's)")
     p.add_argument("--dataset", help="hub id or a .json/.jsonl/.parquet/.csv file (default: the preset's)")
     p.add_argument("--format", choices=sorted(FORMATS), help="row columns -> chat turns (default: the preset's)")
-    p.add_argument("--split", default="train", help="dataset split (hub datasets)")
-    p.add_argument("--num-examples", type=int, default=10000, help="first N rows, unshuffled")
-    p.add_argument("--max-length", type=int, default=256, help="truncate each example to this many tokens")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass")
+    p.add_argument("--split", default="train", help="dataset split (hub datasets) (default: %(default)s)")
+    p.add_argument("--num-examples", type=int, default=10000, help="first N rows, unshuffled (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=256, help="truncate each example to this many tokens (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: %(default)s)")
     p.add_argument("--output-dir", help="folder for gram.safetensors (default: the preset's)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="save partial sums every K batches (0: never)")
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (several processes on cuda: cuda:LOCAL_RANK each)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save partial sums every K batches (0: never) (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (several processes on cuda: cuda:LOCAL_RANK each) (default: %(default)s)")
     p.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
                    help="spread the expert over the visible GPUs (accelerate big-model loading; with several processes, "
                         "each takes GPUs // processes-per-node of them); cuda only, ignored on cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="model dtype (auto: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="model dtype (auto: bfloat16 on cuda, float32 on cpu) (default: %(default)s)")
     args = p.parse_args(argv)
     for name in ("num_examples", "max_length", "batch_size"):
         if getattr(args, name) < 1:
