@@ -135,6 +135,7 @@ def make_splits(kind, sizes, seed):
 
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 # ----------------------------------------------------------------------------- training

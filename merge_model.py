@@ -672,9 +672,11 @@ def merge_regmean_pp(experts, calib, args, coefs, device, out_dtype, forward_dty
             with timer("load"):
                 layer = load_module(template, prefix, device, forward_dtype, expert=e)
             with timer("forward"), torch.no_grad():  # no_grad, not inference_mode: version counters tell shared inputs
-                run_batch = lambda b: run_layer(layer, config, rotary, l, states.get((i, b)), calib[i]["batches"][b], device)
+                def run_batch(b, layer=layer, i=i):
+                    return run_layer(layer, config, rotary, l, states.get((i, b)), calib[i]["batches"][b], device)
+
                 grams.append(layer_grams(layer, run_batch, calib[i]["batches"], aliases, device))
-            del layer
+            del layer, run_batch
         merged = {}
         for leader in list(grams[0]):
             members = [f"{prefix}.{m}.weight" for m in [leader] + [a for a, k in aliases.items() if k == leader]]

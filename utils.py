@@ -355,14 +355,6 @@ class GramFile:
             return tuple(f.get_slice(self.key_of[module]).get_shape())
 
 
-def load_grams(path):
-    """{module: float32 [in, in] gram} for every linear module, aliases resolved, read one
-    tensor at a time (a generator of pairs, so a caller can stream)."""
-    grams = GramFile(path)
-    for module in grams.modules():
-        yield module, grams.get(module)
-
-
 # ----------------------------------------------------------------------------- output folders
 @contextlib.contextmanager
 def atomic_dir(final, overwrite=False):

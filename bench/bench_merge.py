@@ -364,7 +364,7 @@ def main(argv=None):
     block_mb = merge_model.parse_args(["regmean"]).block_mb
     rss_8b = s["rss_gib"] + (working_set(big, block_mb) - working_set(here, block_mb)) / 2**30
     base_8b = (NUM_EXPERTS * model_bytes(LLAMA3_8B, 4) + NUM_EXPERTS * seed_gram_bytes(big)) / 2**30
-    print(f"\nLlama-3-8B pair (32 layers, hidden 4096, intermediate 14336, vocab 128256), extrapolated:")
+    print("\nLlama-3-8B pair (32 layers, hidden 4096, intermediate 14336, vocab 128256), extrapolated:")
     print(f"  streaming: peak RSS ~ {rss_8b:.1f} GiB (measured {s['rss_gib']:.2f} GiB + larger gram systems and row blocks); "
           f"CPU time ~ {(solve_8b + io_8b) / 3600:.1f} h on this machine (solve {solve_8b / 3600:.1f} h by flops, "
           f"load+write {io_8b / 60:.0f} min by bytes)")

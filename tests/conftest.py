@@ -10,7 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from demo import build_tokenizer  # noqa: E402
+from demo import build_tokenizer, write_jsonl  # noqa: E402
 
 
 def make_rows(kind, n, seed=0):
@@ -26,11 +26,6 @@ def make_rows(kind, n, seed=0):
             terms = " + ".join(str(rng.randint(10, 99)) for _ in range(k))
             rows.append({"question": f"What is {terms}?", "answer": f"The answer is {rng.randint(100, 999)}."})
     return rows
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def tiny_config(vocab_size, **overrides):
