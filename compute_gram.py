@@ -51,8 +51,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils import (FORMATS, GRAM_FILE, PRESETS, Timer, UserError, choose_device, choose_dtype, format_rows, load_rows,
-                   peak_memory, resolve_model_dir, run_main, save_grams, tokenize_texts, write_safetensors)
+from utils import (FORMATS, GRAM_FILE, PRESETS, Timer, UserError, choose_device, choose_dtype, first_line, format_rows,
+                   load_rows, peak_memory, resolve_model_dir, run_main, save_grams, tokenize_texts, write_safetensors)
 
 CHECKPOINT_FILE = ".gram-checkpoint.safetensors"
 # How long processes wait for each other (torch's nccl default is 10 minutes): after a
@@ -130,6 +130,15 @@ class Gram:
         device (the running sum becomes the result: call it once, at the end)."""
         upper = self.sum.triu_()
         return upper.add_(upper.triu(1).T).div_(max(self.num_rows, 1))
+
+
+def check_one_row_per_token(name, x, total):
+    """A linear layer's input must hold one row per token of the batch (`total`), padding
+    included, for the real-token index to pick its rows; routed layers (mixture of experts)
+    see subsets of the tokens and are refused."""
+    rows = x.numel() // x.shape[-1]
+    if rows != total:
+        raise UserError(f"{name} reads {rows} rows, not one per token ({total}): this architecture is not supported")
 
 
 # ----------------------------------------------------------------------------- batches
@@ -300,10 +309,8 @@ def compute_grams(model, token_ids, batch_size, checkpoint=None, checkpoint_ever
 
     def accumulate(name):
         def hook(module, args):
-            x = args[0]
-            if x.numel() // x.shape[-1] != batch_rows["total"]:
-                raise UserError(f"{name} reads {x.numel() // x.shape[-1]} rows, not one per token ({batch_rows['total']}); this architecture is not supported")
-            grams[name].add(x, batch_rows["index"])
+            check_one_row_per_token(name, args[0], batch_rows["total"])
+            grams[name].add(args[0], batch_rows["index"])
         return hook
 
     skip_head = head_reads_base_output  # lm_head fed from the base model's output, no logits
@@ -380,7 +387,7 @@ def load_model(model_dir, device, dtype, device_map=None, max_memory=None):
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn, **placement)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load a causal LM from {model_dir}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise UserError(f"cannot load a causal LM from {model_dir}: {first_line(e)}")
     return model.eval()
 
 
@@ -390,7 +397,7 @@ def load_tokenizer(model_dir):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load a tokenizer from {model_dir}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise UserError(f"cannot load a tokenizer from {model_dir}: {first_line(e)}")
     if not tokenizer.chat_template:
         raise UserError(f"the tokenizer in {model_dir} has no chat template")
     return tokenizer

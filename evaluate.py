@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils import UserError, choose_device, choose_dtype, peak_memory, run_main
+from utils import UserError, choose_device, choose_dtype, first_line, peak_memory, run_main
 
 HARNESS_DIR = Path(__file__).resolve().parent / "lm-eval-harness"  # task overrides, always included
 RESULTS_DIR = "lm_eval_results_preds"  # lm_eval's --output_path inside each model folder
@@ -82,8 +82,7 @@ def check_tasks(tasks, metadata=None):
         try:
             manager.load([spec])
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise UserError(f"task {task!r} cannot be loaded: {type(e).__name__}: {first}")
+            raise UserError(f"task {task!r} cannot be loaded: {first_line(e)}")
 
 
 def choose_backend(name, device):

@@ -59,7 +59,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from compute_gram import Gram, collate, length_batches, load_tokenizer
+from compute_gram import Gram, check_one_row_per_token, collate, length_batches, load_tokenizer
 from compute_gram import parse_args as gram_args
 from utils import (DTYPES, FORMATS, PRESETS, SAFETENSORS_DTYPES, GramFile, Timer, UserError, atomic_dir, checkpoint_files,
                    choose_device, choose_dtype, format_rows, load_rows, peak_memory, read_tensor, resolve_model_dir, run_main,
@@ -601,8 +601,7 @@ def layer_grams(layer, run_batch, batches, aliases, device):
     def record(name):
         def hook(module, args):
             x = args[0]
-            if x.numel() // x.shape[-1] != current["total"]:
-                raise UserError(f"{name} reads {x.numel() // x.shape[-1]} rows, not one per token ({current['total']}): regmean++ does not support this architecture")
+            check_one_row_per_token(name, x, current["total"])
             leader = next((k for k, (t, v) in seen.items() if t is x and v == x._version), None)
             if leader is not None:
                 aliases[name] = leader

@@ -61,6 +61,12 @@ class UserError(Exception):
     """Bad input from the user: reported as one line on stderr, exit code 2."""
 
 
+def first_line(error):
+    """An exception as one line for a UserError message: its type and its message's first line."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def run_main(main):
     """Run a stage's main(); a UserError becomes one clear line on stderr and exit 2."""
     try:
@@ -107,7 +113,7 @@ def resolve_model_dir(name_or_path):
     try:
         return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
     except Exception as e:  # offline, missing repo, no access: one line, not a traceback
-        raise UserError(f"cannot get model {spec!r} from the hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise UserError(f"cannot get model {spec!r} from the hub: {first_line(e)}")
 
 
 def checkpoint_files(model_dir):
@@ -178,7 +184,7 @@ def load_rows(dataset, split="train", num_examples=None):
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"cannot load dataset {str(path)!r} (split {split!r}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise UserError(f"cannot load dataset {str(path)!r} (split {split!r}): {first_line(e)}")
     if not rows:
         raise UserError(f"dataset {str(path)!r} split {split!r} has no rows")
     if num_examples is not None and len(rows) < num_examples:

@@ -37,6 +37,17 @@ def tiny_config(vocab_size, **overrides):
     return LlamaConfig(**settings)
 
 
+def tiny_qwen2(vocab_size, seed=0, **overrides):
+    """A seeded tiny Qwen2 model (biases on q/k/v), the second architecture the tests cover."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(Qwen2Config(**settings))
+
+
 def save_expert(base, out_dir, tokenizer, seed, scale=0.02, dtype=torch.float32, **save_kwargs):
     """base + seeded noise on every tensor, saved as an HF folder with the tokenizer."""
     from transformers import AutoModelForCausalLM

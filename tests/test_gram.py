@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, make_rows, save_expert, write_jsonl
+from conftest import ROOT, make_rows, save_expert, tiny_qwen2, write_jsonl
 from compute_gram import CHECKPOINT_FILE, Gram, main
 from utils import FORMATS, GRAM_FILE, GramFile, UserError
 
@@ -97,12 +97,8 @@ def test_batch_size_and_order_invariance(code_run, experts, calib_files, tmp_pat
 
 def test_qwen2_architecture(tokenizer, calib_files, tmp_path):
     """Another architecture (biases on q/k/v, tied embeddings): sharing found at run time."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    torch.manual_seed(1)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=224, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
-    model_dir = save_expert(AutoModelForCausalLM.from_config(config), tmp_path / "qwen2", tokenizer, seed=3)
+    base = tiny_qwen2(len(tokenizer), seed=1, intermediate_size=224, num_attention_heads=8, max_position_embeddings=32768)
+    model_dir = save_expert(base, tmp_path / "qwen2", tokenizer, seed=3)
     path = run(model_dir, calib_files["math"], tmp_path / "out", "--batch-size", "3", preset="toy-math")
     reference, _ = reference_grams(model_dir, calib_files["math"], "math")
     assert_grams_close(path, reference)

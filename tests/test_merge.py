@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ROOT, save_expert, tiny_config
+from conftest import ROOT, save_expert, tiny_config, tiny_qwen2
 from utils import UserError, format_rows, load_rows, save_grams, tokenize_texts
 
 import merge_model
@@ -216,12 +216,9 @@ def test_merged_folder_loads_and_generates(experts, calib, expert_tensors, tmp_p
 
 
 def test_qwen2_expert_with_qkv_biases(tokenizer, calib_files, tmp_path):
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
-    base = AutoModelForCausalLM.from_config(config)
+    base = tiny_qwen2(len(tokenizer))
     assert base.model.layers[0].self_attn.q_proj.bias is not None
     experts = [save_expert(base, tmp_path / f"q{i}", tokenizer, seed) for i, seed in enumerate([20, 21])]
     gram_files, grams = [], []

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import save_expert
+from conftest import save_expert, tiny_qwen2
 from test_merge import read_folder, rel
 from utils import UserError, format_rows, load_rows, tokenize_texts
 
@@ -184,12 +184,7 @@ def test_hidden_states_spilled_to_disk_give_the_same_merge(experts, calib_files,
 
 
 def test_qwen2_experts_with_biases_match_the_reference(tokenizer, calib_files, tmp_path):
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
-    base = AutoModelForCausalLM.from_config(config)
+    base = tiny_qwen2(len(tokenizer), tie_word_embeddings=False)
     qwen = [save_expert(base, tmp_path / f"q{i}", tokenizer, seed) for i, seed in enumerate([20, 21])]
     merged, (ref, _) = read_folder(run_pp(qwen, calib_files, tmp_path / "pp", "--alpha", 0.5)), reference_regmeanpp(qwen, calib_files, 0.5)
     assert "model.layers.0.self_attn.q_proj.bias" in merged
