@@ -48,11 +48,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from utils import (FORMATS, GRAM_FILE, PRESETS, Timer, UserError, choose_device, choose_dtype, first_line, format_rows,
-                   load_rows, peak_memory, resolve_model_dir, run_main, save_grams, tokenize_texts, write_safetensors)
+from calibration import (BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT, Gram, calibration_tokens, check_one_row_per_token,
+                         collate, find_shared_inputs, length_batches, load_tokenizer, split_batches)
+from tensor_io import save_grams, write_safetensors
+from utils import (FORMATS, GRAM_FILE, PRESETS, Timer, UserError, check_at_least_one, choose_device, choose_dtype, dtype_name,
+                   first_line, peak_memory, resolve_model_dir, run_main)
 
 CHECKPOINT_FILE = ".gram-checkpoint.safetensors"
 # How long processes wait for each other (torch's nccl default is 10 minutes): after a
@@ -67,10 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--model", help="hub id or local folder (default: the preset's)")
     p.add_argument("--dataset", help="hub id or a .json/.jsonl/.parquet/.csv file (default: the preset's)")
     p.add_argument("--format", choices=sorted(FORMATS), help="row columns -> chat turns (default: the preset's)")
-    p.add_argument("--split", default="train", help="dataset split (hub datasets) (default: %(default)s)")
-    p.add_argument("--num-examples", type=int, default=10000, help="first N rows, unshuffled (default: %(default)s)")
-    p.add_argument("--max-length", type=int, default=256, help="truncate each example to this many tokens (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: %(default)s)")
+    p.add_argument("--split", default=SPLIT, help="dataset split (hub datasets) (default: %(default)s)")
+    p.add_argument("--num-examples", type=int, default=NUM_EXAMPLES, help="first N rows, unshuffled (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="truncate each example to this many tokens (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="examples per forward pass (default: %(default)s)")
     p.add_argument("--output-dir", help="folder for gram.safetensors (default: the preset's)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save partial sums every K batches (0: never) (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (several processes on cuda: cuda:LOCAL_RANK each) (default: %(default)s)")
@@ -79,152 +81,10 @@ def parse_args(argv=None):
                         "each takes GPUs // processes-per-node of them); cuda only, ignored on cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="model dtype (auto: bfloat16 on cuda, float32 on cpu) (default: %(default)s)")
     args = p.parse_args(argv)
-    for name in ("num_examples", "max_length", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(num_examples=args.num_examples, max_length=args.max_length, batch_size=args.batch_size)
     if args.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     return args
-
-
-# ----------------------------------------------------------------------------- the accumulator
-class Gram:
-    """Running ΣXᵀX, float32 on `device`, and the number of rows fed to `add`.
-
-    XᵀX is symmetric, so only its upper block-triangle is computed: the columns are cut
-    into B blocks and block row i gets X[:, i]ᵀ X[:, i:] with one addmm_, (B+1)/2B of the
-    full product's flops. `result()` mirrors the upper triangle once, at the end.
-    """
-
-    def __init__(self, dim, device, blocks=None):
-        self.sum = torch.zeros(dim, dim, dtype=torch.float32, device=device)
-        self.num_rows = 0
-        # Narrow blocks make slow GEMMs: about 256 columns or more each, at most 8 blocks.
-        blocks = blocks or min(8, max(1, dim // 256))
-        self.edges = [round(i * dim / blocks) for i in range(blocks + 1)]
-
-    def add(self, x, rows=None):
-        """x: [..., dim], on any device (it is moved to the gram's). rows: which rows of
-        x.reshape(-1, dim) to use, as indices or as a bool mask shaped like x.shape[:-1]
-        (None: all of them)."""
-        x = x.reshape(-1, x.shape[-1])
-        if rows is not None:
-            if rows.dtype == torch.bool:
-                rows = rows.reshape(-1).nonzero().squeeze(1)
-            x = x.index_select(0, rows.to(x.device))
-        # bf16/fp16 values are exact in TF32, so on cuda their float32 products may run on
-        # tensor cores with nothing lost (products and sums stay float32); float32 inputs may not.
-        tf32 = self.sum.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-        x = x.to(self.sum.device, torch.float32)
-        allowed = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            for start, end in zip(self.edges[:-1], self.edges[1:]):
-                self.sum[start:end, start:].addmm_(x[:, start:end].T, x[:, start:])
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = allowed
-        self.num_rows += x.shape[0]
-
-    def result(self):
-        """ΣXᵀX / num_rows as a full symmetric float32 matrix, made in place on the gram's
-        device (the running sum becomes the result: call it once, at the end)."""
-        upper = self.sum.triu_()
-        return upper.add_(upper.triu(1).T).div_(max(self.num_rows, 1))
-
-
-def check_one_row_per_token(name, x, total):
-    """A linear layer's input must hold one row per token of the batch (`total`), padding
-    included, for the real-token index to pick its rows; routed layers (mixture of experts)
-    see subsets of the tokens and are refused."""
-    rows = x.numel() // x.shape[-1]
-    if rows != total:
-        raise UserError(f"{name} reads {rows} rows, not one per token ({total}): this architecture is not supported")
-
-
-# ----------------------------------------------------------------------------- batches
-def length_batches(lengths, batch_size):
-    """Example indices grouped into batches of similar length, longest first (so that a
-    batch too big for memory fails at once, not hours in)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def split_batches(batches, lengths, num_shares):
-    """Deal whole batches to `num_shares` processes so that each gets about the same work
-    (padded tokens): the costliest batch first, each to the least loaded share, ties to the
-    lowest rank. Deterministic, so every process computes the same split; each share keeps
-    the longest-first order. The batches themselves are those of a single process, so any
-    split sums the same products, in another order only."""
-    cost = [len(batch) * max(lengths[i] for i in batch) for batch in batches]
-    shares, load = [[] for _ in range(num_shares)], [0] * num_shares
-    for b in sorted(range(len(batches)), key=lambda b: -cost[b]):
-        rank = min(range(num_shares), key=lambda r: load[r])
-        shares[rank].append(b)
-        load[rank] += cost[b]
-    return [[batches[b] for b in sorted(share)] for share in shares]
-
-
-def collate(token_ids, batch, pad_id=0):
-    """Right-padded input_ids and attention_mask [B, T] (causal attention never looks at
-    the padding on the right, so real tokens see exactly their own prefix)."""
-    width = max(len(token_ids[i]) for i in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, i in enumerate(batch):
-        input_ids[row, :len(token_ids[i])] = torch.tensor(token_ids[i])
-        mask[row, :len(token_ids[i])] = 1
-    return input_ids, mask
-
-
-# ----------------------------------------------------------------------------- shared inputs
-def find_shared_inputs(model, input_ids):
-    """Watch one forward pass and group the nn.Linear modules by the tensor they read.
-
-    Returns (leaders {name: module}, aliases {other module: leader name}, head name,
-    head_reads_base_output). Two modules share an input only when they get the very same
-    tensor object, unmodified (same version counter), within this one pass; a data_ptr
-    match alone is not enough, since freed memory is reused within a forward.
-    `head_reads_base_output` tells whether lm_head's input is exactly the base model's
-    last hidden state, so that the logits can be skipped."""
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    seen = {}  # module name -> (input tensor, its version); strong refs keep ids unique
-
-    def record(name):
-        def hook(module, args):
-            seen.setdefault(name, (args[0], args[0]._version))
-        return hook
-
-    handles = [m.register_forward_pre_hook(record(name)) for name, m in linears.items()]
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-
-    never_called = [name for name in linears if name not in seen]
-    if never_called:
-        print(f"note: {len(never_called)} linear module(s) never run, no gram for them: {never_called[:4]}", file=sys.stderr)
-    leaders, aliases = {}, {}
-    for name, module in linears.items():
-        if name not in seen:
-            continue
-        x, version = seen[name]
-        leader = next((k for k in leaders if seen[k][0] is x and seen[k][1] == version), None)
-        if leader is None:
-            leaders[name] = module
-        else:
-            aliases[name] = leader
-    head = model.get_output_embeddings()
-    head_name = next((name for name, m in linears.items() if m is head and name in seen), None)
-    head_reads_base_output = False
-    if head_name is not None and model.base_model is not model:
-        with torch.no_grad():
-            base_output = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-        head_input = seen[head_name][0]
-        head_reads_base_output = head_input.shape == base_output.shape and torch.allclose(
-            head_input.float(), base_output.to(head_input.device).float(), rtol=1e-3, atol=1e-3)
-    return leaders, aliases, head_name, head_reads_base_output
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -391,18 +251,6 @@ def load_model(model_dir, device, dtype, device_map=None, max_memory=None):
     return model.eval()
 
 
-def load_tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load a tokenizer from {model_dir}: {first_line(e)}")
-    if not tokenizer.chat_template:
-        raise UserError(f"the tokenizer in {model_dir} has no chat template")
-    return tokenizer
-
-
 def main(argv=None):
     from accelerate import PartialState
 
@@ -425,18 +273,17 @@ def main(argv=None):
     # process reads and tokenizes all rows (cheap), so all agree on the batches and refuse alike.
     model_dir = resolve_model_dir(model_spec)
     tokenizer = load_tokenizer(model_dir)
-    rows = load_rows(dataset, args.split, args.num_examples)
-    token_ids = tokenize_texts(tokenizer, format_rows(rows, fmt, tokenizer), args.max_length)
+    token_ids = calibration_tokens(tokenizer, dataset, fmt, args.split, args.num_examples, args.max_length)
     if out_dir.exists():
         check_no_foreign_checkpoints(out_dir, num_processes)
     model = load_model(model_dir, device, dtype, args.device_map, max_memory)
     if state.is_main_process:
         where = f"{num_processes} processes" if num_processes > 1 else str(device)
         print(f"{model_spec}: {len(token_ids)} examples of {dataset}, {sum(map(len, token_ids))} tokens, "
-              f"on {where} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+              f"on {where} in {dtype_name(dtype)}", file=sys.stderr)
 
     provenance = dict(model=model_spec, dataset=dataset, split=args.split, num_examples=len(token_ids),
-                      max_length=args.max_length, format=fmt, dtype=str(dtype).removeprefix("torch."))
+                      max_length=args.max_length, format=fmt, dtype=dtype_name(dtype))
     # what must match for a checkpoint to resume (batch size and the number of processes fix
     # the batches each process runs)
     settings = provenance | dict(batch_size=args.batch_size, num_processes=num_processes, data=fingerprint(token_ids))

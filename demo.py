@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from utils import FORMATS, Timer, atomic_dir, format_rows, peak_memory, run_main, tokenize_texts
+from calibration import format_rows, tokenize_texts
+from utils import FORMATS, Timer, atomic_dir, merge_dir_name, peak_memory, run_main
 
 # A Llama-3-style chat template: the template writes BOS itself, so calibration text is
 # tokenized with add_special_tokens=False.
@@ -311,7 +312,7 @@ def main(argv=None):
     folders = {"Code expert": experts["toy-code"], "Math expert": experts["toy-math"]}
     with timer("merge"):
         for label, (method, alpha) in merges.items():
-            out = root / "merges" / (method if alpha is None else f"{method.replace('++', 'pp')}_{alpha}")
+            out = root / "merges" / merge_dir_name(method, alpha)
             cmd = [method, "--models", *map(str, experts.values()), "--output-dir", str(out), "--overwrite", "--device", "cpu"]
             if method == "regmean":
                 cmd += ["--grams", *map(str, grams.values()), "--alpha", str(alpha)]

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils import UserError, choose_device, choose_dtype, first_line, peak_memory, run_main
+from utils import MERGES_DIR, UserError, choose_device, choose_dtype, dtype_name, first_line, merge_label, peak_memory, run_main
 
 HARNESS_DIR = Path(__file__).resolve().parent / "lm-eval-harness"  # task overrides, always included
 RESULTS_DIR = "lm_eval_results_preds"  # lm_eval's --output_path inside each model folder
@@ -101,11 +101,10 @@ def choose_backend(name, device):
 
 def lm_eval_command(folder, backend, device, dtype, tasks, limit, model_args, passthrough):
     """The seed's lm_eval command line for one folder (+ --include_path, + the hf backend's device)."""
-    dtype_name = str(dtype).removeprefix("torch.")
     if backend == "vllm":
-        args = f"pretrained={folder},tensor_parallel_size=1,dtype={dtype_name}"
+        args = f"pretrained={folder},tensor_parallel_size=1,dtype={dtype_name(dtype)}"
     else:
-        args = f"pretrained={folder},dtype={dtype_name}"
+        args = f"pretrained={folder},dtype={dtype_name(dtype)}"
     if model_args:
         args += "," + model_args
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", backend, "--model_args", args,
@@ -142,13 +141,7 @@ def run_lm_eval(cmd, folder):
 def label_for(folder):
     """Row name from a merge folder's name: avg -> Average, regmean_0.1 -> RegMean (α=0.1),
     regmeanpp_0.1 -> RegMean++ (α=0.1), anything else as is."""
-    name = Path(folder).name
-    if name == "avg":
-        return "Average"
-    m = re.fullmatch(r"(regmean|regmeanpp)_(.+)", name)
-    if m:
-        return f"{'RegMean++' if m[1] == 'regmeanpp' else 'RegMean'} (α={m[2]})"
-    return name
+    return merge_label(Path(folder).name)
 
 
 def read_results(folder):
@@ -206,7 +199,7 @@ def plot(labels, ticks, values, path):
     write_atomic(path, buf.getvalue())
 
 
-def build_table(rows, columns=SEED_COLUMNS, output_dir="runs/merges", mean_column=False):
+def build_table(rows, columns=SEED_COLUMNS, output_dir=MERGES_DIR, mean_column=False):
     """Write output_dir/results.md and results.png; return the markdown.
 
     rows: [(label, folder)] (a bare folder gets label_for(folder)); scores are read from each
@@ -250,7 +243,7 @@ def main(argv=None):
     parser.add_argument("--backend", choices=["auto", "vllm", "hf"], default="auto", help="lm-eval model backend; auto: vllm when installed and on CUDA, else hf")
     parser.add_argument("--tasks", default=SEED_TASKS, help="comma-separated lm_eval task names or task YAML files")
     parser.add_argument("--limit", type=float, default=None, help="lm_eval --limit: at most N examples per task (a fraction if < 1)")
-    parser.add_argument("--output", default="runs/merges", help="folder for results.md and results.png")
+    parser.add_argument("--output", default=MERGES_DIR, help="folder for results.md and results.png")
     parser.add_argument("--device", default="auto", help="auto|cuda|cpu (the hf backend's device)")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto", help="model dtype; auto: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--model-args", "--model_args", dest="model_args", default="", help="extra key=value,... appended to lm_eval --model_args (e.g. max_model_len=4096)")

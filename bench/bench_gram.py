@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compute_gram import all_reduce_grams, collate, compute_grams  # noqa: E402
+from calibration import collate  # noqa: E402
+from compute_gram import all_reduce_grams, compute_grams  # noqa: E402
 from utils import DTYPES, choose_device  # noqa: E402
 
 
@@ -180,7 +181,7 @@ def compare_processes(args, device, model, token_ids):
 
     import torch.multiprocessing as mp
 
-    from utils import write_safetensors
+    from tensor_io import write_safetensors
 
     num_tokens = sum(map(len, token_ids))
     ours(model, token_ids[: args.batch_size // 4 or 1], args.batch_size)  # warm-up

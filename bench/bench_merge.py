@@ -120,7 +120,7 @@ def prepare(folder, args, layers):
     """Two experts and their grams in both formats under `folder` (skipped when already there)."""
     from transformers import LlamaConfig
 
-    from utils import save_grams
+    from tensor_io import save_grams
 
     done = folder / "done"
     if done.exists():
@@ -267,7 +267,8 @@ def seed_gram_bytes(shapes):
 
 # ----------------------------------------------------------------------------- one 8B layer on a device
 def layer_8b(args):
-    import merge_model
+    import regmean
+    from merging import BLOCK_MB
     from utils import choose_device
 
     device = choose_device(args.device)
@@ -287,13 +288,13 @@ def layer_8b(args):
         weights = {m: [torch.randn(shapes[m], generator=seeded(m, i)).mul_(0.02).to(device) for i in range(NUM_EXPERTS)] for m in modules}
         sync()
         t0 = time.perf_counter()
-        system = merge_model.regmean_factor(grams, args.alpha, [1 / NUM_EXPERTS] * NUM_EXPERTS, device,
-                                            num_rows=sum(shapes[m][0] for m in modules))
+        system = regmean.RegMeanSystem.factor(grams, args.alpha, [1 / NUM_EXPERTS] * NUM_EXPERTS, device,
+                                              num_rows=sum(shapes[m][0] for m in modules))
         for m in modules:
             rows = shapes[m][0]
-            step = max(1, int(merge_model.parse_args(["regmean"]).block_mb * 2**20 // (n * 4)))  # the merge's row blocks
+            step = max(1, int(BLOCK_MB * 2**20 // (n * 4)))  # the merge's row blocks
             for start in range(0, rows, step):
-                merge_model.regmean_solve(system, [w[start:start + step] for w in weights[m]])
+                system.solve([w[start:start + step] for w in weights[m]])
         sync()
         times[key] = time.perf_counter() - t0
         del grams, weights, system
@@ -306,7 +307,7 @@ def layer_8b(args):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    import merge_model
+    from merging import BLOCK_MB
 
     args = parse_args(argv)
     if args.child:
@@ -361,7 +362,7 @@ def main(argv=None):
     f = s["figures"]
     solve_8b = f.get("solve_s", 0) * solve_flops(big) / solve_flops(here)
     io_8b = (f.get("load_s", 0) + f.get("write_s", 0)) * model_bytes(LLAMA3_8B, 2) / model_bytes(shape, 2)
-    block_mb = merge_model.parse_args(["regmean"]).block_mb
+    block_mb = BLOCK_MB
     rss_8b = s["rss_gib"] + (working_set(big, block_mb) - working_set(here, block_mb)) / 2**30
     base_8b = (NUM_EXPERTS * model_bytes(LLAMA3_8B, 4) + NUM_EXPERTS * seed_gram_bytes(big)) / 2**30
     print("\nLlama-3-8B pair (32 layers, hidden 4096, intermediate 14336, vocab 128256), extrapolated:")

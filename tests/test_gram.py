@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from conftest import ROOT, make_rows, save_expert, tiny_qwen2, write_jsonl
-from compute_gram import CHECKPOINT_FILE, Gram, main
-from utils import FORMATS, GRAM_FILE, GramFile, UserError
+from calibration import Gram
+from compute_gram import CHECKPOINT_FILE, main
+from tensor_io import GramFile
+from utils import FORMATS, GRAM_FILE, UserError
 
 MAX_LENGTH = 160  # code rows run 84-246 tokens: some get truncated, the rest need padding
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from conftest import ROOT
-from compute_gram import Gram, checkpoint_path, compute_grams, length_batches, main, split_batches
-from utils import GRAM_FILE, GramFile, UserError, save_grams, write_safetensors
+from calibration import Gram, length_batches, split_batches
+from compute_gram import checkpoint_path, compute_grams, main
+from tensor_io import GramFile, save_grams, write_safetensors
+from utils import GRAM_FILE, UserError
 
 MAX_LENGTH = 160
 BATCH = ("--batch-size", "2")  # the 13 code rows (an odd number): 7 batches, dealt 4 + 3 (or 3 + 4) over 2 processes
@@ -142,7 +144,7 @@ def test_shares_sum_to_the_whole(single, experts, calib_files, num_shares):
     """Summing the sums of every share, as the all-reduce does, gives the one-process gram."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils import format_rows, load_rows, tokenize_texts
+    from calibration import format_rows, load_rows, tokenize_texts
 
     tokenizer = AutoTokenizer.from_pretrained(experts[0])
     token_ids = tokenize_texts(tokenizer, format_rows(load_rows(str(calib_files["code"])), "code", tokenizer), MAX_LENGTH)
@@ -168,7 +170,7 @@ def test_model_dispatched_with_offload(single, experts, calib_files, tmp_path):
     disk (weights on the meta device, brought in by hooks per forward): the grams are the same."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils import format_rows, load_rows, tokenize_texts
+    from calibration import format_rows, load_rows, tokenize_texts
 
     tokenizer = AutoTokenizer.from_pretrained(experts[0])
     token_ids = tokenize_texts(tokenizer, format_rows(load_rows(str(calib_files["code"])), "code", tokenizer), MAX_LENGTH)

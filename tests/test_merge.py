@@ -13,9 +13,12 @@ import torch
 from safetensors import safe_open
 
 from conftest import ROOT, save_expert, tiny_config, tiny_qwen2
-from utils import UserError, format_rows, load_rows, save_grams, tokenize_texts
+from calibration import format_rows, load_rows, tokenize_texts
+from tensor_io import save_grams
+from utils import UserError
 
 import merge_model
+import regmean
 
 # ----------------------------------------------------------------------------- helpers
 def activations(model_dir, calib_file, fmt, tokenizer):
@@ -123,6 +126,7 @@ def test_regmean_matches_float64_reference(experts, calib, expert_tensors, tmp_p
     assert len(report["layers"]) == sum(name.rsplit(".", 1)[0] in calib[0]["grams"] for name in merged)
     assert all(r["residual"] < 1e-3 for r in report["layers"])
     assert report["settings"]["alpha"] == alpha
+    assert "tags:\n- merge\n- regmean\nlibrary_name" in (out / "README.md").read_text()
 
 
 def test_regmean_loss_never_above_average(experts, calib, tmp_path):
@@ -150,7 +154,8 @@ def test_avg_is_exact_mean_and_folder_is_complete(experts, expert_tensors, tmp_p
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "merge_report.json"} <= files
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nbase_model:\n") and "- merge\n- regmean\n" in card and "library_name: transformers" in card
+    assert card.startswith("---\nbase_model:\n") and "library_name: transformers" in card
+    assert "tags:\n- merge\nlibrary_name" in card  # an average is not tagged regmean
     assert f"- {experts[0]}" in card and "merge_model.py avg" in card
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
@@ -274,7 +279,7 @@ def test_solver_accuracy_on_ill_conditioned_grams(out_features):
     ws = [base + 0.05 * torch.randn(out_features, 96, generator=g) for _ in range(2)]
     grams = [spd(96, 1e7, 2), spd(96, 1e7, 3)]
     for alpha, tol in [(1.0, 1e-3), (0.1, 1e-4)]:
-        merged, diag = merge_model.regmean_merge_weight(ws, grams, alpha, [0.5, 0.5])
+        merged, diag = regmean.merge_weight(ws, grams, alpha, [0.5, 0.5])
         ref = reference_regmean(ws, grams, alpha, [0.5, 0.5])
         assert rel(merged, ref) <= tol, (alpha, diag)
         assert diag["residual"] < 1e-3
@@ -285,7 +290,7 @@ def test_solver_falls_back_on_an_indefinite_gram():
     ws = [torch.randn(8, 16, generator=g) for _ in range(2)]
     bad = torch.eye(16)
     bad[3, 3] = -1.0  # not a gram of any data: Cholesky must fail, the eigendecomposition copes
-    merged, diag = merge_model.regmean_merge_weight(ws, [bad, bad], 1.0, [0.5, 0.5])
+    merged, diag = regmean.merge_weight(ws, [bad, bad], 1.0, [0.5, 0.5])
     assert diag["path"] == "eigh64" and torch.isfinite(merged).all()
     torch.testing.assert_close(merged[:, 3], (ws[0][:, 3] + ws[1][:, 3]) / 2)  # no positive curvature: the average
 
@@ -336,7 +341,7 @@ def test_bad_inputs_are_refused_with_nothing_written(experts, calib, base_model,
 
 
 def test_interrupted_merge_leaves_nothing(experts, calib, tmp_path, monkeypatch):
-    solve, calls = merge_model.regmean_solve, []
+    solve, calls = regmean.RegMeanSystem.solve, []
 
     def interrupted(*args):  # the real solver, then an interruption halfway through the layers
         calls.append(1)
@@ -344,7 +349,7 @@ def test_interrupted_merge_leaves_nothing(experts, calib, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return solve(*args)
 
-    monkeypatch.setattr(merge_model, "regmean_solve", interrupted)
+    monkeypatch.setattr(regmean.RegMeanSystem, "solve", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--output-dir", tmp_path / "m")
     assert list(tmp_path.iterdir()) == []

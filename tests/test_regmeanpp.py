@@ -9,7 +9,8 @@ import torch
 
 from conftest import save_expert, tiny_qwen2
 from test_merge import read_folder, rel
-from utils import UserError, format_rows, load_rows, tokenize_texts
+from calibration import format_rows, load_rows, tokenize_texts
+from utils import UserError
 
 import compute_gram
 import merge_model
