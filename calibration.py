@@ -40,7 +40,7 @@ def load_rows(dataset: str, split: str = SPLIT, num_examples: int | None = None)
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"cannot load dataset {str(path)!r} (split {split!r}): {first_line(e)}")
+        raise UserError(f"cannot load dataset {str(path)!r} (split {split!r}): {first_line(e)}") from e
     if not rows:
         raise UserError(f"dataset {str(path)!r} split {split!r} has no rows")
     if num_examples is not None and len(rows) < num_examples:
@@ -68,7 +68,10 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> list[list[in
     enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)
     return enc["input_ids"]
 
-def calibration_tokens(tokenizer, dataset: str, fmt: str, split: str, num_examples: int, max_length: int) -> list[list[int]]:
+
+def calibration_tokens(
+    tokenizer, dataset: str, fmt: str, split: str, num_examples: int, max_length: int
+) -> list[list[int]]:
     """The calibration examples of one expert as token ids: the first num_examples rows of
     `dataset`, rendered with the tokenizer's chat template in format `fmt`, truncated."""
     rows = load_rows(dataset, split, num_examples)
@@ -82,7 +85,7 @@ def load_tokenizer(model_dir):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load a tokenizer from {model_dir}: {first_line(e)}")
+        raise UserError(f"cannot load a tokenizer from {model_dir}: {first_line(e)}") from e
     if not tokenizer.chat_template:
         raise UserError(f"the tokenizer in {model_dir} has no chat template")
     return tokenizer
@@ -93,7 +96,7 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Example indices grouped into batches of similar length, longest first (so that a
     batch too big for memory fails at once, not hours in)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def split_batches(batches: list[list[int]], lengths: list[int], num_shares: int) -> list[list[list[int]]]:
@@ -118,8 +121,8 @@ def collate(token_ids: list[list[int]], batch: list[int], pad_id: int = 0) -> tu
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, i in enumerate(batch):
-        input_ids[row, :len(token_ids[i])] = torch.tensor(token_ids[i])
-        mask[row, :len(token_ids[i])] = 1
+        input_ids[row, : len(token_ids[i])] = torch.tensor(token_ids[i])
+        mask[row, : len(token_ids[i])] = 1
     return input_ids, mask
 
 
@@ -232,7 +235,10 @@ def find_shared_inputs(model: nn.Module, input_ids: torch.Tensor):
         model(input_ids=input_ids, use_cache=False)
     never_called = [name for name in linears if name not in inputs and name not in watch.aliases]
     if never_called:
-        print(f"note: {len(never_called)} linear module(s) never run, no gram for them: {never_called[:4]}", file=sys.stderr)
+        print(
+            f"note: {len(never_called)} linear module(s) never run, no gram for them: {never_called[:4]}",
+            file=sys.stderr,
+        )
     leaders = {name: m for name, m in linears.items() if name in inputs}
     aliases = dict(watch.aliases)
     head = model.get_output_embeddings()
@@ -243,5 +249,6 @@ def find_shared_inputs(model: nn.Module, input_ids: torch.Tensor):
             base_output = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         head_input = inputs[head_name]
         head_reads_base_output = head_input.shape == base_output.shape and torch.allclose(
-            head_input.float(), base_output.to(head_input.device).float(), rtol=1e-3, atol=1e-3)
+            head_input.float(), base_output.to(head_input.device).float(), rtol=1e-3, atol=1e-3
+        )
     return leaders, aliases, head_name, head_reads_base_output

@@ -7,7 +7,7 @@ XᵀX / n of the input of every linear layer (lm_head included), over non-paddin
     python compute_gram.py code --model DIR --dataset rows.jsonl --num-examples 500 \
         --output-dir runs/grams/mine --checkpoint-every 20
     accelerate launch --multi_gpu --num_processes 8 compute_gram.py code   # 8 GPUs, data parallel
-    accelerate launch --multi_gpu --num_processes 2 compute_gram.py code --device-map auto  # 2 copies, each on half the GPUs
+    accelerate launch --multi_gpu --num_processes 2 compute_gram.py code --device-map auto  # 2 copies, half the GPUs
     accelerate launch --multi_gpu --num_processes 2 compute_gram.py toy-code --device cpu     # 2 cpu processes (gloo)
 
 Each row is rendered with the model's chat template (code: instruction/input/output as
@@ -37,6 +37,7 @@ of processes is refused, with a message saying so). The checkpoints are deleted 
 gram.safetensors is written. The gram file and the checkpoints are streamed to disk one
 tensor at a time, so host memory never holds all the grams at once.
 """
+
 import argparse
 import hashlib
 import importlib.util
@@ -50,11 +51,36 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from calibration import (BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT, Gram, calibration_tokens, check_one_row_per_token,
-                         collate, find_shared_inputs, length_batches, load_tokenizer, split_batches)
+from calibration import (
+    BATCH_SIZE,
+    MAX_LENGTH,
+    NUM_EXAMPLES,
+    SPLIT,
+    Gram,
+    calibration_tokens,
+    check_one_row_per_token,
+    collate,
+    find_shared_inputs,
+    length_batches,
+    load_tokenizer,
+    split_batches,
+)
 from tensor_io import save_grams, write_safetensors
-from utils import (FORMATS, GRAM_FILE, PRESETS, Timer, UserError, check_at_least_one, choose_device, choose_dtype, dtype_name,
-                   first_line, peak_memory, resolve_model_dir, run_main)
+from utils import (
+    FORMATS,
+    GRAM_FILE,
+    PRESETS,
+    Timer,
+    UserError,
+    check_at_least_one,
+    choose_device,
+    choose_dtype,
+    dtype_name,
+    first_line,
+    peak_memory,
+    resolve_model_dir,
+    run_main,
+)
 
 CHECKPOINT_FILE = ".gram-checkpoint.safetensors"
 # How long processes wait for each other (torch's nccl default is 10 minutes): after a
@@ -70,16 +96,42 @@ def parse_args(argv=None):
     p.add_argument("--dataset", help="hub id or a .json/.jsonl/.parquet/.csv file (default: the preset's)")
     p.add_argument("--format", choices=sorted(FORMATS), help="row columns -> chat turns (default: the preset's)")
     p.add_argument("--split", default=SPLIT, help="dataset split (hub datasets) (default: %(default)s)")
-    p.add_argument("--num-examples", type=int, default=NUM_EXAMPLES, help="first N rows, unshuffled (default: %(default)s)")
-    p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="truncate each example to this many tokens (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="examples per forward pass (default: %(default)s)")
+    p.add_argument(
+        "--num-examples", type=int, default=NUM_EXAMPLES, help="first N rows, unshuffled (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=MAX_LENGTH,
+        help="truncate each example to this many tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=BATCH_SIZE, help="examples per forward pass (default: %(default)s)"
+    )
     p.add_argument("--output-dir", help="folder for gram.safetensors (default: the preset's)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="save partial sums every K batches (0: never) (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (several processes on cuda: cuda:LOCAL_RANK each) (default: %(default)s)")
-    p.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
-                   help="spread the expert over the visible GPUs (accelerate big-model loading; with several processes, "
-                        "each takes GPUs // processes-per-node of them); cuda only, ignored on cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="model dtype (auto: bfloat16 on cuda, float32 on cpu) (default: %(default)s)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="save partial sums every K batches (0: never) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cuda, cuda:N or cpu (several processes on cuda: cuda:LOCAL_RANK each) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device-map",
+        choices=["auto", "balanced", "balanced_low_0", "sequential"],
+        help="spread the expert over the visible GPUs (accelerate big-model loading; with several processes, "
+        "each takes GPUs // processes-per-node of them); cuda only, ignored on cpu",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="model dtype (auto: bfloat16 on cuda, float32 on cpu) (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     check_at_least_one(num_examples=args.num_examples, max_length=args.max_length, batch_size=args.batch_size)
     if args.checkpoint_every < 0:
@@ -99,16 +151,23 @@ def check_no_foreign_checkpoints(out_dir, num_processes):
     """A checkpoint left by a run with another number of processes covers another split of
     the batches: refuse it rather than silently starting over."""
     ours = {checkpoint_path(out_dir, r, num_processes) for r in range(num_processes)}
-    foreign = sorted(p.name for p in Path(out_dir).glob(CHECKPOINT_FILE.replace(".safetensors", "*.safetensors")) if p not in ours)
+    foreign = sorted(
+        p.name for p in Path(out_dir).glob(CHECKPOINT_FILE.replace(".safetensors", "*.safetensors")) if p not in ours
+    )
     if foreign:
-        raise UserError(f"{out_dir} holds checkpoint(s) of a run with another number of processes ({', '.join(foreign)}); "
-                        f"rerun with that number to resume, or delete them to start over")
+        raise UserError(
+            f"{out_dir} holds checkpoint(s) of a run with another number of processes ({', '.join(foreign)}); "
+            f"rerun with that number to resume, or delete them to start over"
+        )
 
 
 def save_checkpoint(path, grams, batches_done, settings):
     """Partial sums + progress + the run's settings, written atomically, one tensor at a time."""
-    meta = {"settings": json.dumps(settings, sort_keys=True), "batches_done": str(batches_done),
-            "num_rows": json.dumps({k: g.num_rows for k, g in grams.items()})}
+    meta = {
+        "settings": json.dumps(settings, sort_keys=True),
+        "batches_done": str(batches_done),
+        "num_rows": json.dumps({k: g.num_rows for k, g in grams.items()}),
+    }
     write_safetensors(path, {k: g.sum for k, g in grams.items()}, meta)
 
 
@@ -120,8 +179,15 @@ def load_checkpoint(path, grams, settings):
         meta = f.metadata()
         saved = json.loads(meta["settings"])
         if saved != settings:
-            diff = ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in settings if saved.get(k) != settings.get(k))
-            raise UserError(f"{path} was made with other settings ({diff}); rerun with those settings to resume, or delete it to start over")
+            diff = ", ".join(
+                f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now"
+                for k in settings
+                if saved.get(k) != settings.get(k)
+            )
+            raise UserError(
+                f"{path} was made with other settings ({diff}); "
+                "rerun with those settings to resume, or delete it to start over"
+            )
         num_rows = json.loads(meta["num_rows"])
         for key, gram in grams.items():
             gram.sum.copy_(f.get_tensor(key))
@@ -145,8 +211,17 @@ def module_device(module, default):
     return default if device.type == "meta" else device
 
 
-def compute_grams(model, token_ids, batch_size, checkpoint=None, checkpoint_every=0, settings=None, progress=True,
-                  rank=0, num_processes=1):
+def compute_grams(
+    model,
+    token_ids,
+    batch_size,
+    checkpoint=None,
+    checkpoint_every=0,
+    settings=None,
+    progress=True,
+    rank=0,
+    num_processes=1,
+):
     """Accumulate the grams of every distinct linear-layer input of `model` over the
     examples `token_ids` (lists of ids), or over share `rank` of `num_processes` of their
     batches (see split_batches). Each gram lives on its module's device (a model spread
@@ -171,10 +246,15 @@ def compute_grams(model, token_ids, batch_size, checkpoint=None, checkpoint_ever
         def hook(module, args):
             check_one_row_per_token(name, args[0], batch_rows["total"])
             grams[name].add(args[0], batch_rows["index"])
+
         return hook
 
     skip_head = head_reads_base_output  # lm_head fed from the base model's output, no logits
-    hooks = [m.register_forward_pre_hook(accumulate(name)) for name, m in leaders.items() if not (skip_head and name == head_name)]
+    hooks = [
+        m.register_forward_pre_hook(accumulate(name))
+        for name, m in leaders.items()
+        if not (skip_head and name == head_name)
+    ]
     total_tokens = sum(lengths[i] for batch in batches for i in batch)
     done_tokens = sum(len(token_ids[i]) for batch in batches[:start] for i in batch)
     bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="gram", disable=not progress)
@@ -187,14 +267,21 @@ def compute_grams(model, token_ids, batch_size, checkpoint=None, checkpoint_ever
                 batch_rows["total"] = mask.numel()
                 input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
                 if skip_head:
-                    hidden = model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+                    hidden = model.base_model(
+                        input_ids=input_ids, attention_mask=mask, use_cache=False
+                    ).last_hidden_state
                     grams[head_name].add(hidden, batch_rows["index"])
                     del hidden
                 else:
                     model(input_ids=input_ids, attention_mask=mask, use_cache=False)
                 tokens_run += len(batch_rows["index"])
                 bar.update(len(batch_rows["index"]))
-                if checkpoint is not None and checkpoint_every and (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):
+                if (
+                    checkpoint is not None
+                    and checkpoint_every
+                    and (b + 1) % checkpoint_every == 0
+                    and b + 1 < len(batches)
+                ):
                     save_checkpoint(checkpoint, grams, b + 1, settings)
     finally:
         bar.close()
@@ -231,7 +318,10 @@ def rank_placement(device, device_map, state):
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     per_rank = torch.cuda.device_count() // per_node
     if per_rank < 1:
-        raise UserError(f"--device-map with {per_node} processes per node needs at least that many GPUs, found {torch.cuda.device_count()}")
+        raise UserError(
+            f"--device-map with {per_node} processes per node needs at least that many GPUs, "
+            f"found {torch.cuda.device_count()}"
+        )
     gpus = range(state.local_process_index * per_rank, (state.local_process_index + 1) * per_rank)
     torch.cuda.set_device(gpus[0])
     return torch.device("cuda", gpus[0]), {i: torch.cuda.mem_get_info(i)[0] for i in gpus}
@@ -243,11 +333,15 @@ def load_model(model_dir, device, dtype, device_map=None, max_memory=None):
     # flash-attention-2 where installed (cuda only), else PyTorch's sdpa
     attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
     # --device-map: accelerate's big-model loading spreads the layers over the GPUs
-    placement = dict(device_map=device_map, max_memory=max_memory) if device_map and device.type == "cuda" else dict(device_map=str(device))
+    placement = (
+        dict(device_map=device_map, max_memory=max_memory)
+        if device_map and device.type == "cuda"
+        else dict(device_map=str(device))
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn, **placement)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load a causal LM from {model_dir}: {first_line(e)}")
+        raise UserError(f"cannot load a causal LM from {model_dir}: {first_line(e)}") from e
     return model.eval()
 
 
@@ -279,19 +373,38 @@ def main(argv=None):
     model = load_model(model_dir, device, dtype, args.device_map, max_memory)
     if state.is_main_process:
         where = f"{num_processes} processes" if num_processes > 1 else str(device)
-        print(f"{model_spec}: {len(token_ids)} examples of {dataset}, {sum(map(len, token_ids))} tokens, "
-              f"on {where} in {dtype_name(dtype)}", file=sys.stderr)
+        print(
+            f"{model_spec}: {len(token_ids)} examples of {dataset}, {sum(map(len, token_ids))} tokens, "
+            f"on {where} in {dtype_name(dtype)}",
+            file=sys.stderr,
+        )
 
-    provenance = dict(model=model_spec, dataset=dataset, split=args.split, num_examples=len(token_ids),
-                      max_length=args.max_length, format=fmt, dtype=dtype_name(dtype))
+    provenance = dict(
+        model=model_spec,
+        dataset=dataset,
+        split=args.split,
+        num_examples=len(token_ids),
+        max_length=args.max_length,
+        format=fmt,
+        dtype=dtype_name(dtype),
+    )
     # what must match for a checkpoint to resume (batch size and the number of processes fix
     # the batches each process runs)
     settings = provenance | dict(batch_size=args.batch_size, num_processes=num_processes, data=fingerprint(token_ids))
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = checkpoint_path(out_dir, rank, num_processes)
     with timer("gram"):
-        grams, aliases, tokens_run = compute_grams(model, token_ids, args.batch_size, checkpoint, args.checkpoint_every, settings,
-                                                   progress=state.is_main_process, rank=rank, num_processes=num_processes)
+        grams, aliases, tokens_run = compute_grams(
+            model,
+            token_ids,
+            args.batch_size,
+            checkpoint,
+            args.checkpoint_every,
+            settings,
+            progress=state.is_main_process,
+            rank=rank,
+            num_processes=num_processes,
+        )
         del model
         tokens_run = all_reduce_grams(grams, tokens_run)
     num_tokens = sum(map(len, token_ids))
@@ -301,8 +414,11 @@ def main(argv=None):
         for r in range(num_processes):
             checkpoint_path(out_dir, r, num_processes).unlink(missing_ok=True)
         print(f"wrote {path}: {len(grams)} grams ({len(aliases)} aliases), {num_tokens} tokens")
-        print(f"wall {timer.total():.1f} s, {tokens_run} tokens in {timer.phases['gram']:.1f} s ({tokens_run / timer.phases['gram']:.0f} tokens/s)"
-              f"{f' over {num_processes} processes' if num_processes > 1 else ''}, {peak_memory(device)}")
+        print(
+            f"wall {timer.total():.1f} s, {tokens_run} tokens in {timer.phases['gram']:.1f} s "
+            f"({tokens_run / timer.phases['gram']:.0f} tokens/s)"
+            f"{f' over {num_processes} processes' if num_processes > 1 else ''}, {peak_memory(device)}"
+        )
     del grams
     state.wait_for_everyone()  # the others return once the file is in place
     return path

@@ -43,7 +43,12 @@ merged last hidden states. One decoder layer of one expert is in memory at a tim
 states (tokens x hidden per expert) stay on the device, or go to disk above --max-hidden-gb
 (the log and merge_report.json say which). merge_report.json adds each layer's gram figures
 (tokens, trace, mean diagonal, a condition-number bound) per expert.
+
+This file is the command line and the orchestration; the RegMean math is in regmean.py, the
+streaming merge in merging.py, RegMean++ in regmeanpp.py, the shard writer and gram files in
+tensor_io.py.
 """
+
 import argparse
 import json
 import math
@@ -53,15 +58,45 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
-from merging import BLOCK_MB, StreamingMerge, load_experts, linear_modules, merge_tensors, summarize, writer_dtype
-from regmeanpp import CalibrationSettings, HiddenStates, calibration_sets, hidden_budget, merge_regmean_pp
+from merging import BLOCK_MB, StreamingMerge, linear_modules, load_experts, merge_tensors, summarize, writer_dtype
+from regmeanpp import (
+    CalibrationSettings,
+    HiddenStates,
+    calibration_sets,
+    check_supported,
+    hidden_budget,
+    merge_regmean_pp,
+)
 from tensor_io import ST_DTYPES, GramFile, ShardWriter
-from utils import (DTYPES, FORMATS, MERGE_METHODS, MERGES_DIR, PRESETS, Timer, UserError, atomic_dir, check_at_least_one,
-                   check_output_free, choose_device, choose_dtype, dtype_name, merge_dir_name, peak_memory, run_main)
+from utils import (
+    DTYPES,
+    FORMATS,
+    MERGE_METHODS,
+    MERGES_DIR,
+    PRESETS,
+    Timer,
+    UserError,
+    atomic_dir,
+    check_at_least_one,
+    check_output_free,
+    choose_device,
+    choose_dtype,
+    dtype_name,
+    merge_dir_name,
+    peak_memory,
+    run_main,
+)
 
 # Files copied from the last model listed (the seed saved its merge into the math model).
-COPIED_FILES = ["generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-                "vocab.json", "merges.txt", "chat_template*"]
+COPIED_FILES = [
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template*",
+]
 
 
 @dataclass
@@ -92,47 +127,111 @@ class MergeSettings:
 
 def parse_args(argv=None) -> MergeSettings:
     d = MergeSettings("avg")  # the defaults
-    p = argparse.ArgumentParser(description="Merge fine-tuned experts by plain averaging, RegMean or RegMean++, streaming.")
-    p.add_argument("method", choices=list(MERGE_METHODS),
-                   help="avg: weighted mean of every tensor; regmean: RegMean on linear layers, grams from files; "
-                        "regmean++: RegMean layer by layer, grams on the merged model's own hidden states")
-    p.add_argument("--models", nargs="+", default=d.models,
-                   help="preset names, local folders or hub ids, 2 or more; config and tokenizer come from the last "
-                        f"(default: {' '.join(d.models)})")
-    p.add_argument("--grams", nargs="+", default=d.grams,
-                   help="one gram file or folder per model (default: each preset's gram folder)")
-    p.add_argument("--weights", nargs="+", type=float, default=d.weights,
-                   help="per-expert weights, normalized to sum 1 (default: equal)")
-    p.add_argument("--alpha", type=float, default=d.alpha,
-                   help=f"off-diagonal scale of the grams; 1.0 is plain RegMean (default: {d.alpha})")
-    p.add_argument("--datasets", nargs="+", default=d.datasets,
-                   help="regmean++: calibration data, one per model: preset names or .json/.jsonl/.parquet/.csv files "
-                        "or hub ids (default: each preset model's data)")
-    p.add_argument("--formats", nargs="+", choices=sorted(FORMATS), default=d.formats,
-                   help="regmean++: row format of each dataset, or one for all (default: the preset's)")
+    p = argparse.ArgumentParser(
+        description="Merge fine-tuned experts by plain averaging, RegMean or RegMean++, streaming."
+    )
+    p.add_argument(
+        "method",
+        choices=list(MERGE_METHODS),
+        help="avg: weighted mean of every tensor; regmean: RegMean on linear layers, grams from files; "
+        "regmean++: RegMean layer by layer, grams on the merged model's own hidden states",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=d.models,
+        help="preset names, local folders or hub ids, 2 or more; config and tokenizer come from the last "
+        f"(default: {' '.join(d.models)})",
+    )
+    p.add_argument(
+        "--grams",
+        nargs="+",
+        default=d.grams,
+        help="one gram file or folder per model (default: each preset's gram folder)",
+    )
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        type=float,
+        default=d.weights,
+        help="per-expert weights, normalized to sum 1 (default: equal)",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=d.alpha,
+        help=f"off-diagonal scale of the grams; 1.0 is plain RegMean (default: {d.alpha})",
+    )
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        default=d.datasets,
+        help="regmean++: calibration data, one per model: preset names or .json/.jsonl/.parquet/.csv files "
+        "or hub ids (default: each preset model's data)",
+    )
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        choices=sorted(FORMATS),
+        default=d.formats,
+        help="regmean++: row format of each dataset, or one for all (default: the preset's)",
+    )
     p.add_argument("--split", default=d.split, help=f"regmean++: split of hub datasets (default: {d.split})")
-    p.add_argument("--num-examples", type=int, default=d.num_examples,
-                   help=f"regmean++: first N rows of each dataset, unshuffled (default: {d.num_examples})")
-    p.add_argument("--max-length", type=int, default=d.max_length,
-                   help=f"regmean++: truncate each example to this many tokens (default: {d.max_length})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"regmean++: examples per forward pass (default: {d.batch_size})")
-    p.add_argument("--forward-dtype", default=d.forward_dtype, choices=["auto", "bfloat16", "float32"],
-                   help="regmean++: dtype of the forward passes and hidden states (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--max-hidden-gb", type=float, default=d.max_hidden_gb,
-                   help="regmean++: hidden states larger than this go to disk, in the output folder while it is written "
-                        "(default: half the free memory of the device)")
-    p.add_argument("--output-dir", default=d.output_dir,
-                   help="(default: runs/merges/avg, runs/merges/regmean_{alpha} or runs/merges/regmeanpp_{alpha})")
+    p.add_argument(
+        "--num-examples",
+        type=int,
+        default=d.num_examples,
+        help=f"regmean++: first N rows of each dataset, unshuffled (default: {d.num_examples})",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=d.max_length,
+        help=f"regmean++: truncate each example to this many tokens (default: {d.max_length})",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"regmean++: examples per forward pass (default: {d.batch_size})",
+    )
+    p.add_argument(
+        "--forward-dtype",
+        default=d.forward_dtype,
+        choices=["auto", "bfloat16", "float32"],
+        help="regmean++: dtype of the forward passes and hidden states (default: bfloat16 on cuda, float32 on cpu)",
+    )
+    p.add_argument(
+        "--max-hidden-gb",
+        type=float,
+        default=d.max_hidden_gb,
+        help="regmean++: hidden states larger than this go to disk, in the output folder while it is written "
+        "(default: half the free memory of the device)",
+    )
+    p.add_argument(
+        "--output-dir",
+        default=d.output_dir,
+        help="(default: runs/merges/avg, runs/merges/regmean_{alpha} or runs/merges/regmeanpp_{alpha})",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--device", default=d.device,
-                   help="auto, cuda or cpu: where the solves (and regmean++'s forward passes) run (default: auto)")
-    p.add_argument("--dtype", default=d.dtype, choices=["auto", *DTYPES],
-                   help="output dtype (default: auto, the experts' dtype)")
-    p.add_argument("--max-shard-size", default=d.max_shard_size, help=f"size of the output shards (default: {d.max_shard_size})")
-    p.add_argument("--block-mb", type=float, default=d.block_mb,
-                   help="large tensors are merged in blocks of rows of about this many MB per expert, as float32 "
-                        f"(default: {d.block_mb:g})")
+    p.add_argument(
+        "--device",
+        default=d.device,
+        help="auto, cuda or cpu: where the solves (and regmean++'s forward passes) run (default: auto)",
+    )
+    p.add_argument(
+        "--dtype", default=d.dtype, choices=["auto", *DTYPES], help="output dtype (default: auto, the experts' dtype)"
+    )
+    p.add_argument(
+        "--max-shard-size", default=d.max_shard_size, help=f"size of the output shards (default: {d.max_shard_size})"
+    )
+    p.add_argument(
+        "--block-mb",
+        type=float,
+        default=d.block_mb,
+        help="large tensors are merged in blocks of rows of about this many MB per expert, as float32 "
+        f"(default: {d.block_mb:g})",
+    )
     return MergeSettings(**vars(p.parse_args(argv)))
 
 
@@ -172,8 +271,12 @@ def hidden_states_plan(s: MergeSettings, device, forward_dtype, hidden_size: int
     hidden_gib = num_tokens * hidden_size * forward_dtype.itemsize / 2**30
     budget = hidden_budget(device) if s.max_hidden_gb is None else s.max_hidden_gb
     spill = hidden_gib > budget
-    return dict(forward_dtype=dtype_name(forward_dtype), max_hidden_gb=round(budget, 3),
-                hidden_states="disk" if spill else str(device), hidden_gib=round(hidden_gib, 4))
+    return dict(
+        forward_dtype=dtype_name(forward_dtype),
+        max_hidden_gb=round(budget, 3),
+        hidden_states="disk" if spill else str(device),
+        hidden_gib=round(hidden_gib, 4),
+    )
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -186,28 +289,61 @@ def gram_provenance(grams: GramFile) -> dict:
 def write_model_card(out_dir, s: MergeSettings, experts, provenance, coefs, out_dtype, summary, argv):
     """provenance: per expert, where its grams come from (a gram file's, or regmean++'s data); or []."""
     tags = {"avg": [], "regmean": ["regmean"], "regmean++": ["regmean", "regmean-plus-plus"]}[s.method]
-    lines = ["---", "base_model:", *[f"- {e.model_id}" for e in experts], "tags:", "- merge", *[f"- {t}" for t in tags],
-             "library_name: transformers", "---", "", f"# {MERGE_METHODS[s.method][1]} merge of {len(experts)} experts", ""]
-    solve = ("(Σ cᵢ G̃ᵢ + λI) Wᵀ = Σ cᵢ G̃ᵢ Wᵢᵀ + λ W_avgᵀ with G̃ᵢ = α Gᵢ + (1 - α) diag(Gᵢ); "
-             "every other tensor is the weighted mean.")
+    lines = [
+        "---",
+        "base_model:",
+        *[f"- {e.model_id}" for e in experts],
+        "tags:",
+        "- merge",
+        *[f"- {t}" for t in tags],
+        "library_name: transformers",
+        "---",
+        "",
+        f"# {MERGE_METHODS[s.method][1]} merge of {len(experts)} experts",
+        "",
+    ]
+    solve = (
+        "(Σ cᵢ G̃ᵢ + λI) Wᵀ = Σ cᵢ G̃ᵢ Wᵢᵀ + λ W_avgᵀ with G̃ᵢ = α Gᵢ + (1 - α) diag(Gᵢ); "
+        "every other tensor is the weighted mean."
+    )
     if s.method == "regmean":
-        lines += [f"Method: RegMean (Jin et al., ICLR 2023) with alpha = {s.alpha}: each linear layer solves " + solve, ""]
+        lines += [
+            f"Method: RegMean (Jin et al., ICLR 2023) with alpha = {s.alpha}: each linear layer solves " + solve,
+            "",
+        ]
     elif s.method == "regmean++":
-        lines += [f"Method: RegMean++ (Nguyen et al., arXiv 2508.03121) with alpha = {s.alpha}: layer by layer, the gram Gᵢ "
-                  "of a linear layer is taken on expert i's own layer run on the merged model's hidden states (the merged "
-                  "layers before it, on expert i's calibration data); each linear layer then solves " + solve, ""]
+        lines += [
+            f"Method: RegMean++ (Nguyen et al., arXiv 2508.03121) with alpha = {s.alpha}: layer by layer, the gram Gᵢ "
+            "of a linear layer is taken on expert i's own layer run on the merged model's hidden states (the merged "
+            "layers before it, on expert i's calibration data); each linear layer then solves " + solve,
+            "",
+        ]
     else:
         lines += ["Method: the weighted mean of every tensor.", ""]
-    lines += [f"| expert | weight | {'calibration data' if s.method == 'regmean++' else 'gram'} |", "| --- | --- | --- |"]
+    lines += [
+        f"| expert | weight | {'calibration data' if s.method == 'regmean++' else 'gram'} |",
+        "| --- | --- | --- |",
+    ]
     for i, (e, c) in enumerate(zip(experts, coefs)):
         gram = "-" if not provenance else ", ".join(f"{k}: {v}" for k, v in provenance[i].items())
         lines.append(f"| {e.model_id} | {c:.4g} | {gram} |")
-    lines += ["", f"Output dtype: {dtype_name(out_dtype)}. Config, generation config and tokenizer "
-              f"from {experts[-1].model_id}.", ""]
+    lines += [
+        "",
+        f"Output dtype: {dtype_name(out_dtype)}. Config, generation config and tokenizer from {experts[-1].model_id}.",
+        "",
+    ]
     if summary:
         lines += [f"Solver: {summary}", ""]
-    lines += ["Command:", "", "```", "python merge_model.py " + " ".join(argv), "```", "",
-              "Details per layer are in merge_report.json.", ""]
+    lines += [
+        "Command:",
+        "",
+        "```",
+        "python merge_model.py " + " ".join(argv),
+        "```",
+        "",
+        "Details per layer are in merge_report.json.",
+        "",
+    ]
     (out_dir / "README.md").write_text("\n".join(lines))
 
 
@@ -248,6 +384,7 @@ def main(argv=None):
             linear = linear_modules(experts[0].infos, gram_files)
             provenance = [gram_provenance(g) for g in gram_files]
         elif pp:
+            check_supported(experts[0].config.get("model_type"))
             calib_settings = CalibrationSettings(s.split, s.num_examples, s.max_length, s.batch_size)
             calib = calibration_sets(experts, s.datasets, s.formats, calib_settings)
             provenance = [c.provenance for c in calib]
@@ -255,9 +392,15 @@ def main(argv=None):
     float_dtypes = [ST_DTYPES[d] for _, d in experts[-1].infos.values() if ST_DTYPES[d].is_floating_point]
     out_dtype = choose_dtype(s.dtype, device, default=max(set(float_dtypes), key=float_dtypes.count))
     plan = {name: (shape, writer_dtype(out_dtype, st_dtype)) for name, (shape, st_dtype) in infos.items()}
-    what = {"avg": "all by the mean", "regmean": f"{len(linear)} by RegMean", "regmean++": "linear layers by RegMean++"}[s.method]
-    print(f"merging {len(s.models)} models ({', '.join(str(e.dir) for e in experts)}) by {s.method}: "
-          f"{len(infos)} tensors, {what}, on {device}, output {dtype_name(out_dtype)} -> {out_dir}")
+    what = {
+        "avg": "all by the mean",
+        "regmean": f"{len(linear)} by RegMean",
+        "regmean++": "linear layers by RegMean++",
+    }[s.method]
+    print(
+        f"merging {len(s.models)} models ({', '.join(str(e.dir) for e in experts)}) by {s.method}: "
+        f"{len(infos)} tensors, {what}, on {device}, output {dtype_name(out_dtype)} -> {out_dir}"
+    )
     extra_settings = {}
     if pp:
         forward_dtype = choose_dtype(s.forward_dtype, device)
@@ -266,8 +409,10 @@ def main(argv=None):
         spill = extra_settings["hidden_states"] == "disk"
         hidden_gib, budget = extra_settings["hidden_gib"], extra_settings["max_hidden_gb"]
         where = f"on disk (over the {budget:.3g} GiB budget)" if spill else f"on {device} (budget {budget:.3g} GiB)"
-        print(f"regmean++: {num_tokens} calibration tokens ({', '.join(str(c.num_tokens) for c in calib)}); their hidden "
-              f"states ({hidden_gib:.3g} GiB, {extra_settings['forward_dtype']}) kept {where}")
+        print(
+            f"regmean++: {num_tokens} calibration tokens ({', '.join(str(c.num_tokens) for c in calib)}); their hidden "
+            f"states ({hidden_gib:.3g} GiB, {extra_settings['forward_dtype']}) kept {where}"
+        )
 
     with atomic_dir(out_dir, overwrite=s.overwrite) as tmp:
         writer = ShardWriter(tmp, plan, s.max_shard_size)
@@ -288,22 +433,44 @@ def main(argv=None):
             copy_side_files(experts[-1].dir, tmp, out_dtype)
             write_model_card(tmp, s, experts, provenance, coefs, out_dtype, summary, argv)
             total_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in plan.values())
-            figures = dict(wall_s=round(timer.total(), 3), **{f"{k}_s": round(v, 3) for k, v in timer.phases.items()},
-                           peak_memory=peak_memory(device), output_bytes=total_bytes)
+            figures = dict(
+                wall_s=round(timer.total(), 3),
+                **{f"{k}_s": round(v, 3) for k, v in timer.phases.items()},
+                peak_memory=peak_memory(device),
+                output_bytes=total_bytes,
+            )
             if pp:
                 figures.update(calibration_tokens=num_tokens, seconds_per_token=timer.total() / num_tokens)
-            settings = dict(asdict(s), weights=weights, output_dir=str(out_dir), device=str(device),
-                            dtype=dtype_name(out_dtype), **extra_settings)
-            merge_report = dict(settings=settings, command="python merge_model.py " + " ".join(argv),
-                                experts=[dict(model=e.model_id, dir=str(e.dir), weight=c) for e, c in zip(experts, coefs)],
-                                grams=provenance, summary=summary, figures=figures, layers=report)
+            settings = dict(
+                asdict(s),
+                weights=weights,
+                output_dir=str(out_dir),
+                device=str(device),
+                dtype=dtype_name(out_dtype),
+                **extra_settings,
+            )
+            merge_report = dict(
+                settings=settings,
+                command="python merge_model.py " + " ".join(argv),
+                experts=[dict(model=e.model_id, dir=str(e.dir), weight=c) for e, c in zip(experts, coefs)],
+                grams=provenance,
+                summary=summary,
+                figures=figures,
+                layers=report,
+            )
             (tmp / "merge_report.json").write_text(json.dumps(merge_report, indent=2) + "\n")
     if summary:
         print(f"{s.method}: {summary}")
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in timer.phases.items())
-    rate = f"{num_tokens / timer.phases.get('forward', 1e-9):.0f} calibration tokens/s in the forward passes; " if pp else ""
-    print(f"done in {timer.total():.1f}s ({phases}); {rate}{total_bytes / 2**30 / max(timer.total(), 1e-9):.2f} GiB/s "
-          f"written; {peak_memory(device)} -> {out_dir}")
+    rate = (
+        f"{num_tokens / timer.phases.get('forward', 1e-9):.0f} calibration tokens/s in the forward passes; "
+        if pp
+        else ""
+    )
+    print(
+        f"done in {timer.total():.1f}s ({phases}); {rate}{total_bytes / 2**30 / max(timer.total(), 1e-9):.2f} GiB/s "
+        f"written; {peak_memory(device)} -> {out_dir}"
+    )
     return out_dir
 
 

@@ -55,14 +55,21 @@ def load_experts(specs: list[str]) -> list[Expert]:
     for e in experts[1:]:
         for key in ("model_type", "architectures"):
             if e.config.get(key) != first.config.get(key):
-                raise UserError(f"models differ in {key}: {first.dir} has {first.config.get(key)}, {e.dir} has {e.config.get(key)}")
+                raise UserError(
+                    f"models differ in {key}: {first.dir} has {first.config.get(key)}, {e.dir} has {e.config.get(key)}"
+                )
         names, other = set(first.infos), set(e.infos)
         if names != other:
             name = sorted(names ^ other)[0]
-            raise UserError(f"tensor {name} is in {first.dir if name in names else e.dir} only; all models must have the same tensors")
+            raise UserError(
+                f"tensor {name} is in {first.dir if name in names else e.dir} only; "
+                "all models must have the same tensors"
+            )
         for name, (shape, _) in first.infos.items():
             if e.infos[name][0] != shape:
-                raise UserError(f"tensor {name} has shape {list(shape)} in {first.dir} but {list(e.infos[name][0])} in {e.dir}")
+                raise UserError(
+                    f"tensor {name} has shape {list(shape)} in {first.dir} but {list(e.infos[name][0])} in {e.dir}"
+                )
     return experts
 
 
@@ -81,7 +88,9 @@ def linear_modules(infos: dict, gram_files: list[GramFile]) -> dict[str, int]:
             if module not in grams:
                 raise UserError(f"{grams.path} has no gram for {module} (other gram files have one)")
             if grams.shape(module) != (n, n):
-                raise UserError(f"{grams.path}: gram of {module} has shape {list(grams.shape(module))}, expected [{n}, {n}]")
+                raise UserError(
+                    f"{grams.path}: gram of {module} has shape {list(grams.shape(module))}, expected [{n}, {n}]"
+                )
         keys = sorted({grams.key_of[m] for m in linear})
         for key in tqdm(keys, desc=f"checking {grams.path.name}", leave=False, disable=len(keys) < 50):
             if not torch.isfinite(grams.get(key)).all():
@@ -108,8 +117,12 @@ def gram_stats(gram: Tensor, tokens: int | None) -> dict:
     """Figures of one expert's gram for the report: its tokens, trace, mean diagonal and
     max/min diagonal (a lower bound of the condition number, free to compute)."""
     d = gram.diagonal().double()
-    return dict(tokens=tokens, trace=d.sum().item(), mean_diag=d.mean().item(),
-                cond_lower_bound=(d.max() / d.min()).item() if d.min() > 0 else float("inf"))
+    return dict(
+        tokens=tokens,
+        trace=d.sum().item(),
+        mean_diag=d.mean().item(),
+        cond_lower_bound=(d.max() / d.min()).item() if d.min() > 0 else float("inf"),
+    )
 
 
 @dataclass
@@ -148,8 +161,9 @@ class StreamingMerge:
             return kept[0] if len(kept) == 1 else torch.cat(kept)
         return None
 
-    def linear_group(self, members: list[str], grams: list[Tensor], tokens: list[int | None],
-                     keep: bool = False) -> tuple[list[dict], dict[str, Tensor]]:
+    def linear_group(
+        self, members: list[str], grams: list[Tensor], tokens: list[int | None], keep: bool = False
+    ) -> tuple[list[dict], dict[str, Tensor]]:
         """RegMean merge of the linear weights `members` that read one input (q/k/v, gate/up, or one
         layer alone) on one factorization of their system. grams: each expert's gram of that input;
         tokens: how many tokens each gram saw (None where unknown). Returns one report row per
@@ -158,8 +172,9 @@ class StreamingMerge:
         t0 = time.perf_counter()
         stats = [gram_stats(g, n) for g, n in zip(grams, tokens)]
         with self.timer("solve"):
-            system = RegMeanSystem.factor(grams, self.alpha, self.coefs, self.device,
-                                          num_rows=sum(infos[m][0][0] for m in members))
+            system = RegMeanSystem.factor(
+                grams, self.alpha, self.coefs, self.device, num_rows=sum(infos[m][0][0] for m in members)
+            )
         factor_s = time.perf_counter() - t0
         report, kept = [], {}
         for member in members:
@@ -167,7 +182,9 @@ class StreamingMerge:
             worst_residual, worst_error, blocks_out = 0.0, 0.0, []
             for rows in row_blocks(infos[member][0], self.block_mb):
                 with self.timer("load"):
-                    blocks = [read_tensor(e.files[member], member, rows).to(self.device, torch.float32) for e in self.experts]
+                    blocks = [
+                        read_tensor(e.files[member], member, rows).to(self.device, torch.float32) for e in self.experts
+                    ]
                 with self.timer("solve"):
                     merged, residual, error = system.solve(blocks)
                     merged = merged.to(self.out_dtype)
@@ -178,14 +195,26 @@ class StreamingMerge:
                     blocks_out.append(merged)
             if keep:
                 kept[member] = torch.cat(blocks_out)
-            report.append(dict(tensor=member, n=system.n, path=system.path, ridge=system.ridge, probe_error=system.probe_error,
-                               residual=worst_residual, error_estimate=worst_error,
-                               seconds=round(time.perf_counter() - t0 + factor_s, 4), grams=stats))
+            report.append(
+                dict(
+                    tensor=member,
+                    n=system.n,
+                    path=system.path,
+                    ridge=system.ridge,
+                    probe_error=system.probe_error,
+                    residual=worst_residual,
+                    error_estimate=worst_error,
+                    seconds=round(time.perf_counter() - t0 + factor_s, 4),
+                    grams=stats,
+                )
+            )
             factor_s = 0.0  # the factorization is counted once, with the first layer of its group
         return report, kept
 
 
-def merge_tensors(merge: StreamingMerge, gram_files: list[GramFile], linear: dict[str, int], desc: str = "merge") -> list[dict]:
+def merge_tensors(
+    merge: StreamingMerge, gram_files: list[GramFile], linear: dict[str, int], desc: str = "merge"
+) -> list[dict]:
     """Merge every tensor into the shards, one tensor (or block of rows) at a time: the linear
     layers in `linear` by RegMean on the grams of `gram_files` (those that share an input
     together, on one factorization), every other tensor by the weighted mean. Returns per-layer
@@ -226,6 +255,9 @@ def summarize(report: list[dict]) -> str:
     paths = {}
     for r in report:
         paths[r["path"]] = paths.get(r["path"], 0) + 1
-    return (f"{len(report)} linear layers; paths " + ", ".join(f"{k} {v}" for k, v in sorted(paths.items()))
-            + f"; max relative residual {max(r['residual'] for r in report):.2e}"
-            + f"; max estimated relative error {max(r['error_estimate'] for r in report):.2e}")
+    return (
+        f"{len(report)} linear layers; paths "
+        + ", ".join(f"{k} {v}" for k, v in sorted(paths.items()))
+        + f"; max relative residual {max(r['residual'] for r in report):.2e}"
+        + f"; max estimated relative error {max(r['error_estimate'] for r in report):.2e}"
+    )

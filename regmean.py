@@ -61,8 +61,14 @@ class RegMeanSystem:
         return self.grams[0].shape[0]
 
     @classmethod
-    def factor(cls, grams: list[Tensor], alpha: float, coefs: list[float], device: torch.device | str = "cpu",
-               num_rows: int | None = None) -> "RegMeanSystem":
+    def factor(
+        cls,
+        grams: list[Tensor],
+        alpha: float,
+        coefs: list[float],
+        device: torch.device | str = "cpu",
+        num_rows: int | None = None,
+    ) -> "RegMeanSystem":
         """Factor the system of one input. grams: one [in, in] gram per expert; coefs: the
         experts' normalized weights; num_rows: how many output rows will be solved with it.
 
@@ -175,11 +181,18 @@ class RegMeanSystem:
         return merged, residual, error
 
 
-def merge_weight(expert_weights: list[Tensor], grams: list[Tensor], alpha: float, coefs: list[float],
-                 device: torch.device | str = "cpu") -> tuple[Tensor, dict]:
+def merge_weight(
+    expert_weights: list[Tensor],
+    grams: list[Tensor],
+    alpha: float,
+    coefs: list[float],
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, dict]:
     """The RegMean merge of one linear weight: the experts' weights ([out, in]), their grams
     ([in, in]), alpha and normalized weights -> merged weight (float32) and diagnostics
     (residual, error, path, ridge, probe_error)."""
     system = RegMeanSystem.factor(grams, alpha, coefs, device, num_rows=expert_weights[0].shape[0])
     merged, residual, error = system.solve([w.to(device, torch.float32) for w in expert_weights])
-    return merged, dict(residual=residual, error=error, path=system.path, ridge=system.ridge, probe_error=system.probe_error)
+    return merged, dict(
+        residual=residual, error=error, path=system.path, ridge=system.ridge, probe_error=system.probe_error
+    )

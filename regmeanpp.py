@@ -24,14 +24,31 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT, Gram, LinearInputs, calibration_tokens
-from calibration import check_one_row_per_token, collate, length_batches, load_tokenizer
+from calibration import (
+    BATCH_SIZE,
+    MAX_LENGTH,
+    NUM_EXAMPLES,
+    SPLIT,
+    Gram,
+    LinearInputs,
+    calibration_tokens,
+    check_one_row_per_token,
+    collate,
+    length_batches,
+    load_tokenizer,
+)
 from merging import Expert, StreamingMerge
 from tensor_io import read_tensor
 from utils import FORMATS, PRESETS, UserError
 
 # model_type -> scale of the input embeddings (Gemma multiplies them by √hidden, in the model's dtype)
 SUPPORTED = {"llama": None, "mistral": None, "qwen2": None, "gemma": "sqrt_hidden"}
+
+
+def check_supported(model_type: str) -> None:
+    """Refuse, before any work, a model type whose steps DecoderAdapter does not know."""
+    if model_type not in SUPPORTED:
+        raise UserError(f"regmean++ supports model types {', '.join(SUPPORTED)}; not {model_type}")
 
 
 # ----------------------------------------------------------------------------- calibration data
@@ -56,8 +73,9 @@ class CalibrationSet:
         return self.provenance["num_tokens"]
 
 
-def calibration_sets(experts: list[Expert], datasets: list[str] | None, formats: list[str] | None,
-                     settings: CalibrationSettings) -> list[CalibrationSet]:
+def calibration_sets(
+    experts: list[Expert], datasets: list[str] | None, formats: list[str] | None, settings: CalibrationSettings
+) -> list[CalibrationSet]:
     """Each expert's calibration examples as token ids (rendered and tokenized as compute_gram.py
     does, with the expert's own tokenizer), all checked before any model is loaded."""
     if datasets is None:
@@ -83,9 +101,19 @@ def calibration_sets(experts: list[Expert], datasets: list[str] | None, formats:
         for batch in length_batches(lengths, s.batch_size):
             input_ids, mask = collate(token_ids, batch)
             batches.append((input_ids, mask, mask.flatten().nonzero().squeeze(1)))
-        sets.append(CalibrationSet(batches, dict(
-            dataset=PRESETS[dataset]["dataset"] if dataset in PRESETS else dataset, format=fmt, split=s.split,
-            num_examples=len(token_ids), max_length=s.max_length, num_tokens=sum(lengths))))
+        sets.append(
+            CalibrationSet(
+                batches,
+                dict(
+                    dataset=PRESETS[dataset]["dataset"] if dataset in PRESETS else dataset,
+                    format=fmt,
+                    split=s.split,
+                    num_examples=len(token_ids),
+                    max_length=s.max_length,
+                    num_tokens=sum(lengths),
+                ),
+            )
+        )
     return sets
 
 
@@ -122,16 +150,24 @@ def hidden_budget(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------- the model-specific steps
-def load_module(template: nn.Module, prefix: str, device, dtype, expert: Expert | None = None,
-                tensors: dict[str, Tensor] | None = None) -> nn.Module:
+def load_module(
+    template: nn.Module,
+    prefix: str,
+    device,
+    dtype,
+    expert: Expert | None = None,
+    tensors: dict[str, Tensor] | None = None,
+) -> nn.Module:
     """A real copy of the meta-device module `template` whose tensors (`prefix`.*) come from an
     expert's checkpoint, or from `tensors` {name: tensor}."""
     module = copy.deepcopy(template).to_empty(device=device)
     state = module.state_dict()
     unset = set(dict(module.named_buffers())) - set(state)
     if unset:  # a buffer the checkpoint does not hold would stay uninitialized
-        raise UserError(f"{prefix} has buffers that are not saved in the checkpoint ({sorted(unset)[0]}): "
-                        "regmean++ does not support this architecture")
+        raise UserError(
+            f"{prefix} has buffers that are not saved in the checkpoint ({sorted(unset)[0]}): "
+            "regmean++ does not support this architecture"
+        )
     for key in state:
         name = f"{prefix}.{key}"
         state[key] = (tensors[name] if tensors is not None else read_tensor(expert.files[name], name)).to(device, dtype)
@@ -147,8 +183,7 @@ class DecoderAdapter:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(config_dir)
-        if config.model_type not in SUPPORTED:
-            raise UserError(f"regmean++ supports model types {', '.join(SUPPORTED)}; not {config.model_type}")
+        check_supported(config.model_type)
         with torch.device("meta"):  # the architecture without weights: modules to copy, names
             skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype)
         self.config, base = skeleton.config, skeleton.base_model
@@ -180,7 +215,9 @@ class DecoderAdapter:
             x = x * torch.tensor(self.embed_scale, device=x.device).to(weight.dtype)
         return x
 
-    def load_layer(self, index: int, expert: Expert | None = None, tensors: dict[str, Tensor] | None = None) -> nn.Module:
+    def load_layer(
+        self, index: int, expert: Expert | None = None, tensors: dict[str, Tensor] | None = None
+    ) -> nn.Module:
         return load_module(self.layers[index], self.layer_prefix(index), self.device, self.dtype, expert, tensors)
 
     def load_norm(self, expert: Expert) -> nn.Module:
@@ -198,9 +235,16 @@ class DecoderAdapter:
             sliding = getattr(self.config, "sliding_window", None) is not None
         position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
         make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
-        mask = make_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
-                         position_ids=position_ids)
-        return dict(attention_mask=mask, position_ids=position_ids, position_embeddings=self.rotary(hidden, position_ids))
+        mask = make_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            cache=None,
+            position_ids=position_ids,
+        )
+        return dict(
+            attention_mask=mask, position_ids=position_ids, position_embeddings=self.rotary(hidden, position_ids)
+        )
 
     def run_layer(self, layer: nn.Module, index: int, packed: Tensor, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         """One decoder layer on one batch of packed hidden states -> packed outputs (real tokens
@@ -237,8 +281,9 @@ def layer_grams(layer: nn.Module, run_batch, batches: list, aliases: dict[str, s
     return grams
 
 
-def merge_regmean_pp(merge: StreamingMerge, calib: list[CalibrationSet], forward_dtype: torch.dtype,
-                     states: HiddenStates) -> list[dict]:
+def merge_regmean_pp(
+    merge: StreamingMerge, calib: list[CalibrationSet], forward_dtype: torch.dtype, states: HiddenStates
+) -> list[dict]:
     """RegMean++ layer by layer into merge.writer (see the module docstring). Returns the report rows."""
     experts, device, timer = merge.experts, merge.device, merge.timer
     model = DecoderAdapter(experts[-1].dir, experts[0].infos, device, forward_dtype)
@@ -266,7 +311,8 @@ def merge_regmean_pp(merge: StreamingMerge, calib: list[CalibrationSet], forward
             with timer("load"):
                 layer = model.load_layer(l, expert=e)
             with timer("forward"), torch.no_grad():  # no_grad, not inference_mode: version counters tell shared inputs
-                def run_batch(b, layer=layer, i=i):
+
+                def run_batch(b, layer=layer, i=i, l=l):
                     return model.run_layer(layer, l, states.get((i, b)), calib[i].batches[b])
 
                 grams.append(layer_grams(layer, run_batch, calib[i].batches, aliases, device))

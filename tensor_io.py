@@ -15,9 +15,18 @@ import torch
 from utils import GRAM_FILE, SEED_GRAM_FILE, UserError, first_line
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, format section)
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 ST_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}  # "BF16" -> torch.bfloat16
 
 
@@ -65,7 +74,7 @@ def read_tensor(file, name, rows=None):
     with safe_open(file, "pt") as f:
         if rows is None:
             return f.get_tensor(name)
-        return f.get_slice(name)[rows[0]:rows[1]]
+        return f.get_slice(name)[rows[0] : rows[1]]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -76,7 +85,11 @@ def safetensors_header(specs, metadata=None):
     header, spans, offset = {}, {}, 0
     for name, (shape, dtype) in specs.items():
         size = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         spans[name] = (offset, offset + size)
         offset += size
     if metadata:
@@ -120,7 +133,7 @@ class ShardWriter:
         try:
             self.split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
         except ValueError as e:
-            raise UserError(f"--max-shard-size {max_shard_size!r}: {e}")
+            raise UserError(f"--max-shard-size {max_shard_size!r}: {e}") from e
         self.where = {}  # tensor name -> (fd, byte offset of its data, bytes per row, total bytes)
         self.fds, self.written = [], {}
         for filename, names in self.split.filename_to_tensors.items():
@@ -155,7 +168,9 @@ class ShardWriter:
             raise RuntimeError(f"tensor {short[0]} was not written completely")
         if self.split.is_sharded:
             index = dict(metadata=self.split.metadata, weight_map=self.split.tensor_to_filename)
-            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (self.out_dir / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2, sort_keys=True) + "\n"
+            )
 
 
 # ----------------------------------------------------------------------------- gram files
@@ -167,7 +182,9 @@ def save_grams(path, grams, aliases, num_tokens, provenance):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {k: str(v) for k, v in provenance.items()}
-    metadata.update(num_tokens=str(int(num_tokens)), aliases=json.dumps(aliases, sort_keys=True), format="regmean-gram-v1")
+    metadata.update(
+        num_tokens=str(int(num_tokens)), aliases=json.dumps(aliases, sort_keys=True), format="regmean-gram-v1"
+    )
     write_safetensors(path, grams, metadata, dtype=torch.float32)
 
 
@@ -203,9 +220,13 @@ def load_seed_pickle(path):
         with open(path, "rb") as f:
             head = f.read(4)
             f.seek(0)
-            obj = torch.load(f, weights_only=True, map_location="cpu") if head == b"PK\x03\x04" else _TensorsOnlyUnpickler(f).load()
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise UserError(f"{path}: not a gram pickle ({first_line(e)})")
+            obj = (
+                torch.load(f, weights_only=True, map_location="cpu")
+                if head == b"PK\x03\x04"
+                else _TensorsOnlyUnpickler(f).load()
+            )
+    except (pickle.UnpicklingError, RuntimeError, EOFError, TypeError, ValueError) as e:  # malformed: one line
+        raise UserError(f"{path}: not a gram pickle ({first_line(e)})") from e
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: expected a dict of module name -> tensor")
     return obj

@@ -120,9 +120,11 @@ def resolve_model_dir(name_or_path):
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+        return Path(
+            snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+        )
     except Exception as e:  # offline, missing repo, no access: one line, not a traceback
-        raise UserError(f"cannot get model {spec!r} from the hub: {first_line(e)}")
+        raise UserError(f"cannot get model {spec!r} from the hub: {first_line(e)}") from e
 
 
 # ----------------------------------------------------------------------------- output folders

