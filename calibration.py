@@ -78,7 +78,7 @@ def calibration_tokens(
     return tokenize_texts(tokenizer, format_rows(rows, fmt, tokenizer), max_length)
 
 
-def load_tokenizer(model_dir):
+def load_tokenizer(model_dir: str | Path):
     """The tokenizer of a model folder, which must have a chat template (the rows are rendered with it)."""
     from transformers import AutoTokenizer
 
@@ -135,14 +135,14 @@ class Gram:
     full product's flops. `result()` mirrors the upper triangle once, at the end.
     """
 
-    def __init__(self, dim, device, blocks=None):
+    def __init__(self, dim: int, device: torch.device | str, blocks: int | None = None):
         self.sum = torch.zeros(dim, dim, dtype=torch.float32, device=device)
         self.num_rows = 0
         # Narrow blocks make slow GEMMs: about 256 columns or more each, at most 8 blocks.
         blocks = blocks or min(8, max(1, dim // 256))
         self.edges = [round(i * dim / blocks) for i in range(blocks + 1)]
 
-    def add(self, x, rows=None):
+    def add(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """x: [..., dim], on any device (it is moved to the gram's). rows: which rows of
         x.reshape(-1, dim) to use, as indices or as a bool mask shaped like x.shape[:-1]
         (None: all of them)."""
@@ -164,7 +164,7 @@ class Gram:
             torch.backends.cuda.matmul.allow_tf32 = allowed
         self.num_rows += x.shape[0]
 
-    def result(self):
+    def result(self) -> torch.Tensor:
         """ΣXᵀX / num_rows as a full symmetric float32 matrix, made in place on the gram's
         device (the running sum becomes the result: call it once, at the end)."""
         upper = self.sum.triu_()

@@ -31,7 +31,7 @@ ST_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}  # "BF16
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def checkpoint_files(model_dir):
+def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
     """{tensor name: safetensors file} of a checkpoint folder (one file, or shards with an index)."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
@@ -50,7 +50,7 @@ def checkpoint_files(model_dir):
     return out
 
 
-def tensor_infos(files):
+def tensor_infos(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
     """{tensor name: (shape tuple, safetensors dtype string)} without reading any data."""
     from safetensors import safe_open
 
@@ -66,7 +66,7 @@ def tensor_infos(files):
     return infos
 
 
-def read_tensor(file, name, rows=None):
+def read_tensor(file: str | Path, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """One tensor (or rows[0]:rows[1] of it) from a safetensors file. The file is opened and
     closed per read so that its pages do not stay resident for the whole run."""
     from safetensors import safe_open
@@ -78,7 +78,9 @@ def read_tensor(file, name, rows=None):
 
 
 # ----------------------------------------------------------------------------- writing
-def safetensors_header(specs, metadata=None):
+def safetensors_header(
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]], metadata: dict | None = None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """Lay out a .safetensors file from shapes alone: specs {name: (shape, torch dtype)} in file
     order -> (the bytes before the data: 8-byte little-endian length + JSON header padded so the
     data starts 8-byte aligned, {name: (first byte, end byte) within the data})."""
@@ -99,7 +101,9 @@ def safetensors_header(specs, metadata=None):
     return len(blob).to_bytes(8, "little") + blob, spans
 
 
-def write_safetensors(path, tensors, metadata=None, dtype=None):
+def write_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None, dtype: torch.dtype | None = None
+) -> None:
     """Write {name: tensor} as a .safetensors file, one tensor at a time: the header is laid out
     first from the shapes alone, then each tensor is copied to the host (cast to `dtype` when
     given) and appended. Host memory holds one tensor at a time, whatever device the tensors
@@ -125,7 +129,7 @@ class ShardWriter:
     merged: nothing waits in memory for a shard to fill. The sharding and the index follow
     huggingface_hub's split_torch_state_dict_into_shards."""
 
-    def __init__(self, out_dir, plan, max_shard_size):
+    def __init__(self, out_dir: str | Path, plan: dict[str, tuple[tuple[int, ...], torch.dtype]], max_shard_size: str):
         from huggingface_hub import split_torch_state_dict_into_shards
 
         self.out_dir = Path(out_dir)
@@ -148,19 +152,19 @@ class ShardWriter:
                 self.where[name] = (fd, len(head) + begin, row_bytes, end - begin)
                 self.written[name] = 0
 
-    def write(self, name, tensor, row=0):
+    def write(self, name: str, tensor: torch.Tensor, row: int = 0) -> None:
         """Write `tensor` (already in the planned dtype) as rows row.. of tensor `name`."""
         fd, start, row_bytes, _ = self.where[name]
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         os.pwrite(fd, memoryview(data), start + row * row_bytes)
         self.written[name] += data.nbytes
 
-    def close(self):
+    def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
 
-    def finish(self):
+    def finish(self) -> None:
         """Close the shards, check that every byte was written, and write the index."""
         self.close()
         short = [n for n, (_, _, _, size) in self.where.items() if self.written[n] != size]
@@ -174,7 +178,9 @@ class ShardWriter:
 
 
 # ----------------------------------------------------------------------------- gram files
-def save_grams(path, grams, aliases, num_tokens, provenance):
+def save_grams(
+    path: str | Path, grams: dict[str, torch.Tensor], aliases: dict[str, str], num_tokens: int, provenance: dict
+) -> None:
     """Write gram.safetensors atomically: `grams` {stored key: [in, in] sum / num_tokens} on
     any device(s), `aliases` {other module: stored key}, provenance {str: str}. The grams are
     streamed to disk one at a time as float32 (a Llama-3-8B's 32 GB never sit in host memory
@@ -213,7 +219,7 @@ class _TensorsOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a gram pickle holds tensors only")
 
 
-def load_seed_pickle(path):
+def load_seed_pickle(path: str | Path) -> dict[str, torch.Tensor]:
     """The seed's gram.pkl ({module: float32 [in, in]}) through the restricted unpickler.
     A torch.save zip archive under that name goes through torch.load(weights_only=True)."""
     try:
@@ -241,7 +247,7 @@ class GramFile:
         grams.get("model.layers.0.self_attn.k_proj")  # float32 [in, in]
     """
 
-    def __init__(self, path):
+    def __init__(self, path: str | Path):
         path = Path(path)
         if path.is_dir():
             path = path / GRAM_FILE if (path / GRAM_FILE).exists() else path / SEED_GRAM_FILE
@@ -262,19 +268,19 @@ class GramFile:
             self.metadata = {"format": "seed-pickle"}
             self.key_of = {k: k for k in self._tensors}
 
-    def modules(self):
+    def modules(self) -> list[str]:
         return list(self.key_of)
 
-    def __contains__(self, module):
+    def __contains__(self, module: str) -> bool:
         return module in self.key_of
 
-    def get(self, module):
+    def get(self, module: str) -> torch.Tensor:
         key = self.key_of[module]
         if self._tensors is not None:
             return self._tensors[key].to(torch.float32)
         return read_tensor(self.path, key).to(torch.float32)
 
-    def shape(self, module):
+    def shape(self, module: str) -> tuple[int, ...]:
         if self._tensors is not None:
             return tuple(self._tensors[self.key_of[module]].shape)
         from safetensors import safe_open
