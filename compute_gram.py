@@ -7,7 +7,7 @@ XᵀX / n of the input of every linear layer (lm_head included), over non-paddin
     python compute_gram.py code --model DIR --dataset rows.jsonl --num-examples 500 \
         --output-dir runs/grams/mine --checkpoint-every 20
     accelerate launch --multi_gpu --num_processes 8 compute_gram.py code   # 8 GPUs, data parallel
-    accelerate launch --multi_gpu --num_processes 2 compute_gram.py code --device-map auto  # 2 copies, each on half the GPUs
+    accelerate launch --multi_gpu --num_processes 2 compute_gram.py code --device-map auto  # 2 copies, half the GPUs
     accelerate launch --multi_gpu --num_processes 2 compute_gram.py toy-code --device cpu     # 2 cpu processes (gloo)
 
 Each row is rendered with the model's chat template (code: instruction/input/output as
@@ -37,6 +37,7 @@ of processes is refused, with a message saying so). The checkpoints are deleted 
 gram.safetensors is written. The gram file and the checkpoints are streamed to disk one
 tensor at a time, so host memory never holds all the grams at once.
 """
+
 import argparse
 import hashlib
 import importlib.util
@@ -48,11 +49,38 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from utils import (FORMATS, GRAM_FILE, PRESETS, Timer, UserError, choose_device, choose_dtype, first_line, format_rows,
-                   load_rows, peak_memory, resolve_model_dir, run_main, save_grams, tokenize_texts, write_safetensors)
+from calibration import (
+    BATCH_SIZE,
+    MAX_LENGTH,
+    NUM_EXAMPLES,
+    SPLIT,
+    Gram,
+    calibration_tokens,
+    check_one_row_per_token,
+    collate,
+    find_shared_inputs,
+    length_batches,
+    load_tokenizer,
+    split_batches,
+)
+from tensor_io import save_grams, write_safetensors
+from utils import (
+    FORMATS,
+    GRAM_FILE,
+    PRESETS,
+    Timer,
+    UserError,
+    check_at_least_one,
+    choose_device,
+    choose_dtype,
+    dtype_name,
+    first_line,
+    peak_memory,
+    resolve_model_dir,
+    run_main,
+)
 
 CHECKPOINT_FILE = ".gram-checkpoint.safetensors"
 # How long processes wait for each other (torch's nccl default is 10 minutes): after a
@@ -67,164 +95,48 @@ def parse_args(argv=None):
     p.add_argument("--model", help="hub id or local folder (default: the preset's)")
     p.add_argument("--dataset", help="hub id or a .json/.jsonl/.parquet/.csv file (default: the preset's)")
     p.add_argument("--format", choices=sorted(FORMATS), help="row columns -> chat turns (default: the preset's)")
-    p.add_argument("--split", default="train", help="dataset split (hub datasets) (default: %(default)s)")
-    p.add_argument("--num-examples", type=int, default=10000, help="first N rows, unshuffled (default: %(default)s)")
-    p.add_argument("--max-length", type=int, default=256, help="truncate each example to this many tokens (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: %(default)s)")
+    p.add_argument("--split", default=SPLIT, help="dataset split (hub datasets) (default: %(default)s)")
+    p.add_argument(
+        "--num-examples", type=int, default=NUM_EXAMPLES, help="first N rows, unshuffled (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=MAX_LENGTH,
+        help="truncate each example to this many tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=BATCH_SIZE, help="examples per forward pass (default: %(default)s)"
+    )
     p.add_argument("--output-dir", help="folder for gram.safetensors (default: the preset's)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="save partial sums every K batches (0: never) (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (several processes on cuda: cuda:LOCAL_RANK each) (default: %(default)s)")
-    p.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
-                   help="spread the expert over the visible GPUs (accelerate big-model loading; with several processes, "
-                        "each takes GPUs // processes-per-node of them); cuda only, ignored on cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="model dtype (auto: bfloat16 on cuda, float32 on cpu) (default: %(default)s)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="save partial sums every K batches (0: never) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cuda, cuda:N or cpu (several processes on cuda: cuda:LOCAL_RANK each) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device-map",
+        choices=["auto", "balanced", "balanced_low_0", "sequential"],
+        help="spread the expert over the visible GPUs (accelerate big-model loading; with several processes, "
+        "each takes GPUs // processes-per-node of them); cuda only, ignored on cpu",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="model dtype (auto: bfloat16 on cuda, float32 on cpu) (default: %(default)s)",
+    )
     args = p.parse_args(argv)
-    for name in ("num_examples", "max_length", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(num_examples=args.num_examples, max_length=args.max_length, batch_size=args.batch_size)
     if args.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     return args
-
-
-# ----------------------------------------------------------------------------- the accumulator
-class Gram:
-    """Running ΣXᵀX, float32 on `device`, and the number of rows fed to `add`.
-
-    XᵀX is symmetric, so only its upper block-triangle is computed: the columns are cut
-    into B blocks and block row i gets X[:, i]ᵀ X[:, i:] with one addmm_, (B+1)/2B of the
-    full product's flops. `result()` mirrors the upper triangle once, at the end.
-    """
-
-    def __init__(self, dim, device, blocks=None):
-        self.sum = torch.zeros(dim, dim, dtype=torch.float32, device=device)
-        self.num_rows = 0
-        # Narrow blocks make slow GEMMs: about 256 columns or more each, at most 8 blocks.
-        blocks = blocks or min(8, max(1, dim // 256))
-        self.edges = [round(i * dim / blocks) for i in range(blocks + 1)]
-
-    def add(self, x, rows=None):
-        """x: [..., dim], on any device (it is moved to the gram's). rows: which rows of
-        x.reshape(-1, dim) to use, as indices or as a bool mask shaped like x.shape[:-1]
-        (None: all of them)."""
-        x = x.reshape(-1, x.shape[-1])
-        if rows is not None:
-            if rows.dtype == torch.bool:
-                rows = rows.reshape(-1).nonzero().squeeze(1)
-            x = x.index_select(0, rows.to(x.device))
-        # bf16/fp16 values are exact in TF32, so on cuda their float32 products may run on
-        # tensor cores with nothing lost (products and sums stay float32); float32 inputs may not.
-        tf32 = self.sum.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-        x = x.to(self.sum.device, torch.float32)
-        allowed = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            for start, end in zip(self.edges[:-1], self.edges[1:]):
-                self.sum[start:end, start:].addmm_(x[:, start:end].T, x[:, start:])
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = allowed
-        self.num_rows += x.shape[0]
-
-    def result(self):
-        """ΣXᵀX / num_rows as a full symmetric float32 matrix, made in place on the gram's
-        device (the running sum becomes the result: call it once, at the end)."""
-        upper = self.sum.triu_()
-        return upper.add_(upper.triu(1).T).div_(max(self.num_rows, 1))
-
-
-def check_one_row_per_token(name, x, total):
-    """A linear layer's input must hold one row per token of the batch (`total`), padding
-    included, for the real-token index to pick its rows; routed layers (mixture of experts)
-    see subsets of the tokens and are refused."""
-    rows = x.numel() // x.shape[-1]
-    if rows != total:
-        raise UserError(f"{name} reads {rows} rows, not one per token ({total}): this architecture is not supported")
-
-
-# ----------------------------------------------------------------------------- batches
-def length_batches(lengths, batch_size):
-    """Example indices grouped into batches of similar length, longest first (so that a
-    batch too big for memory fails at once, not hours in)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def split_batches(batches, lengths, num_shares):
-    """Deal whole batches to `num_shares` processes so that each gets about the same work
-    (padded tokens): the costliest batch first, each to the least loaded share, ties to the
-    lowest rank. Deterministic, so every process computes the same split; each share keeps
-    the longest-first order. The batches themselves are those of a single process, so any
-    split sums the same products, in another order only."""
-    cost = [len(batch) * max(lengths[i] for i in batch) for batch in batches]
-    shares, load = [[] for _ in range(num_shares)], [0] * num_shares
-    for b in sorted(range(len(batches)), key=lambda b: -cost[b]):
-        rank = min(range(num_shares), key=lambda r: load[r])
-        shares[rank].append(b)
-        load[rank] += cost[b]
-    return [[batches[b] for b in sorted(share)] for share in shares]
-
-
-def collate(token_ids, batch, pad_id=0):
-    """Right-padded input_ids and attention_mask [B, T] (causal attention never looks at
-    the padding on the right, so real tokens see exactly their own prefix)."""
-    width = max(len(token_ids[i]) for i in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, i in enumerate(batch):
-        input_ids[row, :len(token_ids[i])] = torch.tensor(token_ids[i])
-        mask[row, :len(token_ids[i])] = 1
-    return input_ids, mask
-
-
-# ----------------------------------------------------------------------------- shared inputs
-def find_shared_inputs(model, input_ids):
-    """Watch one forward pass and group the nn.Linear modules by the tensor they read.
-
-    Returns (leaders {name: module}, aliases {other module: leader name}, head name,
-    head_reads_base_output). Two modules share an input only when they get the very same
-    tensor object, unmodified (same version counter), within this one pass; a data_ptr
-    match alone is not enough, since freed memory is reused within a forward.
-    `head_reads_base_output` tells whether lm_head's input is exactly the base model's
-    last hidden state, so that the logits can be skipped."""
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    seen = {}  # module name -> (input tensor, its version); strong refs keep ids unique
-
-    def record(name):
-        def hook(module, args):
-            seen.setdefault(name, (args[0], args[0]._version))
-        return hook
-
-    handles = [m.register_forward_pre_hook(record(name)) for name, m in linears.items()]
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-
-    never_called = [name for name in linears if name not in seen]
-    if never_called:
-        print(f"note: {len(never_called)} linear module(s) never run, no gram for them: {never_called[:4]}", file=sys.stderr)
-    leaders, aliases = {}, {}
-    for name, module in linears.items():
-        if name not in seen:
-            continue
-        x, version = seen[name]
-        leader = next((k for k in leaders if seen[k][0] is x and seen[k][1] == version), None)
-        if leader is None:
-            leaders[name] = module
-        else:
-            aliases[name] = leader
-    head = model.get_output_embeddings()
-    head_name = next((name for name, m in linears.items() if m is head and name in seen), None)
-    head_reads_base_output = False
-    if head_name is not None and model.base_model is not model:
-        with torch.no_grad():
-            base_output = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-        head_input = seen[head_name][0]
-        head_reads_base_output = head_input.shape == base_output.shape and torch.allclose(
-            head_input.float(), base_output.to(head_input.device).float(), rtol=1e-3, atol=1e-3)
-    return leaders, aliases, head_name, head_reads_base_output
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -239,16 +151,23 @@ def check_no_foreign_checkpoints(out_dir, num_processes):
     """A checkpoint left by a run with another number of processes covers another split of
     the batches: refuse it rather than silently starting over."""
     ours = {checkpoint_path(out_dir, r, num_processes) for r in range(num_processes)}
-    foreign = sorted(p.name for p in Path(out_dir).glob(CHECKPOINT_FILE.replace(".safetensors", "*.safetensors")) if p not in ours)
+    foreign = sorted(
+        p.name for p in Path(out_dir).glob(CHECKPOINT_FILE.replace(".safetensors", "*.safetensors")) if p not in ours
+    )
     if foreign:
-        raise UserError(f"{out_dir} holds checkpoint(s) of a run with another number of processes ({', '.join(foreign)}); "
-                        f"rerun with that number to resume, or delete them to start over")
+        raise UserError(
+            f"{out_dir} holds checkpoint(s) of a run with another number of processes ({', '.join(foreign)}); "
+            f"rerun with that number to resume, or delete them to start over"
+        )
 
 
 def save_checkpoint(path, grams, batches_done, settings):
     """Partial sums + progress + the run's settings, written atomically, one tensor at a time."""
-    meta = {"settings": json.dumps(settings, sort_keys=True), "batches_done": str(batches_done),
-            "num_rows": json.dumps({k: g.num_rows for k, g in grams.items()})}
+    meta = {
+        "settings": json.dumps(settings, sort_keys=True),
+        "batches_done": str(batches_done),
+        "num_rows": json.dumps({k: g.num_rows for k, g in grams.items()}),
+    }
     write_safetensors(path, {k: g.sum for k, g in grams.items()}, meta)
 
 
@@ -260,8 +179,15 @@ def load_checkpoint(path, grams, settings):
         meta = f.metadata()
         saved = json.loads(meta["settings"])
         if saved != settings:
-            diff = ", ".join(f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now" for k in settings if saved.get(k) != settings.get(k))
-            raise UserError(f"{path} was made with other settings ({diff}); rerun with those settings to resume, or delete it to start over")
+            diff = ", ".join(
+                f"{k}: {saved.get(k)!r} there, {settings.get(k)!r} now"
+                for k in settings
+                if saved.get(k) != settings.get(k)
+            )
+            raise UserError(
+                f"{path} was made with other settings ({diff}); "
+                "rerun with those settings to resume, or delete it to start over"
+            )
         num_rows = json.loads(meta["num_rows"])
         for key, gram in grams.items():
             gram.sum.copy_(f.get_tensor(key))
@@ -285,8 +211,17 @@ def module_device(module, default):
     return default if device.type == "meta" else device
 
 
-def compute_grams(model, token_ids, batch_size, checkpoint=None, checkpoint_every=0, settings=None, progress=True,
-                  rank=0, num_processes=1):
+def compute_grams(
+    model,
+    token_ids,
+    batch_size,
+    checkpoint=None,
+    checkpoint_every=0,
+    settings=None,
+    progress=True,
+    rank=0,
+    num_processes=1,
+):
     """Accumulate the grams of every distinct linear-layer input of `model` over the
     examples `token_ids` (lists of ids), or over share `rank` of `num_processes` of their
     batches (see split_batches). Each gram lives on its module's device (a model spread
@@ -311,10 +246,15 @@ def compute_grams(model, token_ids, batch_size, checkpoint=None, checkpoint_ever
         def hook(module, args):
             check_one_row_per_token(name, args[0], batch_rows["total"])
             grams[name].add(args[0], batch_rows["index"])
+
         return hook
 
     skip_head = head_reads_base_output  # lm_head fed from the base model's output, no logits
-    hooks = [m.register_forward_pre_hook(accumulate(name)) for name, m in leaders.items() if not (skip_head and name == head_name)]
+    hooks = [
+        m.register_forward_pre_hook(accumulate(name))
+        for name, m in leaders.items()
+        if not (skip_head and name == head_name)
+    ]
     total_tokens = sum(lengths[i] for batch in batches for i in batch)
     done_tokens = sum(len(token_ids[i]) for batch in batches[:start] for i in batch)
     bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="gram", disable=not progress)
@@ -327,14 +267,21 @@ def compute_grams(model, token_ids, batch_size, checkpoint=None, checkpoint_ever
                 batch_rows["total"] = mask.numel()
                 input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
                 if skip_head:
-                    hidden = model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+                    hidden = model.base_model(
+                        input_ids=input_ids, attention_mask=mask, use_cache=False
+                    ).last_hidden_state
                     grams[head_name].add(hidden, batch_rows["index"])
                     del hidden
                 else:
                     model(input_ids=input_ids, attention_mask=mask, use_cache=False)
                 tokens_run += len(batch_rows["index"])
                 bar.update(len(batch_rows["index"]))
-                if checkpoint is not None and checkpoint_every and (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):
+                if (
+                    checkpoint is not None
+                    and checkpoint_every
+                    and (b + 1) % checkpoint_every == 0
+                    and b + 1 < len(batches)
+                ):
                     save_checkpoint(checkpoint, grams, b + 1, settings)
     finally:
         bar.close()
@@ -371,7 +318,10 @@ def rank_placement(device, device_map, state):
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     per_rank = torch.cuda.device_count() // per_node
     if per_rank < 1:
-        raise UserError(f"--device-map with {per_node} processes per node needs at least that many GPUs, found {torch.cuda.device_count()}")
+        raise UserError(
+            f"--device-map with {per_node} processes per node needs at least that many GPUs, "
+            f"found {torch.cuda.device_count()}"
+        )
     gpus = range(state.local_process_index * per_rank, (state.local_process_index + 1) * per_rank)
     torch.cuda.set_device(gpus[0])
     return torch.device("cuda", gpus[0]), {i: torch.cuda.mem_get_info(i)[0] for i in gpus}
@@ -383,24 +333,16 @@ def load_model(model_dir, device, dtype, device_map=None, max_memory=None):
     # flash-attention-2 where installed (cuda only), else PyTorch's sdpa
     attn = "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
     # --device-map: accelerate's big-model loading spreads the layers over the GPUs
-    placement = dict(device_map=device_map, max_memory=max_memory) if device_map and device.type == "cuda" else dict(device_map=str(device))
+    placement = (
+        dict(device_map=device_map, max_memory=max_memory)
+        if device_map and device.type == "cuda"
+        else dict(device_map=str(device))
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn, **placement)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load a causal LM from {model_dir}: {first_line(e)}")
+        raise UserError(f"cannot load a causal LM from {model_dir}: {first_line(e)}") from e
     return model.eval()
-
-
-def load_tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load a tokenizer from {model_dir}: {first_line(e)}")
-    if not tokenizer.chat_template:
-        raise UserError(f"the tokenizer in {model_dir} has no chat template")
-    return tokenizer
 
 
 def main(argv=None):
@@ -425,26 +367,44 @@ def main(argv=None):
     # process reads and tokenizes all rows (cheap), so all agree on the batches and refuse alike.
     model_dir = resolve_model_dir(model_spec)
     tokenizer = load_tokenizer(model_dir)
-    rows = load_rows(dataset, args.split, args.num_examples)
-    token_ids = tokenize_texts(tokenizer, format_rows(rows, fmt, tokenizer), args.max_length)
+    token_ids = calibration_tokens(tokenizer, dataset, fmt, args.split, args.num_examples, args.max_length)
     if out_dir.exists():
         check_no_foreign_checkpoints(out_dir, num_processes)
     model = load_model(model_dir, device, dtype, args.device_map, max_memory)
     if state.is_main_process:
         where = f"{num_processes} processes" if num_processes > 1 else str(device)
-        print(f"{model_spec}: {len(token_ids)} examples of {dataset}, {sum(map(len, token_ids))} tokens, "
-              f"on {where} in {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+        print(
+            f"{model_spec}: {len(token_ids)} examples of {dataset}, {sum(map(len, token_ids))} tokens, "
+            f"on {where} in {dtype_name(dtype)}",
+            file=sys.stderr,
+        )
 
-    provenance = dict(model=model_spec, dataset=dataset, split=args.split, num_examples=len(token_ids),
-                      max_length=args.max_length, format=fmt, dtype=str(dtype).removeprefix("torch."))
+    provenance = dict(
+        model=model_spec,
+        dataset=dataset,
+        split=args.split,
+        num_examples=len(token_ids),
+        max_length=args.max_length,
+        format=fmt,
+        dtype=dtype_name(dtype),
+    )
     # what must match for a checkpoint to resume (batch size and the number of processes fix
     # the batches each process runs)
     settings = provenance | dict(batch_size=args.batch_size, num_processes=num_processes, data=fingerprint(token_ids))
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = checkpoint_path(out_dir, rank, num_processes)
     with timer("gram"):
-        grams, aliases, tokens_run = compute_grams(model, token_ids, args.batch_size, checkpoint, args.checkpoint_every, settings,
-                                                   progress=state.is_main_process, rank=rank, num_processes=num_processes)
+        grams, aliases, tokens_run = compute_grams(
+            model,
+            token_ids,
+            args.batch_size,
+            checkpoint,
+            args.checkpoint_every,
+            settings,
+            progress=state.is_main_process,
+            rank=rank,
+            num_processes=num_processes,
+        )
         del model
         tokens_run = all_reduce_grams(grams, tokens_run)
     num_tokens = sum(map(len, token_ids))
@@ -454,8 +414,11 @@ def main(argv=None):
         for r in range(num_processes):
             checkpoint_path(out_dir, r, num_processes).unlink(missing_ok=True)
         print(f"wrote {path}: {len(grams)} grams ({len(aliases)} aliases), {num_tokens} tokens")
-        print(f"wall {timer.total():.1f} s, {tokens_run} tokens in {timer.phases['gram']:.1f} s ({tokens_run / timer.phases['gram']:.0f} tokens/s)"
-              f"{f' over {num_processes} processes' if num_processes > 1 else ''}, {peak_memory(device)}")
+        print(
+            f"wall {timer.total():.1f} s, {tokens_run} tokens in {timer.phases['gram']:.1f} s "
+            f"({tokens_run / timer.phases['gram']:.0f} tokens/s)"
+            f"{f' over {num_processes} processes' if num_processes > 1 else ''}, {peak_memory(device)}"
+        )
     del grams
     state.wait_for_everyone()  # the others return once the file is in place
     return path

@@ -24,6 +24,7 @@ point at runs/toy/), so after a demo this works too:
     python merge_model.py regmean --models toy-code toy-math --alpha 0.1
     python merge_model.py regmean++ --models toy-code toy-math --alpha 0.1
 """
+
 import argparse
 import json
 import math
@@ -33,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from utils import FORMATS, Timer, atomic_dir, format_rows, peak_memory, run_main, tokenize_texts
+from calibration import format_rows, tokenize_texts
+from utils import FORMATS, Timer, atomic_dir, merge_dir_name, peak_memory, run_main
 
 # A Llama-3-style chat template: the template writes BOS itself, so calibration text is
 # tokenized with add_special_tokens=False.
@@ -42,17 +44,48 @@ CHAT_TEMPLATE = (
     "{{ m['content'] }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
-SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>"]
+SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|pad|>",
+]
 
 # Sizes of the toy world. "full" is what `python demo.py` builds; "quick" only checks that
 # the flow runs end to end (its experts learn little).
 SIZES = {
-    "full": dict(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, train_rows=6000, calib_rows=200, test_rows=200,
-                 base_steps=400, expert_steps=400, batch_size=32, lr=3e-3),
-    "quick": dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, train_rows=200, calib_rows=16, test_rows=16,
-                  base_steps=8, expert_steps=8, batch_size=16, lr=3e-3),
+    "full": dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        train_rows=6000,
+        calib_rows=200,
+        test_rows=200,
+        base_steps=400,
+        expert_steps=400,
+        batch_size=32,
+        lr=3e-3,
+    ),
+    "quick": dict(
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        train_rows=200,
+        calib_rows=16,
+        test_rows=16,
+        base_steps=8,
+        expert_steps=8,
+        batch_size=16,
+        lr=3e-3,
+    ),
 }
 
 
@@ -70,11 +103,17 @@ def build_tokenizer(texts, out_dir, vocab_size=512, split_digits=False):
     if split_digits:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(texts, trainer)
     bos = SPECIAL_TOKENS[0]
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>", pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>", pad_token="<|pad|>", chat_template=CHAT_TEMPLATE
+    )
     hf.save_pretrained(str(out_dir))
     return hf
 
@@ -147,7 +186,9 @@ def encode(tokenizer, rows, fmt, reply_only):
     for row, ids in zip(rows, tokenize_texts(tokenizer, texts, max_length=10_000)):
         if reply_only:
             messages = [{"role": role, "content": str(row[col])} for role, col in FORMATS[fmt][:-1]]
-            n_prompt = len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+            n_prompt = len(
+                tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+            )
             mask = [0] * n_prompt + [1] * (len(ids) - n_prompt)
         else:
             mask = [0] + [1] * (len(ids) - 1)
@@ -163,7 +204,9 @@ def train(model, examples, steps, batch_size, lr, seed, desc):
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
+    )
     model.train()
     bar = tqdm(range(steps), desc=desc, leave=False)
     tokens = 0
@@ -171,7 +214,9 @@ def train(model, examples, steps, batch_size, lr, seed, desc):
         batch = [examples[i] for i in torch.randint(len(examples), (batch_size,), generator=g).tolist()]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in batch])
-        labels = torch.tensor([[t if m else -100 for t, m in zip(i, mk)] + [-100] * (width - len(i)) for i, mk in batch])
+        labels = torch.tensor(
+            [[t if m else -100 for t, m in zip(i, mk)] + [-100] * (width - len(i)) for i, mk in batch]
+        )
         attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
         tokens += int(attention.sum())
         loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
@@ -192,11 +237,22 @@ def greedy_accuracy(model, tokenizer, rows, fmt, batch_size=64, max_new_tokens=3
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues on the right
     hits = 0
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        prompts = [tokenizer.apply_chat_template([{"role": r, "content": row[c]} for r, c in prompt_turns], tokenize=False, add_generation_prompt=True) for row in chunk]
+        chunk = rows[i : i + batch_size]
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": r, "content": row[c]} for r, c in prompt_turns], tokenize=False, add_generation_prompt=True
+            )
+            for row in chunk
+        ]
         enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         hits += sum(reply.strip() == row[answer_col].strip() for reply, row in zip(replies, chunk))
     tokenizer.padding_side = side
     return hits / len(rows)
@@ -225,16 +281,35 @@ def build_toy(root, sizes, seed=0):
     train_sets = {kind: encode(tokenizer, splits[kind]["train"], kind, reply_only=False) for kind in splits}
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=sizes["hidden_size"], intermediate_size=sizes["intermediate_size"],
-                         num_hidden_layers=sizes["num_hidden_layers"], num_attention_heads=sizes["num_attention_heads"],
-                         num_key_value_heads=sizes["num_key_value_heads"], max_position_embeddings=256, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=sizes["hidden_size"],
+        intermediate_size=sizes["intermediate_size"],
+        num_hidden_layers=sizes["num_hidden_layers"],
+        num_attention_heads=sizes["num_attention_heads"],
+        num_key_value_heads=sizes["num_key_value_heads"],
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     base = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in base.parameters())
     with timer("base"):
-        loss, tokens = train(base, train_sets["code"] + train_sets["math"], sizes["base_steps"], sizes["batch_size"], sizes["lr"], seed, "base")
-    print(f"base: {n_params / 1e6:.2f}M parameters, {sizes['base_steps']} steps on both domains, loss {loss:.3f}, "
-          f"{timer.phases['base']:.0f} s ({tokens / timer.phases['base']:.0f} tokens/s)")
+        loss, tokens = train(
+            base,
+            train_sets["code"] + train_sets["math"],
+            sizes["base_steps"],
+            sizes["batch_size"],
+            sizes["lr"],
+            seed,
+            "base",
+        )
+    print(
+        f"base: {n_params / 1e6:.2f}M parameters, {sizes['base_steps']} steps on both domains, loss {loss:.3f}, "
+        f"{timer.phases['base']:.0f} s ({tokens / timer.phases['base']:.0f} tokens/s)"
+    )
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
 
     experts = {}
@@ -244,39 +319,61 @@ def build_toy(root, sizes, seed=0):
         model.load_state_dict(base_state)
         sft = encode(tokenizer, splits[kind]["train"], kind, reply_only=True)
         with timer(name):
-            loss, tokens = train(model, sft, sizes["expert_steps"], sizes["batch_size"], sizes["lr"], seed + 1 + i, name)
+            loss, tokens = train(
+                model, sft, sizes["expert_steps"], sizes["batch_size"], sizes["lr"], seed + 1 + i, name
+            )
         with atomic_dir(root / name, overwrite=True) as tmp:
             model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
         experts[name] = root / name
         # a check of the skills independent of lm_eval (whose toy tasks score the same replies)
         accs = {other: greedy_accuracy(model, tokenizer, splits[other]["test"], other) for other in splits}
-        print(f"{name}: {sizes['expert_steps']} steps on {kind} only, loss {loss:.3f}, {timer.phases[name]:.0f} s "
-              f"({tokens / timer.phases[name]:.0f} tokens/s); "
-              "greedy exact match on held-out rows: " + ", ".join(f"{k} {v:.1%}" for k, v in accs.items()))
+        print(
+            f"{name}: {sizes['expert_steps']} steps on {kind} only, loss {loss:.3f}, {timer.phases[name]:.0f} s "
+            f"({tokens / timer.phases[name]:.0f} tokens/s); "
+            "greedy exact match on held-out rows: " + ", ".join(f"{k} {v:.1%}" for k, v in accs.items())
+        )
     torch.set_num_threads(threads)
     print(f"built {root} in {timer.total():.0f} s")
     return experts
 
 
 def is_built(root):
-    files = [root / "data" / f"{kind}_{split}.jsonl" for kind in ("code", "math") for split in ("train", "calib", "test")]
-    files += [root / name / f for name in ("toy-code", "toy-math") for f in ("config.json", "model.safetensors", "tokenizer.json")]
+    files = [
+        root / "data" / f"{kind}_{split}.jsonl" for kind in ("code", "math") for split in ("train", "calib", "test")
+    ]
+    files += [
+        root / name / f
+        for name in ("toy-code", "toy-math")
+        for f in ("config.json", "model.safetensors", "tokenizer.json")
+    ]
     return all(f.is_file() for f in files)
 
 
 # ----------------------------------------------------------------------------- the flow
 TASKS = ["toy_code", "toy_math"]
 # Columns of the results table: (title, metric label, lm_eval task, result keys).
-COLUMNS = [("toy-code", "exact match", "toy_code", ["exact_match,none"]),
-           ("toy-math", "exact match", "toy_math", ["exact_match,none"])]
+COLUMNS = [
+    ("toy-code", "exact match", "toy_code", ["exact_match,none"]),
+    ("toy-math", "exact match", "toy_math", ["exact_match,none"]),
+]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Build two toy experts (once), then run compute_gram -> merge_model "
-                                "(avg, regmean 0.1, regmean 1.0, regmean++ 0.1) -> lm_eval on them, offline on the CPU.")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few rows (a smoke test of the flow; default root runs/toy-quick)")
-    p.add_argument("--root", default=None, help="folder of the toy world and its results (default runs/toy, or runs/toy-quick with --quick)")
+    p = argparse.ArgumentParser(
+        description="Build two toy experts (once), then run compute_gram -> merge_model "
+        "(avg, regmean 0.1, regmean 1.0, regmean++ 0.1) -> lm_eval on them, offline on the CPU."
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes and few rows (a smoke test of the flow; default root runs/toy-quick)",
+    )
+    p.add_argument(
+        "--root",
+        default=None,
+        help="folder of the toy world and its results (default runs/toy, or runs/toy-quick with --quick)",
+    )
     p.add_argument("--rebuild", action="store_true", help="build data, tokenizer and experts again even when present")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the training runs (default 0)")
     p.add_argument("--eval-batch-size", type=int, default=64, help="lm_eval --batch_size (default 64)")
@@ -303,29 +400,69 @@ def main(argv=None):
         for name, folder in experts.items():
             kind = name.removeprefix("toy-")
             grams[name] = root / "grams" / name
-            compute_gram.main([name, "--model", str(folder), "--dataset", str(root / "data" / f"{kind}_calib.jsonl"),
-                               "--num-examples", str(sizes["calib_rows"]), "--output-dir", str(grams[name]), "--device", "cpu"])
+            compute_gram.main(
+                [
+                    name,
+                    "--model",
+                    str(folder),
+                    "--dataset",
+                    str(root / "data" / f"{kind}_calib.jsonl"),
+                    "--num-examples",
+                    str(sizes["calib_rows"]),
+                    "--output-dir",
+                    str(grams[name]),
+                    "--device",
+                    "cpu",
+                ]
+            )
 
-    merges = {"Average": ("avg", None), "RegMean (α=0.1)": ("regmean", 0.1), "RegMean (α=1.0)": ("regmean", 1.0),
-              "RegMean++ (α=0.1)": ("regmean++", 0.1)}
+    merges = {
+        "Average": ("avg", None),
+        "RegMean (α=0.1)": ("regmean", 0.1),
+        "RegMean (α=1.0)": ("regmean", 1.0),
+        "RegMean++ (α=0.1)": ("regmean++", 0.1),
+    }
     folders = {"Code expert": experts["toy-code"], "Math expert": experts["toy-math"]}
     with timer("merge"):
         for label, (method, alpha) in merges.items():
-            out = root / "merges" / (method if alpha is None else f"{method.replace('++', 'pp')}_{alpha}")
-            cmd = [method, "--models", *map(str, experts.values()), "--output-dir", str(out), "--overwrite", "--device", "cpu"]
+            out = root / "merges" / merge_dir_name(method, alpha)
+            cmd = [
+                method,
+                "--models",
+                *map(str, experts.values()),
+                "--output-dir",
+                str(out),
+                "--overwrite",
+                "--device",
+                "cpu",
+            ]
             if method == "regmean":
                 cmd += ["--grams", *map(str, grams.values()), "--alpha", str(alpha)]
             elif method == "regmean++":  # the same calibration rows as the grams, through the merged layers
-                cmd += ["--datasets", *(str(root / "data" / f"{kind}_calib.jsonl") for kind in ("code", "math")), "--formats", "code", "math",
-                        "--num-examples", str(sizes["calib_rows"]), "--alpha", str(alpha)]
+                cmd += [
+                    "--datasets",
+                    *(str(root / "data" / f"{kind}_calib.jsonl") for kind in ("code", "math")),
+                    "--formats",
+                    "code",
+                    "math",
+                    "--num-examples",
+                    str(sizes["calib_rows"]),
+                    "--alpha",
+                    str(alpha),
+                ]
             folders[label] = merge_model.main(cmd)
 
     # lm_eval runs as evaluate.py runs it, plus the chat template (the toy tasks are chat
     # turns) and the data folder of this toy world.
     with timer("evaluate"):
         device, dtype = torch.device("cpu"), torch.float32
-        extra = ["--apply_chat_template", "--batch_size", str(args.eval_batch_size),
-                 "--metadata", json.dumps({"toy_data_dir": str((root / "data").resolve())})]
+        extra = [
+            "--apply_chat_template",
+            "--batch_size",
+            str(args.eval_batch_size),
+            "--metadata",
+            json.dumps({"toy_data_dir": str((root / "data").resolve())}),
+        ]
         for label, folder in folders.items():
             cmd = evaluate.lm_eval_command(folder, "hf", device, dtype, TASKS, None, "", extra)
             print(f"[{label}] {' '.join(cmd[2:])}", file=sys.stderr)
@@ -335,8 +472,11 @@ def main(argv=None):
     print()
     print(table, end="")
     print(f"wrote {root / 'results.md'} and {root / 'results.png'}")
-    print(f"demo wall time {timer.total():.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timer.phases.items())
-          + f"), {peak_memory()}")
+    print(
+        f"demo wall time {timer.total():.0f} s ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timer.phases.items())
+        + f"), {peak_memory()}"
+    )
     return root / "results.md"
 
 

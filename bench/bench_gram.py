@@ -19,6 +19,7 @@ the matmul peak is the useful work (the linear layers on real tokens, without lm
 logits, plus one XᵀX per distinct input) per second, over the best `torch.mm` rate
 measured in the same run and dtype.
 """
+
 import argparse
 import random
 import sys
@@ -29,7 +30,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compute_gram import all_reduce_grams, collate, compute_grams  # noqa: E402
+from calibration import collate  # noqa: E402
+from compute_gram import all_reduce_grams, compute_grams  # noqa: E402
 from utils import DTYPES, choose_device  # noqa: E402
 
 
@@ -49,7 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights and the row lengths")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 small layers, 64 rows up to 128 tokens")
-    p.add_argument("--processes", type=int, default=1, help="N > 1: compute_gram's pass in 1 vs N processes instead of against the seed")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="N > 1: compute_gram's pass in 1 vs N processes instead of against the seed",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.vocab, args.rows, args.max_length = 256, 896, 2, 8192, 64, 128
@@ -72,6 +79,7 @@ def seed_method(model, token_ids, batch_size):
             else:  # the seed kept the means on the host and moved them back every step
                 grams[name] = ((grams[name].to(device) * counts[name] + xtx) / (counts[name] + x.size(0))).cpu()
                 counts[name] += x.size(0)
+
         return fn
 
     handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -110,7 +118,9 @@ def useful_flops(model, num_tokens):
     head = model.get_output_embeddings()
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m is not head)
     cfg = model.config
-    gram_dims = [cfg.hidden_size, cfg.hidden_size, cfg.hidden_size, cfg.intermediate_size] * cfg.num_hidden_layers + [cfg.hidden_size]
+    gram_dims = [cfg.hidden_size, cfg.hidden_size, cfg.hidden_size, cfg.intermediate_size] * cfg.num_hidden_layers + [
+        cfg.hidden_size
+    ]
     return 2 * num_tokens * (linear + sum(d * d for d in gram_dims))
 
 
@@ -132,12 +142,24 @@ def build(args, device):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(args.seed)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                         max_position_embeddings=max(args.max_length, 512), tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[args.dtype], attn_implementation="sdpa").to(device).eval()
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(args.max_length, 512),
+        tie_word_embeddings=False,
+    )
+    model = (
+        AutoModelForCausalLM.from_config(config, dtype=DTYPES[args.dtype], attn_implementation="sdpa").to(device).eval()
+    )
     rng = random.Random(args.seed)
-    token_ids = [[rng.randrange(args.vocab) for _ in range(rng.randint(args.min_length, args.max_length))] for _ in range(args.rows)]
+    token_ids = [
+        [rng.randrange(args.vocab) for _ in range(rng.randint(args.min_length, args.max_length))]
+        for _ in range(args.rows)
+    ]
     return model, token_ids
 
 
@@ -150,13 +172,17 @@ def process_worker(rank, args, port, threads, reference, results):
     cuda = args.device.startswith("cuda")
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     torch.set_num_threads(threads)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.processes)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.processes
+    )
     try:
         model, token_ids = build(args, device)
         compute_grams(model, token_ids[: args.batch_size // 4 or 1], args.batch_size, progress=False)  # warm-up
         dist.barrier()
         t = time.perf_counter()
-        grams, _, tokens = compute_grams(model, token_ids, args.batch_size, progress=False, rank=rank, num_processes=args.processes)
+        grams, _, tokens = compute_grams(
+            model, token_ids, args.batch_size, progress=False, rank=rank, num_processes=args.processes
+        )
         all_reduce_grams(grams, tokens)
         sync(device)
         dist.barrier()
@@ -165,7 +191,10 @@ def process_worker(rank, args, port, threads, reference, results):
             from safetensors import safe_open
 
             with safe_open(reference, "pt") as f:
-                error = max(((g.result().cpu() - f.get_tensor(k)).abs().max() / f.get_tensor(k).abs().max()).item() for k, g in grams.items())
+                error = max(
+                    ((g.result().cpu() - f.get_tensor(k)).abs().max() / f.get_tensor(k).abs().max()).item()
+                    for k, g in grams.items()
+                )
             results.put((elapsed, error))
     finally:
         dist.destroy_process_group()
@@ -180,7 +209,7 @@ def compare_processes(args, device, model, token_ids):
 
     import torch.multiprocessing as mp
 
-    from utils import write_safetensors
+    from tensor_io import write_safetensors
 
     num_tokens = sum(map(len, token_ids))
     ours(model, token_ids[: args.batch_size // 4 or 1], args.batch_size)  # warm-up
@@ -197,8 +226,10 @@ def compare_processes(args, device, model, token_ids):
         mp.spawn(process_worker, args=(args, port, threads, reference, results), nprocs=args.processes)
         t_many, error = results.get()
     print(f"{'1 process':>13}: {t_one:7.2f} s  {num_tokens / t_one:9.0f} tokens/s  ({torch.get_num_threads()} threads)")
-    print(f"{f'{args.processes} processes':>13}: {t_many:7.2f} s  {num_tokens / t_many:9.0f} tokens/s  "
-          f"({threads} threads each, all-reduce included)")
+    print(
+        f"{f'{args.processes} processes':>13}: {t_many:7.2f} s  {num_tokens / t_many:9.0f} tokens/s  "
+        f"({threads} threads each, all-reduce included)"
+    )
     print(f"speed-up: {t_one / t_many:.2f}x; largest difference from one process: {error:.1e} (relative)")
     return t_one / t_many
 
@@ -209,9 +240,14 @@ def main(argv=None):
     model, token_ids = build(args, device)
     num_tokens = sum(map(len, token_ids))
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: {params / 1e6:.1f}M params (hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
-          f"{args.heads}:{args.kv_heads} heads, vocab {args.vocab}), {args.dtype} on {device}, {torch.get_num_threads()} cpu threads")
-    print(f"rows: {args.rows}, {args.min_length}-{args.max_length} tokens, {num_tokens} tokens, batch {args.batch_size}")
+    print(
+        f"model: {params / 1e6:.1f}M params (hidden {args.hidden}, intermediate {args.intermediate}, "
+        f"{args.layers} layers, {args.heads}:{args.kv_heads} heads, vocab {args.vocab}), {args.dtype} on {device}, "
+        f"{torch.get_num_threads()} cpu threads"
+    )
+    print(
+        f"rows: {args.rows}, {args.min_length}-{args.max_length} tokens, {num_tokens} tokens, batch {args.batch_size}"
+    )
     if args.processes > 1:
         return compare_processes(args, device, model, token_ids)
 

@@ -20,6 +20,7 @@ deepest <= 25% of the baseline's and <= 1.15x the shallowest's, wall <= 0.6x the
 regmean++ next to regmean (wall, peak RSS, seconds per calibration token and per token-layer),
 and an extrapolation to the seed's Llama-3-8B pair.
 """
+
 import argparse
 import json
 import os
@@ -41,25 +42,47 @@ NUM_EXPERTS = 2
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=5632)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--depths", type=int, nargs="+", default=[2, 6], help="numbers of layers to run (memory must be flat in depth)")
+    p.add_argument(
+        "--depths", type=int, nargs="+", default=[2, 6], help="numbers of layers to run (memory must be flat in depth)"
+    )
     p.add_argument("--alpha", type=float, default=0.1)
-    p.add_argument("--repeat", type=int, default=1, help="runs per method and depth, alternating; the fastest counts (for a shared machine)")
-    p.add_argument("--quick", action="store_true", help="small shapes (hidden 256, intermediate 704, vocab 4000, 1 and 3 layers)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per method and depth, alternating; the fastest counts (for a shared machine)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small shapes (hidden 256, intermediate 704, vocab 4000, 1 and 3 layers)"
+    )
     p.add_argument("--work-dir", default="runs/bench/merge", help="experts, grams and outputs go here")
-    p.add_argument("--layer-8b", action="store_true", help="time one Llama-3-8B-shaped layer and lm_head on --device instead")
+    p.add_argument(
+        "--layer-8b", action="store_true", help="time one Llama-3-8B-shaped layer and lm_head on --device instead"
+    )
     p.add_argument("--device", default="auto", help="for --layer-8b")
-    p.add_argument("--pp-examples", type=int, default=32, help="calibration rows per expert for regmean++ (0: skip regmean++)")
+    p.add_argument(
+        "--pp-examples", type=int, default=32, help="calibration rows per expert for regmean++ (0: skip regmean++)"
+    )
     p.add_argument("--child", choices=["baseline", "streaming", "regmeanpp"], help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads, args.depths = 256, 704, 4000, 4, 1, [1, 3]
+        args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads, args.depths = (
+            256,
+            704,
+            4000,
+            4,
+            1,
+            [1, 3],
+        )
     return args
 
 
@@ -67,9 +90,15 @@ def parse_args(argv=None):
 def linear_shapes(hidden, intermediate, vocab, heads, kv_heads, layers):
     """{module: (out, in)} of a Llama model's linear layers."""
     kv = hidden // heads * kv_heads
-    per_layer = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
-                 "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
-                 "mlp.down_proj": (hidden, intermediate)}
+    per_layer = {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (intermediate, hidden),
+        "mlp.up_proj": (intermediate, hidden),
+        "mlp.down_proj": (hidden, intermediate),
+    }
     shapes = {f"model.layers.{i}.{name}": shape for i in range(layers) for name, shape in per_layer.items()}
     shapes["lm_head"] = (vocab, hidden)
     return shapes
@@ -100,7 +129,9 @@ def write_expert(folder, config, index, max_shard_size="300MB"):
     folder.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config).state_dict()
-    split = split_torch_state_dict_into_shards({k: v.to(torch.bfloat16) for k, v in meta.items()}, max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(
+        {k: v.to(torch.bfloat16) for k, v in meta.items()}, max_shard_size=max_shard_size
+    )
     for filename, names in split.filename_to_tensors.items():
         shard = {}
         for name in names:
@@ -112,7 +143,9 @@ def write_expert(folder, config, index, max_shard_size="300MB"):
             shard[name] = (base + 0.002 * torch.randn(shape, generator=seeded(name, index))).to(torch.bfloat16)
         save_file(shard, str(folder / filename), metadata={"format": "pt"})
     if split.is_sharded:
-        (folder / "model.safetensors.index.json").write_text(json.dumps(dict(metadata=split.metadata, weight_map=split.tensor_to_filename)))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps(dict(metadata=split.metadata, weight_map=split.tensor_to_filename))
+        )
     config.save_pretrained(str(folder))
 
 
@@ -120,19 +153,33 @@ def prepare(folder, args, layers):
     """Two experts and their grams in both formats under `folder` (skipped when already there)."""
     from transformers import LlamaConfig
 
-    from utils import save_grams
+    from tensor_io import save_grams
 
     done = folder / "done"
     if done.exists():
         return
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=layers,
-                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, tie_word_embeddings=False, dtype="bfloat16")
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
     shapes = linear_shapes(args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads, layers)
     for i in range(NUM_EXPERTS):
         write_expert(folder / f"expert{i}", config, i)
         aliases = {m: input_key(m) for m in shapes if input_key(m) != m}  # one gram per distinct input
         stored = {m: synthetic_gram(shapes[m][1], f"{m}/{i}") for m in shapes if m not in aliases}
-        save_grams(folder / f"expert{i}" / "gram.safetensors", stored, aliases, 100000, dict(model="synthetic", dataset="synthetic"))
+        save_grams(
+            folder / f"expert{i}" / "gram.safetensors",
+            stored,
+            aliases,
+            100000,
+            dict(model="synthetic", dataset="synthetic"),
+        )
         with open(folder / f"expert{i}" / "gram.pkl", "wb") as f:  # the seed's format: a tensor per module
             pickle.dump({m: stored[aliases.get(m, m)] for m in shapes}, f)
         del stored
@@ -144,7 +191,10 @@ def baseline(folder, alpha):
     """The seed's merge: everything in memory, lstsq per module, save_pretrained."""
     from transformers import AutoModelForCausalLM
 
-    models = [AutoModelForCausalLM.from_pretrained(str(folder / f"expert{i}"), dtype=torch.float32) for i in range(NUM_EXPERTS)]
+    models = [
+        AutoModelForCausalLM.from_pretrained(str(folder / f"expert{i}"), dtype=torch.float32)
+        for i in range(NUM_EXPERTS)
+    ]
     all_grams = []
     for i in range(NUM_EXPERTS):
         with open(folder / f"expert{i}" / "gram.pkl", "rb") as f:
@@ -185,8 +235,13 @@ def prepare_calibration(folder, num_examples):
     if all(f.exists() for f in files) and len(files[0].read_text().splitlines()) == num_examples:
         return files
     rng = random.Random(0)
-    rows = {kind: [make(rng) for _ in range(num_examples)] for kind, make in (("code", demo.code_row), ("math", demo.math_row))}
-    tokenizer = demo.build_tokenizer([json.dumps(r) for kind in rows for r in rows[kind]], folder / "tokenizer", vocab_size=512, split_digits=True)
+    rows = {
+        kind: [make(rng) for _ in range(num_examples)]
+        for kind, make in (("code", demo.code_row), ("math", demo.math_row))
+    }
+    tokenizer = demo.build_tokenizer(
+        [json.dumps(r) for kind in rows for r in rows[kind]], folder / "tokenizer", vocab_size=512, split_digits=True
+    )
     for i in range(NUM_EXPERTS):
         tokenizer.save_pretrained(str(folder / f"expert{i}"))
     for f, kind in zip(files, rows):
@@ -197,19 +252,53 @@ def prepare_calibration(folder, num_examples):
 def regmeanpp(folder, alpha, num_examples):
     import merge_model
 
-    out = merge_model.main(["regmean++", "--models", str(folder / "expert0"), str(folder / "expert1"),
-                            "--datasets", str(folder / "calib_code.jsonl"), str(folder / "calib_math.jsonl"), "--formats", "code", "math",
-                            "--num-examples", str(num_examples), "--alpha", str(alpha),
-                            "--output-dir", str(folder / "out-regmeanpp"), "--overwrite", "--device", "cpu"])
+    out = merge_model.main(
+        [
+            "regmean++",
+            "--models",
+            str(folder / "expert0"),
+            str(folder / "expert1"),
+            "--datasets",
+            str(folder / "calib_code.jsonl"),
+            str(folder / "calib_math.jsonl"),
+            "--formats",
+            "code",
+            "math",
+            "--num-examples",
+            str(num_examples),
+            "--alpha",
+            str(alpha),
+            "--output-dir",
+            str(folder / "out-regmeanpp"),
+            "--overwrite",
+            "--device",
+            "cpu",
+        ]
+    )
     return json.loads((out / "merge_report.json").read_text())["figures"]
 
 
 def streaming(folder, alpha):
     import merge_model
 
-    out = merge_model.main(["regmean", "--models", str(folder / "expert0"), str(folder / "expert1"),
-                            "--grams", str(folder / "expert0"), str(folder / "expert1"), "--alpha", str(alpha),
-                            "--output-dir", str(folder / "out-streaming"), "--overwrite", "--device", "cpu"])
+    out = merge_model.main(
+        [
+            "regmean",
+            "--models",
+            str(folder / "expert0"),
+            str(folder / "expert1"),
+            "--grams",
+            str(folder / "expert0"),
+            str(folder / "expert1"),
+            "--alpha",
+            str(alpha),
+            "--output-dir",
+            str(folder / "out-streaming"),
+            "--overwrite",
+            "--device",
+            "cpu",
+        ]
+    )
     return json.loads((out / "merge_report.json").read_text())["figures"]
 
 
@@ -222,17 +311,36 @@ def child(args):
         figures = baseline(folder, args.alpha) if args.child == "baseline" else streaming(folder, args.alpha)
     wall = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print("RESULT " + json.dumps(dict(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, rss_gib=usage.ru_maxrss / 2**20, figures=figures)))
+    print(
+        "RESULT "
+        + json.dumps(
+            dict(wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, rss_gib=usage.ru_maxrss / 2**20, figures=figures)
+        )
+    )
 
 
 def run_child(method, folder, alpha, pp_examples=0):
-    proc = subprocess.run([sys.executable, __file__, "--child", method, "--dir", str(folder), "--alpha", str(alpha),
-                           "--pp-examples", str(pp_examples)],
-                          capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            method,
+            "--dir",
+            str(folder),
+            "--alpha",
+            str(alpha),
+            "--pp-examples",
+            str(pp_examples),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TQDM_DISABLE="1"),
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"{method} run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # ----------------------------------------------------------------------------- extrapolation
@@ -257,7 +365,9 @@ def working_set(shapes, block_mb):
 
 def model_bytes(c, dtype_bytes):
     kv = c["hidden"] // c["heads"] * c["kv_heads"]
-    per_layer = 2 * c["hidden"] * c["hidden"] + 2 * kv * c["hidden"] + 3 * c["hidden"] * c["intermediate"] + 2 * c["hidden"]
+    per_layer = (
+        2 * c["hidden"] * c["hidden"] + 2 * kv * c["hidden"] + 3 * c["hidden"] * c["intermediate"] + 2 * c["hidden"]
+    )
     return dtype_bytes * (c["layers"] * per_layer + 2 * c["vocab"] * c["hidden"] + c["hidden"])
 
 
@@ -267,13 +377,24 @@ def seed_gram_bytes(shapes):
 
 # ----------------------------------------------------------------------------- one 8B layer on a device
 def layer_8b(args):
-    import merge_model
+    import regmean
+    from merging import BLOCK_MB
     from utils import choose_device
 
     device = choose_device(args.device)
-    c = dict(LLAMA3_8B) if not args.quick else dict(hidden=512, intermediate=1792, vocab=16000, heads=8, kv_heads=2, layers=32)
+    c = (
+        dict(LLAMA3_8B)
+        if not args.quick
+        else dict(hidden=512, intermediate=1792, vocab=16000, heads=8, kv_heads=2, layers=32)
+    )
     shapes = linear_shapes(c["hidden"], c["intermediate"], c["vocab"], c["heads"], c["kv_heads"], 1)
-    groups = {"q": ["q_proj", "k_proj", "v_proj"], "o": ["o_proj"], "gate": ["gate_proj", "up_proj"], "down": ["down_proj"], "lm_head": [None]}
+    groups = {
+        "q": ["q_proj", "k_proj", "v_proj"],
+        "o": ["o_proj"],
+        "gate": ["gate_proj", "up_proj"],
+        "down": ["down_proj"],
+        "lm_head": [None],
+    }
 
     def sync():
         if device.type == "cuda":
@@ -284,29 +405,39 @@ def layer_8b(args):
         modules = ["lm_head"] if key == "lm_head" else [next(m for m in shapes if m.endswith(p)) for p in members]
         n = shapes[modules[0]][1]
         grams = [synthetic_gram(n, f"8b/{key}/{i}").to(device) for i in range(NUM_EXPERTS)]
-        weights = {m: [torch.randn(shapes[m], generator=seeded(m, i)).mul_(0.02).to(device) for i in range(NUM_EXPERTS)] for m in modules}
+        weights = {
+            m: [torch.randn(shapes[m], generator=seeded(m, i)).mul_(0.02).to(device) for i in range(NUM_EXPERTS)]
+            for m in modules
+        }
         sync()
         t0 = time.perf_counter()
-        system = merge_model.regmean_factor(grams, args.alpha, [1 / NUM_EXPERTS] * NUM_EXPERTS, device,
-                                            num_rows=sum(shapes[m][0] for m in modules))
+        system = regmean.RegMeanSystem.factor(
+            grams, args.alpha, [1 / NUM_EXPERTS] * NUM_EXPERTS, device, num_rows=sum(shapes[m][0] for m in modules)
+        )
         for m in modules:
             rows = shapes[m][0]
-            step = max(1, int(merge_model.parse_args(["regmean"]).block_mb * 2**20 // (n * 4)))  # the merge's row blocks
+            step = max(1, int(BLOCK_MB * 2**20 // (n * 4)))  # the merge's row blocks
             for start in range(0, rows, step):
-                merge_model.regmean_solve(system, [w[start:start + step] for w in weights[m]])
+                system.solve([w[start : start + step] for w in weights[m]])
         sync()
         times[key] = time.perf_counter() - t0
         del grams, weights, system
     layer = sum(v for k, v in times.items() if k != "lm_head")
-    print(f"one layer (hidden {c['hidden']}, intermediate {c['intermediate']}, vocab {c['vocab']}{', --quick shapes' if args.quick else ''}) on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}): "
-          + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
-    print(f"solve time per layer {layer:.2f}s; 32 layers + lm_head: {32 * layer + times['lm_head']:.1f}s (solves only; reading and "
-          f"writing the 2 x 16 GB experts and 2 x 32 GB of grams come on top)")
+    print(
+        f"one layer (hidden {c['hidden']}, intermediate {c['intermediate']}, vocab {c['vocab']}"
+        f"{', --quick shapes' if args.quick else ''}) on {device} "
+        f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}): "
+        + ", ".join(f"{k} {v:.2f}s" for k, v in times.items())
+    )
+    print(
+        f"solve time per layer {layer:.2f}s; 32 layers + lm_head: {32 * layer + times['lm_head']:.1f}s "
+        f"(solves only; reading and writing the 2 x 16 GB experts and 2 x 32 GB of grams come on top)"
+    )
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    import merge_model
+    from merging import BLOCK_MB
 
     args = parse_args(argv)
     if args.child:
@@ -327,17 +458,28 @@ def main(argv=None):
         for _ in range(args.repeat):
             for method in methods:
                 r = run_child(method, folder, args.alpha, args.pp_examples)
-                print(f"  {method:9s} wall {r['wall_s']:7.1f}s   CPU {r['cpu_s']:7.1f}s   peak RSS {r['rss_gib']:6.2f} GiB", flush=True)
+                print(
+                    f"  {method:9s} wall {r['wall_s']:7.1f}s   CPU {r['cpu_s']:7.1f}s   "
+                    f"peak RSS {r['rss_gib']:6.2f} GiB",
+                    flush=True,
+                )
                 results.setdefault((method, layers), []).append(r)
     # the fastest run of each; peak RSS is the largest seen
-    results = {k: dict(min(runs, key=lambda r: r["wall_s"]), rss_gib=max(r["rss_gib"] for r in runs)) for k, runs in results.items()}
+    results = {
+        k: dict(min(runs, key=lambda r: r["wall_s"]), rss_gib=max(r["rss_gib"] for r in runs))
+        for k, runs in results.items()
+    }
     lo, hi = min(args.depths), max(args.depths)
     s, b, s_lo = results["streaming", hi], results["baseline", hi], results["streaming", lo]
-    checks = [("peak RSS, streaming / baseline", s["rss_gib"] / b["rss_gib"], 0.25, f"at {hi} layers"),
-              ("peak RSS, streaming deep / shallow", s["rss_gib"] / s_lo["rss_gib"], 1.15, f"{hi} vs {lo} layers"),
-              ("wall time, streaming / baseline", s["wall_s"] / b["wall_s"], 0.6, f"at {hi} layers")]
+    checks = [
+        ("peak RSS, streaming / baseline", s["rss_gib"] / b["rss_gib"], 0.25, f"at {hi} layers"),
+        ("peak RSS, streaming deep / shallow", s["rss_gib"] / s_lo["rss_gib"], 1.15, f"{hi} vs {lo} layers"),
+        ("wall time, streaming / baseline", s["wall_s"] / b["wall_s"], 0.6, f"at {hi} layers"),
+    ]
     cpu = s["cpu_s"] / b["cpu_s"]
-    print(f"\n(CPU time, streaming / baseline at {hi} layers: {cpu:.3f}; less sensitive than wall time to a busy machine)")
+    print(
+        f"\n(CPU time, streaming / baseline at {hi} layers: {cpu:.3f}; less sensitive than wall time to a busy machine)"
+    )
     print("ratio                                   value   target")
     for name, value, target, where in checks:
         print(f"{name:36s} {value:8.3f}   <= {target}  {'ok' if value <= target else 'MISSED'} ({where})")
@@ -348,26 +490,45 @@ def main(argv=None):
         for layers in args.depths:
             pp, rm = results["regmeanpp", layers], results["streaming", layers]
             tokens = pp["figures"]["calibration_tokens"]
-            print(f"{layers:6d}  {pp['wall_s'] / rm['wall_s']:10.2f}   {pp['rss_gib'] / rm['rss_gib']:14.2f}   {tokens:18d}"
-                  f"   {pp['wall_s'] / tokens:11.4f}   {1000 * pp['wall_s'] / tokens / layers:22.3f}")
+            print(
+                f"{layers:6d}  {pp['wall_s'] / rm['wall_s']:10.2f}   {pp['rss_gib'] / rm['rss_gib']:14.2f}   "
+                f"{tokens:18d}"
+                f"   {pp['wall_s'] / tokens:11.4f}   {1000 * pp['wall_s'] / tokens / layers:22.3f}"
+            )
         pp_lo, pp_hi = results["regmeanpp", lo], results["regmeanpp", hi]
-        print(f"regmean++ peak RSS, deep / shallow: {pp_hi['rss_gib'] / pp_lo['rss_gib']:.3f} ({hi} vs {lo} layers; one layer per expert "
-              f"in memory at a time); its forward passes took {pp_hi['figures'].get('forward_s', 0):.1f}s of {pp_hi['wall_s']:.1f}s at {hi} layers")
+        print(
+            f"regmean++ peak RSS, deep / shallow: {pp_hi['rss_gib'] / pp_lo['rss_gib']:.3f} ({hi} vs {lo} layers; "
+            f"one layer per expert in memory at a time); its forward passes took "
+            f"{pp_hi['figures'].get('forward_s', 0):.1f}s of {pp_hi['wall_s']:.1f}s at {hi} layers"
+        )
     if args.quick:
-        print("(--quick: shapes too small for the targets, where start-up costs dominate; this checks that the benchmark runs)")
+        print(
+            "(--quick: shapes too small for the targets, where start-up costs dominate; "
+            "this checks that the benchmark runs)"
+        )
     # Extrapolation to the seed's Llama-3-8B pair from the deepest run.
-    shape = dict(hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab, heads=args.heads, kv_heads=args.kv_heads, layers=hi)
+    shape = dict(
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        vocab=args.vocab,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        layers=hi,
+    )
     here, big = linear_shapes(**shape), linear_shapes(**LLAMA3_8B)
     f = s["figures"]
     solve_8b = f.get("solve_s", 0) * solve_flops(big) / solve_flops(here)
     io_8b = (f.get("load_s", 0) + f.get("write_s", 0)) * model_bytes(LLAMA3_8B, 2) / model_bytes(shape, 2)
-    block_mb = merge_model.parse_args(["regmean"]).block_mb
+    block_mb = BLOCK_MB
     rss_8b = s["rss_gib"] + (working_set(big, block_mb) - working_set(here, block_mb)) / 2**30
     base_8b = (NUM_EXPERTS * model_bytes(LLAMA3_8B, 4) + NUM_EXPERTS * seed_gram_bytes(big)) / 2**30
     print("\nLlama-3-8B pair (32 layers, hidden 4096, intermediate 14336, vocab 128256), extrapolated:")
-    print(f"  streaming: peak RSS ~ {rss_8b:.1f} GiB (measured {s['rss_gib']:.2f} GiB + larger gram systems and row blocks); "
-          f"CPU time ~ {(solve_8b + io_8b) / 3600:.1f} h on this machine (solve {solve_8b / 3600:.1f} h by flops, "
-          f"load+write {io_8b / 60:.0f} min by bytes)")
+    print(
+        f"  streaming: peak RSS ~ {rss_8b:.1f} GiB (measured {s['rss_gib']:.2f} GiB "
+        "+ larger gram systems and row blocks); "
+        f"CPU time ~ {(solve_8b + io_8b) / 3600:.1f} h on this machine (solve {solve_8b / 3600:.1f} h by flops, "
+        f"load+write {io_8b / 60:.0f} min by bytes)"
+    )
     print(f"  baseline: both float32 models and all per-module grams in memory: ~ {base_8b:.0f} GiB before any work")
 
 

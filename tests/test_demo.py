@@ -1,4 +1,5 @@
 """The demo end to end (quick sizes, in a tmp root) and the toy world's own pieces."""
+
 import json
 
 import pytest
@@ -22,7 +23,7 @@ def test_toy_rows_are_right_and_held_out_rows_never_trained_on():
         assign, call = row["input"].split("\n")
         exec(assign, scope)
         assert call.startswith("print(") and call.endswith(")")
-        assert str(eval(call[len("print("):-1], scope)) == row["output"]
+        assert str(eval(call[len("print(") : -1], scope)) == row["output"]
     for row in demo.make_splits("math", sizes, seed=6)["test"]:
         a, op, b, _, c = row["answer"].split(". The answer is ")[0].split()
         assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
@@ -35,14 +36,24 @@ def test_tokenizer_splits_digits_and_renders_the_chat_template(tmp_path):
     ids = tok("12345 + 678", add_special_tokens=False)["input_ids"]
     assert [tok.decode([i]) for i in ids if tok.decode([i]).strip().isdigit()] == list("12345678")
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
-    assert text == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert (
+        text == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
 
 def test_quick_demo_runs_the_whole_flow(tmp_path):
     root = tmp_path / "toy"
     results = demo.main(["--quick", "--root", str(root)])
     assert results == root / "results.md"
-    for folder in ["toy-code", "toy-math", "merges/avg", "merges/regmean_0.1", "merges/regmean_1.0", "merges/regmeanpp_0.1"]:
+    for folder in [
+        "toy-code",
+        "toy-math",
+        "merges/avg",
+        "merges/regmean_0.1",
+        "merges/regmean_1.0",
+        "merges/regmeanpp_0.1",
+    ]:
         assert (root / folder / "config.json").is_file()
         assert list((root / folder / "lm_eval_results_preds").glob("*/results_*.json"))
     for name in ["toy-code", "toy-math"]:
@@ -50,7 +61,14 @@ def test_quick_demo_runs_the_whole_flow(tmp_path):
     lines = results.read_text().splitlines()
     assert lines[0].split("|")[1:-1] == [" Method/Benchmark ", " toy-code ", " toy-math ", " Mean "]
     labels = [line.split("|")[1].strip() for line in lines[3:]]
-    assert labels == ["Code expert", "Math expert", "Average", "RegMean (α=0.1)", "RegMean (α=1.0)", "RegMean++ (α=0.1)"]
+    assert labels == [
+        "Code expert",
+        "Math expert",
+        "Average",
+        "RegMean (α=0.1)",
+        "RegMean (α=1.0)",
+        "RegMean++ (α=0.1)",
+    ]
     for line in lines[3:]:
         code, math, mean = (float(c) for c in line.split("|")[2:5])
         assert 0 <= code <= 100 and 0 <= math <= 100 and mean == pytest.approx((code + math) / 2, abs=0.01)

@@ -6,6 +6,7 @@ task, filter and our metric. evaluate.py runs the real lm_eval CLI (hf backend) 
 local copies of upstream's gsm8k and mathqa configs and our humaneval_instruct, and on the real
 SmolLM2-135M-Instruct; --table reads the result files those runs wrote.
 """
+
 import importlib.util
 import json
 import math
@@ -46,14 +47,25 @@ def write_yaml(path, lines):
 
 def local_task(path, include, task, **splits):
     """A task YAML that takes `include`'s config and reads its splits from local jsonl files."""
-    lines = [f"include: {include}", f"task: {task}", "dataset_path: json", "dataset_name: null",
-             "dataset_kwargs:", "  data_files:"] + [f"    {split}: {file}" for split, file in splits.items()]
+    lines = [
+        f"include: {include}",
+        f"task: {task}",
+        "dataset_path: json",
+        "dataset_name: null",
+        "dataset_kwargs:",
+        "  data_files:",
+    ] + [f"    {split}: {file}" for split, file in splits.items()]
     return write_yaml(path, lines)
 
 
 def run(args, **env):
-    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
+    return subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", **env),
+    )
 
 
 # ----------------------------------------------------------------------------- the override
@@ -71,8 +83,16 @@ def test_override_wins_and_keeps_upstream_settings():
         upstream = load_yaml(upstream_tasks_dir() / "humaneval" / f"{name}.yaml", resolve_func=False)
         assert ours["generation_kwargs"]["until"] == upstream["generation_kwargs"]["until"] + ["\n```"]
         assert ours["generation_kwargs"]["until"][:5] == UPSTREAM_STOPS
-        for key in ["doc_to_text", "doc_to_target", "gen_prefix", "output_type", "test_split", "repeats",
-                    "num_fewshot", "unsafe_code"]:
+        for key in [
+            "doc_to_text",
+            "doc_to_target",
+            "gen_prefix",
+            "output_type",
+            "test_split",
+            "repeats",
+            "num_fewshot",
+            "unsafe_code",
+        ]:
             assert ours.get(key) == upstream.get(key), key
         for key in ["max_gen_toks", "do_sample"]:
             assert ours["generation_kwargs"][key] == upstream["generation_kwargs"][key], key
@@ -148,10 +168,24 @@ def test_canonical_solutions_pass_through_lm_eval_cli(tmp_path):
     request with the problem's canonical solution (BROKEN with a failing body); every canonical answer
     passes, every broken one fails, on both tasks."""
     register = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import canonical_lm; canonical_lm.main()"
-    cmd = [sys.executable, "-c", register, "run", "--model", "canonical",
-           "--model_args", "broken=" + ":".join(map(str, BROKEN)),
-           "--tasks", "humaneval,humaneval_instruct", "--include_path", str(HARNESS), "--confirm_run_unsafe_code",
-           "--output_path", str(tmp_path / "out"), "--log_samples"]
+    cmd = [
+        sys.executable,
+        "-c",
+        register,
+        "run",
+        "--model",
+        "canonical",
+        "--model_args",
+        "broken=" + ":".join(map(str, BROKEN)),
+        "--tasks",
+        "humaneval,humaneval_instruct",
+        "--include_path",
+        str(HARNESS),
+        "--confirm_run_unsafe_code",
+        "--output_path",
+        str(tmp_path / "out"),
+        "--log_samples",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -187,22 +221,52 @@ def lm_eval_run(tmp_path_factory, experts):
     d = tmp_path_factory.mktemp("evaluate")
     folder = d / "regmean_0.1"
     shutil.copytree(experts[0], folder)
-    rows = [{"question": f"What is {a} + {b}?", "answer": f"{a} plus {b} is {a + b}.\n#### {a + b}"}
-            for a, b in [(1, 2), (3, 4), (10, 5), (7, 7), (2, 9), (6, 1), (8, 8), (12, 3)]]
+    rows = [
+        {"question": f"What is {a} + {b}?", "answer": f"{a} plus {b} is {a + b}.\n#### {a + b}"}
+        for a, b in [(1, 2), (3, 4), (10, 5), (7, 7), (2, 9), (6, 1), (8, 8), (12, 3)]
+    ]
     (d / "gsm_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
     (d / "gsm_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[5:]))
     # A MathQA row whose five options are all the same text: every option scores the same, the
     # first (a) wins, so acc_norm is 1 on that row and the table has a non-zero entry.
-    mathqa = [{"Problem": "what is 3 + 4 ?", "options": "a ) 7 , b ) 7 , c ) 7 , d ) 7 , e ) 7", "correct": "a"},
-              {"Problem": "what is 2 + 2 ?", "options": "a ) 1 , b ) 2 , c ) 3 , d ) 4 , e ) 5", "correct": "d"}]
+    mathqa = [
+        {"Problem": "what is 3 + 4 ?", "options": "a ) 7 , b ) 7 , c ) 7 , d ) 7 , e ) 7", "correct": "a"},
+        {"Problem": "what is 2 + 2 ?", "options": "a ) 1 , b ) 2 , c ) 3 , d ) 4 , e ) 5", "correct": "d"},
+    ]
     (d / "mathqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mathqa))
     up = upstream_tasks_dir()
-    tasks = [local_task(d / "gsm8k.yaml", up / "gsm8k" / "gsm8k.yaml", "gsm8k", train=d / "gsm_train.jsonl", test=d / "gsm_test.jsonl"),
-             local_task(d / "mathqa.yaml", up / "mathqa" / "mathqa.yaml", "mathqa", train=d / "mathqa.jsonl",
-                        validation=d / "mathqa.jsonl", test=d / "mathqa.jsonl"), "humaneval_instruct"]
+    tasks = [
+        local_task(
+            d / "gsm8k.yaml",
+            up / "gsm8k" / "gsm8k.yaml",
+            "gsm8k",
+            train=d / "gsm_train.jsonl",
+            test=d / "gsm_test.jsonl",
+        ),
+        local_task(
+            d / "mathqa.yaml",
+            up / "mathqa" / "mathqa.yaml",
+            "mathqa",
+            train=d / "mathqa.jsonl",
+            validation=d / "mathqa.jsonl",
+            test=d / "mathqa.jsonl",
+        ),
+        "humaneval_instruct",
+    ]
     # the tiny model has 512 positions: generation is capped through a pass-through lm_eval flag
-    proc = run([folder, "--tasks", ",".join(map(str, tasks)), "--limit", 2, "--output", d / "table",
-                "--gen_kwargs", "max_gen_toks=16"])
+    proc = run(
+        [
+            folder,
+            "--tasks",
+            ",".join(map(str, tasks)),
+            "--limit",
+            2,
+            "--output",
+            d / "table",
+            "--gen_kwargs",
+            "max_gen_toks=16",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return folder, d / "table", proc
 
@@ -216,7 +280,11 @@ def test_evaluate_runs_lm_eval_cli(lm_eval_run):
     assert len(files) == 1
     out = json.loads(files[0].read_text())
     assert set(out["results"]) == {"gsm8k", "mathqa", "humaneval_instruct"}
-    assert {t: n["effective"] for t, n in out["n-samples"].items()} == {"gsm8k": 2, "mathqa": 2, "humaneval_instruct": 2}
+    assert {t: n["effective"] for t, n in out["n-samples"].items()} == {
+        "gsm8k": 2,
+        "mathqa": 2,
+        "humaneval_instruct": 2,
+    }
     assert out["configs"]["humaneval_instruct"]["generation_kwargs"]["until"] == UPSTREAM_STOPS + ["\n```"]
     assert out["results"]["mathqa"]["acc_norm,none"] >= 1 / 2
     assert list(folder.glob(f"{evaluate.RESULTS_DIR}/*/samples_humaneval_instruct_*.jsonl"))  # --log_samples
@@ -225,8 +293,12 @@ def test_evaluate_runs_lm_eval_cli(lm_eval_run):
 def expected_row(results):
     """The seed's four cells from an lm_eval results dict, computed plainly."""
     cells = []
-    for task, key in [("gsm8k", "exact_match,strict-match"), ("mathqa", "acc_norm,none"),
-                      ("humaneval_instruct", "pass@1,create_test"), ("mbpp", "pass_at_1,none")]:
+    for task, key in [
+        ("gsm8k", "exact_match,strict-match"),
+        ("mathqa", "acc_norm,none"),
+        ("humaneval_instruct", "pass@1,create_test"),
+        ("mbpp", "pass_at_1,none"),
+    ]:
         cells.append("%.2f" % (100.0 * results[task][key]) if task in results else "")
     return cells
 
@@ -252,7 +324,10 @@ def test_table_only_takes_newest_file_per_task(lm_eval_run, tmp_path):
     # a later run of mathqa alone, with another score (lm_eval names files by date)
     newer = {"results": {"mathqa": dict(old["results"]["mathqa"], **{"acc_norm,none": 0.123456})}}
     (first.parent / "results_2999-01-01T00-00-00.000000.json").write_text(json.dumps(newer))
-    assert evaluate.main(["--table", str(avg), str(folder), "--output", str(tmp_path / "table")]) == tmp_path / "table" / "results.md"
+    assert (
+        evaluate.main(["--table", str(avg), str(folder), "--output", str(tmp_path / "table")])
+        == tmp_path / "table" / "results.md"
+    )
     md = (tmp_path / "table" / "results.md").read_text().splitlines()
     expected = dict(old["results"], mathqa=newer["results"]["mathqa"])
     assert md[3] == "| " + " | ".join(["Average"] + expected_row(expected)) + " |"
@@ -264,9 +339,11 @@ def test_table_only_takes_newest_file_per_task(lm_eval_run, tmp_path):
 def test_build_table_custom_rows_columns_and_mean(lm_eval_run, tmp_path):
     folder, _, _ = lm_eval_run
     results = json.loads(next((folder / evaluate.RESULTS_DIR).glob("*/results_*.json")).read_text())["results"]
-    columns = [("Math", "acc_norm", "mathqa", ["acc_norm,none"]), ("Code", "pass@1", "humaneval_instruct", ["pass@1,create_test"])]
-    md = evaluate.build_table([("Code expert", folder), folder],
-                              columns, tmp_path / "out", mean_column=True)
+    columns = [
+        ("Math", "acc_norm", "mathqa", ["acc_norm,none"]),
+        ("Code", "pass@1", "humaneval_instruct", ["pass@1,create_test"]),
+    ]
+    md = evaluate.build_table([("Code expert", folder), folder], columns, tmp_path / "out", mean_column=True)
     a, b = 100.0 * results["mathqa"]["acc_norm,none"], 100.0 * results["humaneval_instruct"]["pass@1,create_test"]
     lines = md.splitlines()
     assert lines[0] == "| Method/Benchmark | Math | Code | Mean |"
@@ -274,8 +351,12 @@ def test_build_table_custom_rows_columns_and_mean(lm_eval_run, tmp_path):
     assert lines[4].startswith("| RegMean (α=0.1) |")
     assert (tmp_path / "out" / "results.md").read_text() == md
     # a column whose task was not run leaves the cell and the mean blank
-    md = evaluate.build_table([("Code expert", folder)], columns + [("MBPP", "pass@1", "mbpp", ["pass_at_1,none"])],
-                              tmp_path / "out", mean_column=True)
+    md = evaluate.build_table(
+        [("Code expert", folder)],
+        columns + [("MBPP", "pass@1", "mbpp", ["pass_at_1,none"])],
+        tmp_path / "out",
+        mean_column=True,
+    )
     assert md.splitlines()[3] == f"| Code expert | {a:.2f} | {b:.2f} |  |  |"
 
 
@@ -287,8 +368,11 @@ def test_smollm2_humaneval_instruct_end_to_end(smollm2_dir, tmp_path):
         if f.is_file():
             (folder / f.name).symlink_to(f.resolve())
     # one torch thread: a 135M model gains little from two and the machine is shared
-    proc = run([folder, "--tasks", "humaneval_instruct", "--limit", 3, "--output", tmp_path / "table"],
-               HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = run(
+        [folder, "--tasks", "humaneval_instruct", "--limit", 3, "--output", tmp_path / "table"],
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(next((folder / evaluate.RESULTS_DIR).glob("*/results_*.json")).read_text())
     assert out["n-samples"]["humaneval_instruct"]["effective"] == 3
@@ -310,23 +394,38 @@ def test_smollm2_humaneval_instruct_end_to_end(smollm2_dir, tmp_path):
 def test_seed_command():
     import torch
 
-    cmd = evaluate.lm_eval_command("runs/merges/regmean_0.1", "vllm", torch.device("cuda"), torch.bfloat16,
-                                   evaluate.SEED_TASKS.split(","), None, "", ["--batch_size", "auto"])
+    cmd = evaluate.lm_eval_command(
+        "runs/merges/regmean_0.1",
+        "vllm",
+        torch.device("cuda"),
+        torch.bfloat16,
+        evaluate.SEED_TASKS.split(","),
+        None,
+        "",
+        ["--batch_size", "auto"],
+    )
     assert cmd[:3] == [sys.executable, "-m", "lm_eval"]
-    seed = ("run --model vllm --model_args pretrained=runs/merges/regmean_0.1,tensor_parallel_size=1,dtype=bfloat16 "
-            "--tasks mathqa,gsm8k,humaneval_instruct,mbpp --output_path runs/merges/regmean_0.1/lm_eval_results_preds "
-            "--log_samples --trust_remote_code --confirm_run_unsafe_code").split()
+    seed = (
+        "run --model vllm --model_args pretrained=runs/merges/regmean_0.1,tensor_parallel_size=1,dtype=bfloat16 "
+        "--tasks mathqa,gsm8k,humaneval_instruct,mbpp --output_path runs/merges/regmean_0.1/lm_eval_results_preds "
+        "--log_samples --trust_remote_code --confirm_run_unsafe_code"
+    ).split()
     assert cmd[3:] == seed + ["--include_path", str(HARNESS), "--batch_size", "auto"]
 
 
 def test_lm_eval_failure_is_one_line():
     with pytest.raises(UserError, match=r"lm_eval failed on m \(exit 1\): ValueError: no such model$"):
-        evaluate.run_lm_eval([sys.executable, "-c", "import sys; print('loading', file=sys.stderr); raise ValueError('no such model')"], "m")
+        evaluate.run_lm_eval(
+            [sys.executable, "-c", "import sys; print('loading', file=sys.stderr); raise ValueError('no such model')"],
+            "m",
+        )
 
 
 def test_labels():
-    assert [evaluate.label_for(f"runs/merges/{n}") for n in ["avg", "regmean_0.1", "regmean_1.0", "regmeanpp_0.1", "code-llama3"]] == \
-        ["Average", "RegMean (α=0.1)", "RegMean (α=1.0)", "RegMean++ (α=0.1)", "code-llama3"]
+    assert [
+        evaluate.label_for(f"runs/merges/{n}")
+        for n in ["avg", "regmean_0.1", "regmean_1.0", "regmeanpp_0.1", "code-llama3"]
+    ] == ["Average", "RegMean (α=0.1)", "RegMean (α=1.0)", "RegMean++ (α=0.1)", "code-llama3"]
 
 
 # ----------------------------------------------------------------------------- errors
@@ -346,7 +445,9 @@ def test_error_folder_without_model(tmp_path):
 
 
 def test_error_task_not_available_offline(tmp_path, experts):
-    proc = run([experts[0], "--backend", "hf", "--tasks", "gsm8k"], HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = run(
+        [experts[0], "--backend", "hf", "--tasks", "gsm8k"], HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf")
+    )
     line = one_error_line(proc)
     assert "task 'gsm8k' cannot be loaded" in line
     assert not (experts[0] / evaluate.RESULTS_DIR).exists()

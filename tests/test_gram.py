@@ -1,4 +1,5 @@
 """compute_gram.py against a float64 reference computed one example at a time, unpadded."""
+
 import json
 import pickle
 import subprocess
@@ -8,16 +9,32 @@ import pytest
 import torch
 from torch import nn
 
+from calibration import Gram
+from compute_gram import CHECKPOINT_FILE, main
 from conftest import ROOT, make_rows, save_expert, tiny_qwen2, write_jsonl
-from compute_gram import CHECKPOINT_FILE, Gram, main
-from utils import FORMATS, GRAM_FILE, GramFile, UserError
+from tensor_io import GramFile
+from utils import FORMATS, GRAM_FILE, UserError, first_line
 
 MAX_LENGTH = 160  # code rows run 84-246 tokens: some get truncated, the rest need padding
 
 
 def run(model_dir, data, out_dir, *extra, preset="toy-code"):
-    return main([preset, "--model", str(model_dir), "--dataset", str(data), "--output-dir", str(out_dir),
-                 "--max-length", str(MAX_LENGTH), "--device", "cpu", *extra])
+    return main(
+        [
+            preset,
+            "--model",
+            str(model_dir),
+            "--dataset",
+            str(data),
+            "--output-dir",
+            str(out_dir),
+            "--max-length",
+            str(MAX_LENGTH),
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def reference_grams(model_dir, data, fmt, max_length=MAX_LENGTH):
@@ -30,15 +47,19 @@ def reference_grams(model_dir, data, fmt, max_length=MAX_LENGTH):
     sums, hooks = {}, []
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
+
             def hook(module, args, name=name):
                 x = args[0].reshape(-1, args[0].shape[-1])
                 sums[name] = sums.get(name, 0) + x.T @ x
+
             hooks.append(m.register_forward_pre_hook(hook))
     num_tokens = 0
     with torch.no_grad():
         for line in data.read_text().splitlines():
             row = json.loads(line)
-            text = tokenizer.apply_chat_template([{"role": r, "content": row[c]} for r, c in FORMATS[fmt]], tokenize=False)
+            text = tokenizer.apply_chat_template(
+                [{"role": r, "content": row[c]} for r, c in FORMATS[fmt]], tokenize=False
+            )
             ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
             assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id  # one BOS, not two
             model(input_ids=torch.tensor([ids]))
@@ -79,8 +100,11 @@ def test_shared_inputs_stored_once(code_run):
     expected = {}
     for i in range(2):
         p = f"model.layers.{i}."
-        expected |= {p + "self_attn.k_proj": p + "self_attn.q_proj", p + "self_attn.v_proj": p + "self_attn.q_proj",
-                     p + "mlp.up_proj": p + "mlp.gate_proj"}
+        expected |= {
+            p + "self_attn.k_proj": p + "self_attn.q_proj",
+            p + "self_attn.v_proj": p + "self_attn.q_proj",
+            p + "mlp.up_proj": p + "mlp.gate_proj",
+        }
     assert aliases == expected
     assert len(keys) == 2 * 4 + 1 and not keys & set(aliases)
 
@@ -88,7 +112,9 @@ def test_shared_inputs_stored_once(code_run):
 def test_batch_size_and_order_invariance(code_run, experts, calib_files, tmp_path):
     first = GramFile(code_run)
     for batch_size in (1, 13):
-        other = GramFile(run(experts[0], calib_files["code"], tmp_path / f"b{batch_size}", "--batch-size", str(batch_size)))
+        other = GramFile(
+            run(experts[0], calib_files["code"], tmp_path / f"b{batch_size}", "--batch-size", str(batch_size))
+        )
         assert other.metadata["num_tokens"] == first.metadata["num_tokens"]
         for name in first.modules():
             a, b = first.get(name), other.get(name)
@@ -97,7 +123,9 @@ def test_batch_size_and_order_invariance(code_run, experts, calib_files, tmp_pat
 
 def test_qwen2_architecture(tokenizer, calib_files, tmp_path):
     """Another architecture (biases on q/k/v, tied embeddings): sharing found at run time."""
-    base = tiny_qwen2(len(tokenizer), seed=1, intermediate_size=224, num_attention_heads=8, max_position_embeddings=32768)
+    base = tiny_qwen2(
+        len(tokenizer), seed=1, intermediate_size=224, num_attention_heads=8, max_position_embeddings=32768
+    )
     model_dir = save_expert(base, tmp_path / "qwen2", tokenizer, seed=3)
     path = run(model_dir, calib_files["math"], tmp_path / "out", "--batch-size", "3", preset="toy-math")
     reference, _ = reference_grams(model_dir, calib_files["math"], "math")
@@ -176,8 +204,19 @@ def test_checkpoint_with_other_settings_is_refused(experts, calib_files, tmp_pat
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_exits_with_one_line(experts, calib_files, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "compute_gram.py"), "toy-code", "--model", str(experts[0]), "--dataset",
-           str(calib_files["code"]), "--output-dir", str(out), "--max-length", "0"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "compute_gram.py"),
+        "toy-code",
+        "--model",
+        str(experts[0]),
+        "--dataset",
+        str(calib_files["code"]),
+        "--output-dir",
+        str(out),
+        "--max-length",
+        "0",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--max-length must be >= 1" in proc.stderr
@@ -229,3 +268,14 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(UserError, match="refusing to load"):
         GramFile(tmp_path)
     assert not marker.exists()
+
+
+def test_error_texts_are_one_line_even_when_empty(tmp_path):
+    assert first_line(ValueError("")) == "ValueError: "  # str(e).splitlines()[0] raises IndexError here
+    assert first_line(RuntimeError(" \n ")) == "RuntimeError: "
+    assert first_line(OSError("no such file\nTraceback ...")) == "OSError: no such file"
+    empty, truncated, bad_arguments = b"", b"\x80\x02c", b"\x80\x02ccollections\nOrderedDict\n(I1\ntR."
+    for data in (empty, truncated, bad_arguments):  # malformed pickles: one UserError line each, never a traceback
+        (tmp_path / "gram.pkl").write_bytes(data)
+        with pytest.raises(UserError, match=r"gram.pkl: not a gram pickle \(\w+Error: [^\n]*\)$"):
+            GramFile(tmp_path / "gram.pkl")

@@ -1,5 +1,6 @@
 """compute_gram.py over several processes (accelerate launch, gloo on cpu) against one
 process; the split of the batches; the streaming gram writer; a model dispatched by accelerate."""
+
 import json
 import os
 import socket
@@ -9,17 +10,32 @@ import sys
 import pytest
 import torch
 
+from calibration import Gram, length_batches, split_batches
+from compute_gram import checkpoint_path, compute_grams, main
 from conftest import ROOT
-from compute_gram import Gram, checkpoint_path, compute_grams, length_batches, main, split_batches
-from utils import GRAM_FILE, GramFile, UserError, save_grams, write_safetensors
+from tensor_io import GramFile, save_grams, write_safetensors
+from utils import GRAM_FILE, UserError
 
 MAX_LENGTH = 160
 BATCH = ("--batch-size", "2")  # the 13 code rows (an odd number): 7 batches, dealt 4 + 3 (or 3 + 4) over 2 processes
 
 
 def argv(experts, calib_files, out_dir, *extra):
-    return ["toy-code", "--model", str(experts[0]), "--dataset", str(calib_files["code"]), "--output-dir", str(out_dir),
-            "--max-length", str(MAX_LENGTH), "--device", "cpu", *BATCH, *extra]
+    return [
+        "toy-code",
+        "--model",
+        str(experts[0]),
+        "--dataset",
+        str(calib_files["code"]),
+        "--output-dir",
+        str(out_dir),
+        "--max-length",
+        str(MAX_LENGTH),
+        "--device",
+        "cpu",
+        *BATCH,
+        *extra,
+    ]
 
 
 def free_port():
@@ -32,10 +48,30 @@ def launch(num_processes, script, args):
     """`accelerate launch` as a user runs it: --multi_gpu starts the processes through
     torchrun, and compute_gram.py joins them with gloo because its device is the cpu.
     (accelerate's own --cpu flag starts a single process unless mpirun is set up.)"""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(script), *args]
-    env = {"PATH": os.environ.get("PATH", ""), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
 
 
@@ -142,10 +178,12 @@ def test_shares_sum_to_the_whole(single, experts, calib_files, num_shares):
     """Summing the sums of every share, as the all-reduce does, gives the one-process gram."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils import format_rows, load_rows, tokenize_texts
+    from calibration import format_rows, load_rows, tokenize_texts
 
     tokenizer = AutoTokenizer.from_pretrained(experts[0])
-    token_ids = tokenize_texts(tokenizer, format_rows(load_rows(str(calib_files["code"])), "code", tokenizer), MAX_LENGTH)
+    token_ids = tokenize_texts(
+        tokenizer, format_rows(load_rows(str(calib_files["code"])), "code", tokenizer), MAX_LENGTH
+    )
     model = AutoModelForCausalLM.from_pretrained(experts[0], dtype=torch.float32).eval()
     total, rows = {}, {}
     for rank in range(num_shares):
@@ -168,14 +206,23 @@ def test_model_dispatched_with_offload(single, experts, calib_files, tmp_path):
     disk (weights on the meta device, brought in by hooks per forward): the grams are the same."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils import format_rows, load_rows, tokenize_texts
+    from calibration import format_rows, load_rows, tokenize_texts
 
     tokenizer = AutoTokenizer.from_pretrained(experts[0])
-    token_ids = tokenize_texts(tokenizer, format_rows(load_rows(str(calib_files["code"])), "code", tokenizer), MAX_LENGTH)
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
-                  "model.rotary_emb": "cpu", "lm_head": "disk"}
-    model = AutoModelForCausalLM.from_pretrained(experts[0], dtype=torch.float32, device_map=device_map,
-                                                 offload_folder=str(tmp_path / "offload")).eval()
+    token_ids = tokenize_texts(
+        tokenizer, format_rows(load_rows(str(calib_files["code"])), "code", tokenizer), MAX_LENGTH
+    )
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "disk",
+    }
+    model = AutoModelForCausalLM.from_pretrained(
+        experts[0], dtype=torch.float32, device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
     assert model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
     grams, aliases, _ = compute_grams(model, token_ids, 2, progress=False)
     reference = GramFile(single)
@@ -191,10 +238,14 @@ def test_streamed_file_reads_back_with_safetensors(tmp_path):
     from safetensors.torch import load_file
 
     g = torch.Generator().manual_seed(0)
-    tensors = {"model.layers.0.mlp.gate_proj": torch.randn(5, 5, generator=g),
-               "lm_head": torch.randn(3, 3, generator=g).T,  # not contiguous
-               "half": torch.randn(4, 4, generator=g).to(torch.bfloat16),
-               "flags": torch.rand(6, generator=g) > 0.5, "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4)}
+    tensors = {
+        "model.layers.0.mlp.gate_proj": torch.randn(5, 5, generator=g),
+        "lm_head": torch.randn(3, 3, generator=g).T,  # not contiguous
+        "half": torch.randn(4, 4, generator=g).to(torch.bfloat16),
+        "flags": torch.rand(6, generator=g) > 0.5,
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
     path = tmp_path / "x.safetensors"
     write_safetensors(path, tensors, {"note": "hello", "n": 3})
     loaded = load_file(path)
@@ -205,9 +256,15 @@ def test_streamed_file_reads_back_with_safetensors(tmp_path):
     assert header_size % 8 == 0
 
     grams = {"lm_head": tensors["lm_head"], "model.layers.0.mlp.gate_proj": tensors["half"]}
-    save_grams(tmp_path / GRAM_FILE, grams, {"model.layers.0.mlp.up_proj": "model.layers.0.mlp.gate_proj"}, 42, {"model": "m"})
+    save_grams(
+        tmp_path / GRAM_FILE, grams, {"model.layers.0.mlp.up_proj": "model.layers.0.mlp.gate_proj"}, 42, {"model": "m"}
+    )
     saved = GramFile(tmp_path)
-    assert saved.metadata["num_tokens"] == "42" and saved.metadata["model"] == "m" and saved.metadata["format"] == "regmean-gram-v1"
+    assert (
+        saved.metadata["num_tokens"] == "42"
+        and saved.metadata["model"] == "m"
+        and saved.metadata["format"] == "regmean-gram-v1"
+    )
     assert torch.equal(saved.get("model.layers.0.mlp.up_proj"), tensors["half"].float())
     assert torch.equal(saved.get("lm_head"), tensors["lm_head"])
     with safe_open(tmp_path / GRAM_FILE, "pt") as f:

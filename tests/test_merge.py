@@ -1,5 +1,6 @@
 """merge_model.py on tiny experts: RegMean against a float64 closed form, avg exact, formats,
 sharding, biases, loading the result, and every bad input refused with nothing written."""
+
 import json
 import os
 import pickle
@@ -12,10 +13,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ROOT, save_expert, tiny_config, tiny_qwen2
-from utils import UserError, format_rows, load_rows, save_grams, tokenize_texts
-
 import merge_model
+import regmean
+from calibration import format_rows, load_rows, tokenize_texts
+from conftest import ROOT, save_expert, tiny_config, tiny_qwen2
+from tensor_io import save_grams
+from utils import UserError
+
 
 # ----------------------------------------------------------------------------- helpers
 def activations(model_dir, calib_file, fmt, tokenizer):
@@ -26,7 +30,13 @@ def activations(model_dir, calib_file, fmt, tokenizer):
     acts, hooks = {}, []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            hooks.append(module.register_forward_hook(lambda m, inp, out, name=name: acts.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1]).double())))
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, inp, out, name=name: acts.setdefault(name, []).append(
+                        inp[0].reshape(-1, inp[0].shape[-1]).double()
+                    )
+                )
+            )
     texts = format_rows(load_rows(str(calib_file)), fmt, tokenizer)
     with torch.no_grad():
         for ids in tokenize_texts(tokenizer, texts, 64):  # one row at a time: no padding
@@ -42,8 +52,13 @@ def grams_of(acts):
 
 def write_project_grams(path, grams, num_tokens):
     """gram.safetensors with shared inputs stored once (k/v -> q, up -> gate), as compute_gram.py writes."""
-    aliases = {k: k.replace(k.rsplit(".", 1)[1], {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}[k.rsplit(".", 1)[1]])
-               for k in grams if k.endswith(("k_proj", "v_proj", "up_proj"))}
+    aliases = {
+        k: k.replace(
+            k.rsplit(".", 1)[1], {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}[k.rsplit(".", 1)[1]]
+        )
+        for k in grams
+        if k.endswith(("k_proj", "v_proj", "up_proj"))
+    }
     stored = {k: v for k, v in grams.items() if k not in aliases}
     save_grams(path, stored, aliases, num_tokens, dict(model="test", dataset="test.jsonl", split="train"))
     return path
@@ -94,8 +109,14 @@ def calib(experts, calib_files, tokenizer, tmp_path_factory):
         acts = activations(expert, calib_files[kind], kind, tokenizer)  # the fixture files use the preset formats
         grams = grams_of(acts)
         n = next(iter(acts.values())).shape[0]
-        out.append(dict(acts=acts, grams=grams, st=write_project_grams(d / f"{kind}.safetensors", grams, n),
-                        pkl=write_seed_pickle(d / f"{kind}.pkl", grams)))
+        out.append(
+            dict(
+                acts=acts,
+                grams=grams,
+                st=write_project_grams(d / f"{kind}.safetensors", grams, n),
+                pkl=write_seed_pickle(d / f"{kind}.pkl", grams),
+            )
+        )
     return out
 
 
@@ -107,7 +128,18 @@ def expert_tensors(experts):
 # ----------------------------------------------------------------------------- correctness
 @pytest.mark.parametrize("alpha,tol", [(0.1, 1e-4), (1.0, 1e-3)])
 def test_regmean_matches_float64_reference(experts, calib, expert_tensors, tmp_path, alpha, tol):
-    out = run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--alpha", alpha, "--output-dir", tmp_path / "m")
+    out = run(
+        "regmean",
+        "--models",
+        *experts,
+        "--grams",
+        calib[0]["st"],
+        calib[1]["st"],
+        "--alpha",
+        alpha,
+        "--output-dir",
+        tmp_path / "m",
+    )
     merged = read_folder(out)
     assert set(merged) == set(expert_tensors[0])
     for name, w in merged.items():
@@ -123,17 +155,32 @@ def test_regmean_matches_float64_reference(experts, calib, expert_tensors, tmp_p
     assert len(report["layers"]) == sum(name.rsplit(".", 1)[0] in calib[0]["grams"] for name in merged)
     assert all(r["residual"] < 1e-3 for r in report["layers"])
     assert report["settings"]["alpha"] == alpha
+    assert "tags:\n- merge\n- regmean\nlibrary_name" in (out / "README.md").read_text()
 
 
 def test_regmean_loss_never_above_average(experts, calib, tmp_path):
     """At alpha 1 RegMean minimizes Σᵢ ‖Xᵢ(W − Wᵢ)ᵀ‖² / nᵢ per layer: never above the average's."""
-    out_rm = run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--alpha", 1.0, "--output-dir", tmp_path / "rm")
+    out_rm = run(
+        "regmean",
+        "--models",
+        *experts,
+        "--grams",
+        calib[0]["st"],
+        calib[1]["st"],
+        "--alpha",
+        1.0,
+        "--output-dir",
+        tmp_path / "rm",
+    )
     out_avg = run("avg", "--models", *experts, "--output-dir", tmp_path / "avg")
     rm, avg, ws = read_folder(out_rm), read_folder(out_avg), [read_folder(e) for e in experts]
 
     def loss(w, name):
         module = name.rsplit(".", 1)[0]
-        return sum(((c["acts"][module] @ (w.double() - wi[name].double()).T) ** 2).sum() / len(c["acts"][module]) for c, wi in zip(calib, ws))
+        return sum(
+            ((c["acts"][module] @ (w.double() - wi[name].double()).T) ** 2).sum() / len(c["acts"][module])
+            for c, wi in zip(calib, ws)
+        )
 
     linear = [n for n in rm if n.rsplit(".", 1)[0] in calib[0]["acts"]]
     assert linear
@@ -148,9 +195,17 @@ def test_avg_is_exact_mean_and_folder_is_complete(experts, expert_tensors, tmp_p
     for name, w in merged.items():
         assert torch.equal(w, torch.stack([t[name] for t in expert_tensors]).mean(0)), name
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "merge_report.json"} <= files
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "merge_report.json",
+    } <= files
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nbase_model:\n") and "- merge\n- regmean\n" in card and "library_name: transformers" in card
+    assert card.startswith("---\nbase_model:\n") and "library_name: transformers" in card
+    assert "tags:\n- merge\nlibrary_name" in card  # an average is not tagged regmean
     assert f"- {experts[0]}" in card and "merge_model.py avg" in card
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
@@ -163,7 +218,9 @@ def test_three_experts_with_weights(experts, calib, expert_tensors, base_model, 
     g3 = write_seed_pickle(tmp_path / "g3.pkl", grams3)
     common = ["--models", *experts, third, "--weights", 1, 1, 2]
     avg = read_folder(run("avg", *common, "--output-dir", tmp_path / "avg"))
-    rm = read_folder(run("regmean", *common, "--grams", calib[0]["st"], calib[1]["pkl"], g3, "--output-dir", tmp_path / "rm"))
+    rm = read_folder(
+        run("regmean", *common, "--grams", calib[0]["st"], calib[1]["pkl"], g3, "--output-dir", tmp_path / "rm")
+    )
     tensors = expert_tensors + [t3]
     for name in avg:
         ws = [t[name] for t in tensors]
@@ -171,26 +228,48 @@ def test_three_experts_with_weights(experts, calib, expert_tensors, base_model, 
         assert rel(avg[name], mean) < 1e-6, name
         module = name.rsplit(".", 1)[0]
         if module in grams3:
-            ref = reference_regmean(ws, [calib[0]["grams"][module], calib[1]["grams"][module], grams3[module]], 0.1, coefs)
+            ref = reference_regmean(
+                ws, [calib[0]["grams"][module], calib[1]["grams"][module], grams3[module]], 0.1, coefs
+            )
             assert rel(rm[name], ref) <= 1e-4, name
         else:
             assert rel(rm[name], mean) < 1e-6, name
 
 
 def test_seed_pickle_gives_the_same_merge(experts, calib, tmp_path):
-    a = read_folder(run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--output-dir", tmp_path / "a"))
-    b = read_folder(run("regmean", "--models", *experts, "--grams", calib[0]["pkl"], calib[1]["pkl"], "--output-dir", tmp_path / "b"))
+    a = read_folder(
+        run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--output-dir", tmp_path / "a")
+    )
+    b = read_folder(
+        run(
+            "regmean", "--models", *experts, "--grams", calib[0]["pkl"], calib[1]["pkl"], "--output-dir", tmp_path / "b"
+        )
+    )
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
 
 
 def test_sharded_experts_and_sharded_output(experts, calib, base_model, tokenizer, tmp_path):
-    sharded = [save_expert(base_model, tmp_path / f"s{i}", tokenizer, seed, max_shard_size="60KB") for i, seed in enumerate([10, 11])]
+    sharded = [
+        save_expert(base_model, tmp_path / f"s{i}", tokenizer, seed, max_shard_size="60KB")
+        for i, seed in enumerate([10, 11])
+    ]
     assert all((s / "model.safetensors.index.json").exists() for s in sharded)
     grams = ["--grams", calib[0]["st"], calib[1]["st"]]
     whole = read_folder(run("regmean", "--models", *experts, *grams, "--output-dir", tmp_path / "whole"))
-    out = run("regmean", "--models", *sharded, *grams, "--output-dir", tmp_path / "sharded", "--max-shard-size", "50KB", "--block-mb", 0.01)
+    out = run(
+        "regmean",
+        "--models",
+        *sharded,
+        *grams,
+        "--output-dir",
+        tmp_path / "sharded",
+        "--max-shard-size",
+        "50KB",
+        "--block-mb",
+        0.01,
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2 and set(index["weight_map"]) == set(whole)
     merged = read_folder(out)
@@ -201,8 +280,20 @@ def test_sharded_experts_and_sharded_output(experts, calib, base_model, tokenize
 def test_merged_folder_loads_and_generates(experts, calib, expert_tensors, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--dtype", "bfloat16",
-              "--output-dir", tmp_path / "m", "--max-shard-size", "100KB")
+    out = run(
+        "regmean",
+        "--models",
+        *experts,
+        "--grams",
+        calib[0]["st"],
+        calib[1]["st"],
+        "--dtype",
+        "bfloat16",
+        "--output-dir",
+        tmp_path / "m",
+        "--max-shard-size",
+        "100KB",
+    )
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert model.dtype == torch.bfloat16
@@ -210,7 +301,12 @@ def test_merged_folder_loads_and_generates(experts, calib, expert_tensors, tmp_p
     for name, p in model.state_dict().items():
         assert torch.equal(p, merged[name]), name
     tok = AutoTokenizer.from_pretrained(str(out))
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 2?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     gen = model.generate(**ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert gen.shape[1] == ids["input_ids"].shape[1] + 5
 
@@ -251,7 +347,9 @@ def test_never_active_input_keeps_the_average(experts, calib, expert_tensors, tm
         g[module][dead, :] = 0
         g[module][:, dead] = 0
         files.append(write_seed_pickle(tmp_path / f"g{i}.pkl", g))
-    merged = read_folder(run("regmean", "--models", *experts, "--grams", *files, "--alpha", 1.0, "--output-dir", tmp_path / "m"))
+    merged = read_folder(
+        run("regmean", "--models", *experts, "--grams", *files, "--alpha", 1.0, "--output-dir", tmp_path / "m")
+    )
     w = merged[module + ".weight"]
     ws = [t[module + ".weight"] for t in expert_tensors]
     assert torch.isfinite(w).all()
@@ -274,7 +372,7 @@ def test_solver_accuracy_on_ill_conditioned_grams(out_features):
     ws = [base + 0.05 * torch.randn(out_features, 96, generator=g) for _ in range(2)]
     grams = [spd(96, 1e7, 2), spd(96, 1e7, 3)]
     for alpha, tol in [(1.0, 1e-3), (0.1, 1e-4)]:
-        merged, diag = merge_model.regmean_merge_weight(ws, grams, alpha, [0.5, 0.5])
+        merged, diag = regmean.merge_weight(ws, grams, alpha, [0.5, 0.5])
         ref = reference_regmean(ws, grams, alpha, [0.5, 0.5])
         assert rel(merged, ref) <= tol, (alpha, diag)
         assert diag["residual"] < 1e-3
@@ -285,7 +383,7 @@ def test_solver_falls_back_on_an_indefinite_gram():
     ws = [torch.randn(8, 16, generator=g) for _ in range(2)]
     bad = torch.eye(16)
     bad[3, 3] = -1.0  # not a gram of any data: Cholesky must fail, the eigendecomposition copes
-    merged, diag = merge_model.regmean_merge_weight(ws, [bad, bad], 1.0, [0.5, 0.5])
+    merged, diag = regmean.merge_weight(ws, [bad, bad], 1.0, [0.5, 0.5])
     assert diag["path"] == "eigh64" and torch.isfinite(merged).all()
     torch.testing.assert_close(merged[:, 3], (ws[0][:, 3] + ws[1][:, 3]) / 2)  # no positive curvature: the average
 
@@ -297,23 +395,39 @@ def test_bad_inputs_are_refused_with_nothing_written(experts, calib, base_model,
     st = [calib[0]["st"], calib[1]["st"]]
     g0 = calib[0]["grams"]
     wrong_shape = dict(g0, **{"model.layers.0.mlp.down_proj": torch.eye(7)})
-    nan = dict(g0, **{"model.layers.1.self_attn.o_proj": g0["model.layers.1.self_attn.o_proj"].clone().fill_(float("nan"))})
+    nan = dict(
+        g0, **{"model.layers.1.self_attn.o_proj": g0["model.layers.1.self_attn.o_proj"].clone().fill_(float("nan"))}
+    )
     missing = {k: v for k, v in g0.items() if k != "model.layers.1.mlp.up_proj"}
     other_size = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer), intermediate_size=192))
     other_depth = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer), num_hidden_layers=1))
     other_arch = tmp_path / "arch"
     shutil.copytree(experts[1], other_arch)
     config = json.loads((other_arch / "config.json").read_text())
-    (other_arch / "config.json").write_text(json.dumps(dict(config, model_type="mistral", architectures=["MistralForCausalLM"])))
+    (other_arch / "config.json").write_text(
+        json.dumps(dict(config, model_type="mistral", architectures=["MistralForCausalLM"]))
+    )
     exists = tmp_path / "exists"
     exists.mkdir()
     cases = {
         "architecture": (["--models", experts[0], other_arch], "model_type"),
-        "shape": (["--models", experts[0], save_expert(other_size, tmp_path / "o1", tokenizer, 1)], "model.layers.0.mlp"),
+        "shape": (
+            ["--models", experts[0], save_expert(other_size, tmp_path / "o1", tokenizer, 1)],
+            "model.layers.0.mlp",
+        ),
         "names": (["--models", experts[0], save_expert(other_depth, tmp_path / "o2", tokenizer, 1)], "model.layers.1"),
-        "gram shape": (["--grams", st[0], write_seed_pickle(tmp_path / "ws.pkl", wrong_shape)], "model.layers.0.mlp.down_proj"),
-        "gram nan": (["--grams", st[0], write_seed_pickle(tmp_path / "nan.pkl", nan)], "model.layers.1.self_attn.o_proj"),
-        "gram missing": (["--grams", st[0], write_seed_pickle(tmp_path / "mi.pkl", missing)], "model.layers.1.mlp.up_proj"),
+        "gram shape": (
+            ["--grams", st[0], write_seed_pickle(tmp_path / "ws.pkl", wrong_shape)],
+            "model.layers.0.mlp.down_proj",
+        ),
+        "gram nan": (
+            ["--grams", st[0], write_seed_pickle(tmp_path / "nan.pkl", nan)],
+            "model.layers.1.self_attn.o_proj",
+        ),
+        "gram missing": (
+            ["--grams", st[0], write_seed_pickle(tmp_path / "mi.pkl", missing)],
+            "model.layers.1.mlp.up_proj",
+        ),
         "gram file": (["--grams", st[0], tmp_path / "nowhere.pkl"], "nowhere.pkl"),
         "weights": (["--weights", 1, 2, 3], "--weights"),
         "grams count": (["--grams", st[0]], "--grams"),
@@ -323,8 +437,12 @@ def test_bad_inputs_are_refused_with_nothing_written(experts, calib, base_model,
     }
     for case, (args, needle) in cases.items():
         args = [str(a) for a in args]
-        full = ["regmean"] + (["--models", *map(str, experts)] if "--models" not in args else []) \
-            + (["--grams", *map(str, st)] if "--grams" not in args else []) + args
+        full = (
+            ["regmean"]
+            + (["--models", *map(str, experts)] if "--models" not in args else [])
+            + (["--grams", *map(str, st)] if "--grams" not in args else [])
+            + args
+        )
         out = tmp_path / f"out-{case.replace(' ', '-')}"
         if "--output-dir" not in args:
             full += ["--output-dir", str(out)]
@@ -336,7 +454,7 @@ def test_bad_inputs_are_refused_with_nothing_written(experts, calib, base_model,
 
 
 def test_interrupted_merge_leaves_nothing(experts, calib, tmp_path, monkeypatch):
-    solve, calls = merge_model.regmean_solve, []
+    solve, calls = regmean.RegMeanSystem.solve, []
 
     def interrupted(*args):  # the real solver, then an interruption halfway through the layers
         calls.append(1)
@@ -344,7 +462,7 @@ def test_interrupted_merge_leaves_nothing(experts, calib, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return solve(*args)
 
-    monkeypatch.setattr(merge_model, "regmean_solve", interrupted)
+    monkeypatch.setattr(regmean.RegMeanSystem, "solve", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--output-dir", tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
@@ -360,9 +478,24 @@ def test_malicious_pickle_is_refused_before_it_runs(experts, calib, tmp_path):
     evil = tmp_path / "gram.pkl"
     evil.write_bytes(pickle.dumps({"model.layers.0.mlp.down_proj": Exploit()}))
     out = tmp_path / "m"
-    proc = subprocess.run([sys.executable, str(ROOT / "merge_model.py"), "regmean", "--models", *map(str, experts),
-                           "--grams", str(calib[0]["st"]), str(evil), "--output-dir", str(out)],
-                          capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "merge_model.py"),
+            "regmean",
+            "--models",
+            *map(str, experts),
+            "--grams",
+            str(calib[0]["st"]),
+            str(evil),
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "system" in proc.stderr, proc.stderr  # one line naming what was refused
     assert not marker.exists() and not out.exists()

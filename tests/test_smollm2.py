@@ -45,9 +45,11 @@ def reference_grams(model_dir, rows):
     sums, hooks = {}, []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
+
             def hook(m, inp, out, name=name):
                 x = inp[0].reshape(-1, inp[0].shape[-1])
                 sums[name] = sums.get(name, 0) + x.T @ x
+
             hooks.append(module.register_forward_hook(hook))
     ids = rendered_ids(tokenizer, rows)
     with torch.no_grad():
@@ -63,8 +65,23 @@ def calib(tmp_path_factory):
 
 
 def gram_run(model_dir, calib, out_dir):
-    argv = ["smollm2", "--model", str(model_dir), "--dataset", str(calib), "--output-dir", str(out_dir),
-            "--max-length", str(MAX_LENGTH), "--batch-size", "4", "--device", "cpu", "--dtype", "float32"]
+    argv = [
+        "smollm2",
+        "--model",
+        str(model_dir),
+        "--dataset",
+        str(calib),
+        "--output-dir",
+        str(out_dir),
+        "--max-length",
+        str(MAX_LENGTH),
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
     return compute_gram.main(argv)
 
 
@@ -92,10 +109,12 @@ def second_expert(smollm2_dir, tmp_path_factory):
 
 
 def test_grams_match_float64_reference(smollm2_dir, calib, smol_gram):
-    from utils import GramFile
+    from tensor_io import GramFile
 
     ref, ids = reference_grams(smollm2_dir, [json.loads(line) for line in calib.read_text().splitlines()])
-    assert all(row[0] == 1 and row[1] != 1 for row in ids)  # <|im_start|> (the BOS id) opens the text once, no BOS added
+    assert all(
+        row[0] == 1 and row[1] != 1 for row in ids
+    )  # <|im_start|> (the BOS id) opens the text once, no BOS added
     grams = GramFile(smol_gram)
     assert int(grams.metadata["num_tokens"]) == sum(map(len, ids))
     assert len(ref) == 30 * 7 + 1  # every nn.Linear, lm_head included
@@ -121,25 +140,48 @@ def test_self_merge_gives_back_the_model(method, smollm2_dir, smol_gram, tmp_pat
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     tokenizer = AutoTokenizer.from_pretrained(str(out))
-    prompt = tokenizer.apply_chat_template([dict(role="user", content="Name a prime number.")],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [dict(role="user", content="Name a prime number.")],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     reference = AutoModelForCausalLM.from_pretrained(str(smollm2_dir))
     texts = [tokenizer.decode(m.generate(**prompt, max_new_tokens=12, do_sample=False)[0]) for m in (model, reference)]
     assert texts[0] == texts[1] and len(texts[0]) > len(tokenizer.decode(prompt["input_ids"][0]))
 
 
 def test_regmean_with_a_second_expert_matches_closed_form(smollm2_dir, second_expert, calib, smol_gram, tmp_path):
-    from utils import GramFile
+    from tensor_io import GramFile
 
     expert_gram = gram_run(second_expert, calib, tmp_path / "gram2")
     out = tmp_path / "merged"
     alpha = 0.1
-    merge_model.main(["regmean", "--models", str(smollm2_dir), str(second_expert), "--grams", str(smol_gram),
-                      str(expert_gram), "--alpha", str(alpha), "--dtype", "float32", "--output-dir", str(out)])
+    merge_model.main(
+        [
+            "regmean",
+            "--models",
+            str(smollm2_dir),
+            str(second_expert),
+            "--grams",
+            str(smol_gram),
+            str(expert_gram),
+            "--alpha",
+            str(alpha),
+            "--dtype",
+            "float32",
+            "--output-dir",
+            str(out),
+        ]
+    )
     experts, merged = [weights(smollm2_dir), weights(second_expert)], weights(out)
     gram_files = [GramFile(smol_gram), GramFile(expert_gram)]
     # (layer 0 sees the same inputs in both experts, the embeddings being equal: there RegMean is the average)
-    for name in ["model.layers.1.self_attn.q_proj", "model.layers.13.self_attn.o_proj", "model.layers.29.mlp.down_proj"]:
+    for name in [
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.13.self_attn.o_proj",
+        "model.layers.29.mlp.down_proj",
+    ]:
         reduced = []
         for grams in gram_files:
             gram = grams.get(name).double()

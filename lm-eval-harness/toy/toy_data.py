@@ -3,6 +3,7 @@
 `python demo.py` writes them under runs/toy/data/; a run elsewhere (demo.py --root) passes
 its folder with `lm_eval ... --metadata '{"toy_data_dir": "DIR"}'`.
 """
+
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]

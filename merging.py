@@ -1,0 +1,263 @@
+"""The streaming merge that serves `avg`, `regmean` and RegMean++: experts' tensors are read from
+their safetensors files when needed (in blocks of rows when large), merged (the weighted mean, or
+RegMean's solve on the grams of a layer's input) and written straight to their place in the
+output shards, so memory stays flat in depth and vocabulary.
+
+    experts = load_experts(["code", "math"])
+    merge = StreamingMerge(experts, coefs, alpha, device, out_dtype, writer, timer, block_mb)
+    report = merge_tensors(merge, gram_files, linear_modules(experts[0].infos, gram_files))
+"""
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from regmean import RegMeanSystem
+from tensor_io import ST_DTYPES, GramFile, ShardWriter, checkpoint_files, read_tensor, tensor_infos
+from utils import PRESETS, Timer, UserError, resolve_model_dir
+
+BLOCK_MB = 64  # large tensors are merged in blocks of rows of about this many MB per expert, as float32
+
+
+# ----------------------------------------------------------------------------- the experts
+@dataclass
+class Expert:
+    spec: str  # as given: a preset name, a folder or a hub id
+    dir: Path
+    config: dict  # config.json
+    files: dict[str, Path]  # tensor name -> safetensors file
+    infos: dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, safetensors dtype)
+
+    @property
+    def model_id(self) -> str:
+        """What the model is called in the model card: the hub id of a preset, else as given."""
+        return PRESETS[self.spec]["model"] if self.spec in PRESETS else self.spec
+
+
+def load_experts(specs: list[str]) -> list[Expert]:
+    """Each model's folder, config and tensor layout, checked to share one architecture and the
+    same tensor names and shapes."""
+    experts = []
+    for spec in specs:
+        model_dir = resolve_model_dir(spec)
+        config_file = model_dir / "config.json"
+        if not config_file.exists():
+            raise UserError(f"{model_dir} has no config.json")
+        files = checkpoint_files(model_dir)
+        experts.append(Expert(spec, model_dir, json.loads(config_file.read_text()), files, tensor_infos(files)))
+    first = experts[0]
+    for e in experts[1:]:
+        for key in ("model_type", "architectures"):
+            if e.config.get(key) != first.config.get(key):
+                raise UserError(
+                    f"models differ in {key}: {first.dir} has {first.config.get(key)}, {e.dir} has {e.config.get(key)}"
+                )
+        names, other = set(first.infos), set(e.infos)
+        if names != other:
+            name = sorted(names ^ other)[0]
+            raise UserError(
+                f"tensor {name} is in {first.dir if name in names else e.dir} only; "
+                "all models must have the same tensors"
+            )
+        for name, (shape, _) in first.infos.items():
+            if e.infos[name][0] != shape:
+                raise UserError(
+                    f"tensor {name} has shape {list(shape)} in {first.dir} but {list(e.infos[name][0])} in {e.dir}"
+                )
+    return experts
+
+
+def linear_modules(infos: dict, gram_files: list[GramFile]) -> dict[str, int]:
+    """{module: in features} of the linear layers RegMean merges: the 2-D `.weight` tensors whose
+    module has a gram. Every gram file must hold a finite [in, in] gram for each of them."""
+    linear = {}
+    for name, (shape, _) in infos.items():
+        module = name[: -len(".weight")]
+        if name.endswith(".weight") and len(shape) == 2 and any(module in g for g in gram_files):
+            linear[module] = shape[1]
+    if not linear:
+        raise UserError(f"no gram in {[str(g.path) for g in gram_files]} matches a weight of the models (wrong grams?)")
+    for grams in gram_files:
+        for module, n in linear.items():
+            if module not in grams:
+                raise UserError(f"{grams.path} has no gram for {module} (other gram files have one)")
+            if grams.shape(module) != (n, n):
+                raise UserError(
+                    f"{grams.path}: gram of {module} has shape {list(grams.shape(module))}, expected [{n}, {n}]"
+                )
+        keys = sorted({grams.key_of[m] for m in linear})
+        for key in tqdm(keys, desc=f"checking {grams.path.name}", leave=False, disable=len(keys) < 50):
+            if not torch.isfinite(grams.get(key)).all():
+                raise UserError(f"{grams.path}: gram {key} holds NaN or Inf")
+    return linear
+
+
+# ----------------------------------------------------------------------------- the merge
+def row_blocks(shape: tuple[int, ...], block_mb: float) -> list[tuple[int, int] | None]:
+    """(start, stop) row ranges of a tensor, each about block_mb MB in float32."""
+    if len(shape) == 0:
+        return [None]
+    row_bytes = max(1, math.prod(shape[1:]) * 4)
+    step = max(1, int(block_mb * 2**20 // row_bytes))
+    return [(i, min(i + step, shape[0])) for i in range(0, max(shape[0], 1), step)]
+
+
+def writer_dtype(out_dtype: torch.dtype, st_dtype: str) -> torch.dtype:
+    """Floating tensors are written in the output dtype; integer buffers keep their own."""
+    return out_dtype if ST_DTYPES[st_dtype].is_floating_point else ST_DTYPES[st_dtype]
+
+
+def gram_stats(gram: Tensor, tokens: int | None) -> dict:
+    """Figures of one expert's gram for the report: its tokens, trace, mean diagonal and
+    max/min diagonal (a lower bound of the condition number, free to compute)."""
+    d = gram.diagonal().double()
+    return dict(
+        tokens=tokens,
+        trace=d.sum().item(),
+        mean_diag=d.mean().item(),
+        cond_lower_bound=(d.max() / d.min()).item() if d.min() > 0 else float("inf"),
+    )
+
+
+@dataclass
+class StreamingMerge:
+    """What every merged tensor needs: the experts and their normalized weights, alpha, where the
+    solves run, the output dtype, the shard writer, the phase timer and the row block size."""
+
+    experts: list[Expert]
+    coefs: list[float]
+    alpha: float
+    device: torch.device
+    out_dtype: torch.dtype
+    writer: ShardWriter
+    timer: Timer
+    block_mb: float = BLOCK_MB
+
+    def mean(self, name: str, keep: bool = False) -> Tensor | None:
+        """The weighted mean of tensor `name` into the shards, block by block; with keep, also
+        returned as written (for a forward pass through the merged model)."""
+        shape, st_dtype = self.experts[0].infos[name]
+        kept = []
+        for rows in row_blocks(shape, self.block_mb):
+            with self.timer("load"):
+                blocks = [read_tensor(e.files[name], name, rows) for e in self.experts]
+            with self.timer("solve"):
+                if blocks[0].is_floating_point():
+                    merged = sum(c * b.to(self.device, torch.float32) for c, b in zip(self.coefs, blocks))
+                    merged = merged.to(writer_dtype(self.out_dtype, st_dtype))
+                else:  # integer buffers are not averaged: the last model's value
+                    merged = blocks[-1]
+            with self.timer("write"):
+                self.writer.write(name, merged, rows[0] if rows else 0)
+            if keep:
+                kept.append(merged)
+        if keep:
+            return kept[0] if len(kept) == 1 else torch.cat(kept)
+        return None
+
+    def linear_group(
+        self, members: list[str], grams: list[Tensor], tokens: list[int | None], keep: bool = False
+    ) -> tuple[list[dict], dict[str, Tensor]]:
+        """RegMean merge of the linear weights `members` that read one input (q/k/v, gate/up, or one
+        layer alone) on one factorization of their system. grams: each expert's gram of that input;
+        tokens: how many tokens each gram saw (None where unknown). Returns one report row per
+        weight and, with keep, {name: merged weight as written}."""
+        infos = self.experts[0].infos
+        t0 = time.perf_counter()
+        stats = [gram_stats(g, n) for g, n in zip(grams, tokens)]
+        with self.timer("solve"):
+            system = RegMeanSystem.factor(
+                grams, self.alpha, self.coefs, self.device, num_rows=sum(infos[m][0][0] for m in members)
+            )
+        factor_s = time.perf_counter() - t0
+        report, kept = [], {}
+        for member in members:
+            t0 = time.perf_counter()
+            worst_residual, worst_error, blocks_out = 0.0, 0.0, []
+            for rows in row_blocks(infos[member][0], self.block_mb):
+                with self.timer("load"):
+                    blocks = [
+                        read_tensor(e.files[member], member, rows).to(self.device, torch.float32) for e in self.experts
+                    ]
+                with self.timer("solve"):
+                    merged, residual, error = system.solve(blocks)
+                    merged = merged.to(self.out_dtype)
+                with self.timer("write"):
+                    self.writer.write(member, merged, rows[0])
+                worst_residual, worst_error = max(worst_residual, residual), max(worst_error, error)
+                if keep:
+                    blocks_out.append(merged)
+            if keep:
+                kept[member] = torch.cat(blocks_out)
+            report.append(
+                dict(
+                    tensor=member,
+                    n=system.n,
+                    path=system.path,
+                    ridge=system.ridge,
+                    probe_error=system.probe_error,
+                    residual=worst_residual,
+                    error_estimate=worst_error,
+                    seconds=round(time.perf_counter() - t0 + factor_s, 4),
+                    grams=stats,
+                )
+            )
+            factor_s = 0.0  # the factorization is counted once, with the first layer of its group
+        return report, kept
+
+
+def merge_tensors(
+    merge: StreamingMerge, gram_files: list[GramFile], linear: dict[str, int], desc: str = "merge"
+) -> list[dict]:
+    """Merge every tensor into the shards, one tensor (or block of rows) at a time: the linear
+    layers in `linear` by RegMean on the grams of `gram_files` (those that share an input
+    together, on one factorization), every other tensor by the weighted mean. Returns per-layer
+    diagnostics."""
+    infos = merge.experts[0].infos
+    groups = {}  # gram keys (one per expert) -> weight names, in checkpoint order
+    for module in linear:
+        key = tuple(g.key_of[module] for g in gram_files)
+        groups.setdefault(key, []).append(module + ".weight")
+    group_of = {name: key for key, names in groups.items() for name in names}
+    tokens = [int(g.metadata["num_tokens"]) if "num_tokens" in g.metadata else None for g in gram_files]
+    done, report = set(), []
+    bar = tqdm(total=len(infos), desc=desc, unit="tensor")
+    for name in infos:
+        if name in done:
+            continue
+        if name not in group_of:
+            merge.mean(name)
+            done.add(name)
+            bar.update(1)
+            continue
+        key = group_of[name]
+        with merge.timer("load"):
+            grams = [g.get(k) for g, k in zip(gram_files, key)]
+        rows, _ = merge.linear_group(groups[key], grams, tokens)
+        del grams
+        report += [dict(r, gram=key[0]) for r in rows]
+        done.update(groups[key])
+        bar.update(len(groups[key]))
+    bar.close()
+    return report
+
+
+def summarize(report: list[dict]) -> str:
+    """One line on the solves of a merge: layers, paths taken, worst residual and error."""
+    if not report:
+        return ""
+    paths = {}
+    for r in report:
+        paths[r["path"]] = paths.get(r["path"], 0) + 1
+    return (
+        f"{len(report)} linear layers; paths "
+        + ", ".join(f"{k} {v}" for k, v in sorted(paths.items()))
+        + f"; max relative residual {max(r['residual'] for r in report):.2e}"
+        + f"; max estimated relative error {max(r['error_estimate'] for r in report):.2e}"
+    )

@@ -1,0 +1,198 @@
+"""The RegMean math (Jin et al., ICLR 2023), no I/O: the merge of one linear layer from the
+experts' weights and the grams of its input.
+
+    G̃ᵢ = α Gᵢ + (1 - α) diag(Gᵢ)                       (α: alpha; 1 is plain RegMean)
+    (Σᵢ cᵢ G̃ᵢ + λI) Wᵀ = Σᵢ cᵢ G̃ᵢ Wᵢᵀ + λ W_avgᵀ        (cᵢ: the experts' normalized weights)
+
+λ is a tiny ridge toward the weighted average W_avg: input directions the data never excites
+keep the average. The system is solved for the deviation from the average, on a factorization
+shared by the layers that read one input (q/k/v, gate/up):
+
+    merged, residual, error = RegMeanSystem.factor(grams, alpha, coefs, device).solve(rows)
+    merged, diagnostics = merge_weight(expert_weights, grams, alpha, coefs)     # one layer
+
+The solve is float32 Cholesky where that is accurate (its error is measured on random probes),
+float64 Cholesky where the gram is too ill-conditioned for float32, and an eigendecomposition
+where even that fails; never lstsq (whose default CPU driver truncates the rank of
+ill-conditioned grams).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+RIDGE = 1e-9  # λ = RIDGE * mean(diag(Σ cᵢ G̃ᵢ)): below any direction the data excites, above float64 rounding
+TOLERANCE = 1e-5  # estimated relative error of a merged weight above which float64 is used
+RESIDUAL_LIMIT = 1e-3  # relative residual of a solve (on sampled rows) above which the next fallback is taken
+NUM_PROBES = 8  # random right-hand sides used to estimate a float32 factorization's error
+NUM_RESIDUAL_COLUMNS = 64  # output rows on which each solve's residual is measured
+PATHS = ("average", "cholesky32", "cholesky64", "eigh64")  # the solvers, each more robust than the one before
+
+
+def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
+    """G̃ = α G + (1 - α) diag(G): off-diagonals scaled by α, the diagonal kept (one new tensor)."""
+    out = gram * alpha
+    out.diagonal().copy_(gram.diagonal())
+    return out
+
+
+@dataclass
+class RegMeanSystem:
+    """The factored system A = Σ cᵢ G̃ᵢ + λI of one input, shared by the layers that read it.
+
+    `path` is the solver in use (see PATHS); `solve` moves to the next one where the current one
+    is not accurate enough, and the layers solved after that use it too."""
+
+    grams: list[Tensor]  # float32 [n, n] per expert, on the solve device
+    coefs: list[float]
+    alpha: float
+    ridge: float  # λ
+    path: str = "cholesky32"
+    probe_error: float | None = None  # relative error of the float32 factor on random probes
+    deltas: list[Tensor] = field(default_factory=list)  # Δᵢ = cᵢ (G̃ᵢ - G̃_N), i < N
+    maps: list[Tensor] | None = None  # Mᵢ = A⁻¹ Δᵢ (float32 path, when many rows are to come)
+    chol: Tensor | None = None  # Cholesky factor of A: float32 or float64 as the path says
+    a64: Tensor | None = None  # A in float64 (float64 paths)
+    eig: tuple[Tensor, Tensor] | None = None  # positive eigenvalues of A and their vectors (eigh64)
+
+    @property
+    def n(self) -> int:
+        return self.grams[0].shape[0]
+
+    @classmethod
+    def factor(
+        cls,
+        grams: list[Tensor],
+        alpha: float,
+        coefs: list[float],
+        device: torch.device | str = "cpu",
+        num_rows: int | None = None,
+    ) -> "RegMeanSystem":
+        """Factor the system of one input. grams: one [in, in] gram per expert; coefs: the
+        experts' normalized weights; num_rows: how many output rows will be solved with it.
+
+        A is factored by Cholesky in float32. Its error is measured on NUM_PROBES random
+        solutions whose right-hand sides are exact float64 products; the float32 error grows with
+        A's condition number, and solve() moves a layer to float64 where it would show in the
+        merged weight. The right-hand side needs N - 1 products, not N: with Xᵢ = Wᵢ - W_avg,
+        Σ cᵢ Xᵢ = 0, so Σ cᵢ G̃ᵢ Xᵢᵀ = Σ_{i<N} Δᵢ Xᵢᵀ. Where more rows than inputs are to come
+        (q/k/v, gate/up, lm_head), Mᵢ = A⁻¹ Δᵢ is formed once and each row block costs one
+        product per expert instead of a product and two triangular solves."""
+        grams = [g.to(device, torch.float32) for g in grams]
+        n = grams[0].shape[0]
+        a = torch.zeros(n, n, device=device)
+        for g, c in zip(grams, coefs):
+            a.add_(g, alpha=c * alpha)
+        a.diagonal().copy_(sum(c * g.diagonal() for g, c in zip(grams, coefs)))
+        scale = torch.diagonal(a).mean().item()
+        system = cls(grams=grams, coefs=list(coefs), alpha=alpha, ridge=RIDGE * scale if scale > 0 else 1.0)
+        if scale <= 0:  # the data never reached this input: the average everywhere
+            system.path = "average"
+            return system
+        a.diagonal().add_(system.ridge)
+        l32, info = torch.linalg.cholesky_ex(a)
+        del a
+        if info.item() != 0:
+            system.upgrade()
+            return system
+        for g, c in zip(grams[:-1], coefs):
+            d = torch.sub(g, grams[-1]).mul_(c * alpha)
+            d.diagonal().copy_(c * (g.diagonal() - grams[-1].diagonal()))
+            system.deltas.append(d)
+        z = torch.randn(n, NUM_PROBES, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+        z_solved = torch.cholesky_solve(system.apply_a(z).float(), l32).double()
+        system.chol, system.probe_error = l32, ((z_solved - z).norm() / z.norm()).item()
+        if num_rows is not None and num_rows > n:
+            system.maps = [torch.cholesky_solve(d, l32) for d in system.deltas]
+        return system
+
+    def apply_a(self, x: Tensor, chunk: int = 2048) -> Tensor:
+        """A x for a few columns x, in x's precision. In float64 the products come from the
+        float32 grams a chunk of rows at a time (no float64 copy of a 14336 x 14336 gram)."""
+        if x.dtype == torch.float64 and self.a64 is not None:
+            return self.a64 @ x
+        out = self.ridge * x
+        for g, c in zip(self.grams, self.coefs):
+            if x.dtype == torch.float64:
+                gx = torch.cat([g[i : i + chunk].double() @ x for i in range(0, len(g), chunk)])
+            else:
+                gx = g @ x
+            out += c * (self.alpha * gx + (1 - self.alpha) * torch.diagonal(g).to(x.dtype)[:, None] * x)
+        return out
+
+    def upgrade(self) -> None:
+        """Move to the next, more robust solver: float64 Cholesky of A formed in float64, then an
+        eigendecomposition (directions without positive curvature keep the average)."""
+        self.chol, self.maps = None, None
+        if self.a64 is None:  # float64 Δᵢ and A, exact from the float32 grams
+            reduced = [reduce_off_diagonal(g.double(), self.alpha) for g in self.grams]
+            self.deltas = [c * (r - reduced[-1]) for r, c in zip(reduced[:-1], self.coefs)]
+            self.a64 = sum(c * r for r, c in zip(reduced, self.coefs))
+            self.a64.diagonal().add_(self.ridge)
+            del reduced
+        if self.path == "cholesky32":
+            l64, info = torch.linalg.cholesky_ex(self.a64)
+            if info.item() == 0:
+                self.path, self.chol = "cholesky64", l64
+                return
+        evals, evecs = torch.linalg.eigh(self.a64)
+        keep = evals > evals.max().clamp_min(0) * 1e-10
+        self.path, self.eig = "eigh64", (evals[keep], evecs[:, keep])
+
+    def solve(self, expert_rows: list[Tensor]) -> tuple[Tensor, float, float]:
+        """Merged rows (float32 [rows, in]) of one layer from each expert's rows of W (float32, on
+        the system's device), its relative residual and its estimated relative error. Solving for
+        the deviation from the average keeps the ridge toward the average and makes the rounding
+        error proportional to the (small) deviation rather than to the weight."""
+        while True:
+            wide = self.path in ("cholesky64", "eigh64")
+            rows = [w.double() if wide else w for w in expert_rows]
+            avg = sum(c * w for c, w in zip(self.coefs, rows))
+            if self.path == "average":
+                return avg, 0.0, 0.0
+            diffs = [w - avg for w in rows[:-1]]  # Xᵢ of all experts but the last
+            sample = torch.linspace(0, len(avg) - 1, min(NUM_RESIDUAL_COLUMNS, len(avg)), device=avg.device).long()
+            if self.maps is not None:  # D = Σ Mᵢ Xᵢᵀ
+                dev_t = sum(x @ m.T for x, m in zip(diffs, self.maps))
+                rhs_sample = sum(x[sample] @ d for x, d in zip(diffs, self.deltas))
+            else:
+                rhs_t = sum(x @ d for x, d in zip(diffs, self.deltas))  # Σ Δᵢ Xᵢᵀ, transposed ([rows, in])
+                if self.path == "eigh64":
+                    evals, evecs = self.eig
+                    dev_t = ((rhs_t @ evecs) / evals) @ evecs.T
+                else:
+                    dev_t = torch.cholesky_solve(rhs_t.T, self.chol).T
+                rhs_sample = rhs_t[sample]
+                del rhs_t
+            del diffs
+            merged = (avg + dev_t).float()
+            error = 0.0 if wide else self.probe_error * (dev_t.norm() / merged.norm().clamp_min(1e-30)).item()
+            # The residual of the system solved, on a sample of output rows, in the solve's precision.
+            rhs_sample = rhs_sample.T
+            res = self.apply_a(dev_t[sample].T.contiguous()) - rhs_sample
+            residual = (res.norm() / rhs_sample.norm().clamp_min(1e-30)).item()
+            finite = bool(torch.isfinite(merged).all())
+            if (finite and residual <= RESIDUAL_LIMIT and error <= TOLERANCE) or self.path == "eigh64":
+                break
+            self.upgrade()
+        if not finite:  # cannot happen with finite inputs; never write NaN anyway
+            merged, residual = avg.float(), float("nan")
+        return merged, residual, error
+
+
+def merge_weight(
+    expert_weights: list[Tensor],
+    grams: list[Tensor],
+    alpha: float,
+    coefs: list[float],
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, dict]:
+    """The RegMean merge of one linear weight: the experts' weights ([out, in]), their grams
+    ([in, in]), alpha and normalized weights -> merged weight (float32) and diagnostics
+    (residual, error, path, ridge, probe_error)."""
+    system = RegMeanSystem.factor(grams, alpha, coefs, device, num_rows=expert_weights[0].shape[0])
+    merged, residual, error = system.solve([w.to(device, torch.float32) for w in expert_weights])
+    return merged, dict(
+        residual=residual, error=error, path=system.path, ridge=system.ridge, probe_error=system.probe_error
+    )
