@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test stress demo bench clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# the long checks left out of `make test`: 25 two-process gram runs beside a CPU load (~10 min)
+stress: venv
+	$(PY) -m pytest -q -s -m stress tests
 
 demo: venv
 	$(PY) demo.py

@@ -87,3 +87,16 @@ def experts(tmp_path_factory, base_model, tokenizer):
     """Two float32 tiny Llama experts (GQA 8:2) fine-tuned-like from one base."""
     d = tmp_path_factory.mktemp("experts")
     return [save_expert(base_model, d / name, tokenizer, seed) for seed, name in enumerate(["code", "math"], start=10)]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "stress: long repeated runs, left out unless asked for (-m stress, make stress)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if "stress" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="long: run with -m stress (make stress)")
+    for item in items:
+        if "stress" in item.keywords:
+            item.add_marker(skip)
