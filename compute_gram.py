@@ -39,6 +39,7 @@ tensor at a time, so host memory never holds all the grams at once.
 """
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
@@ -327,6 +328,86 @@ def rank_placement(device, device_map, state):
     return torch.device("cuda", gpus[0]), {i: torch.cuda.mem_get_info(i)[0] for i in gpus}
 
 
+# ----------------------------------------------------------------------------- ranks fail and end together
+# Between two meeting points each rank works alone (loading, its share of the batches, the
+# main process writing the file). A rank that failed there and just exited would leave the
+# others blocked in their next collective until PROCESS_GROUP_TIMEOUT (2 h) under a launcher
+# that does not kill them. So every rank stops at the same meeting points (meet()): each
+# says whether it failed since the last one, and if one did, all stop with its message.
+# The failing rank says so from ranks_in_step's exception handler, at the meeting point the
+# others have reached; the others raise OtherRankFailed there and do not report it again, so
+# every rank takes part in the same number of exchanges. At the end every rank destroys the
+# process group (its worker threads drained and joined) while the interpreter is still whole:
+# a group left to interpreter shutdown is torn down by destructors while gloo's threads may
+# still hold work and tensors, and a rank once aborted that way ("terminate called without an
+# active exception") after a run that had succeeded, and the launcher killed the others.
+ERROR_BYTES = 1024  # room for one rank's message in the exchange
+
+
+class OtherRankFailed(UserError):
+    """Another process of the run failed; this one stops with its message."""
+
+
+def in_process_group():
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def exchange_errors(message: str | None) -> list[str | None]:
+    """Every rank's message (None: no failure), gathered on every rank, fixed-size byte
+    buffers in one all_gather (no pickling)."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = (message or "").encode()[: ERROR_BYTES - 1]
+    mine = torch.zeros(ERROR_BYTES, dtype=torch.uint8)
+    mine[0] = message is not None
+    mine[1 : 1 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    every = [torch.empty(ERROR_BYTES, dtype=torch.uint8, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine.to(device))
+    every = [b.cpu() for b in every]
+    return [bytes(b[1:].tolist()).rstrip(b"\0").decode(errors="replace") if b[0] else None for b in every]
+
+
+def meet():
+    """A meeting point of all ranks (a no-op alone): returns once every rank is here, or
+    raises OtherRankFailed when one of them failed since the last meeting point."""
+    if not in_process_group():
+        return
+    import torch.distributed as dist
+
+    for rank, message in enumerate(exchange_errors(None)):
+        if message is not None:
+            raise OtherRankFailed(f"rank {rank} of {dist.get_world_size()} failed: {message}")
+
+
+def ranks_in_step(main):
+    """Wrap a stage's main() so that a failure on one rank reaches the others at their next
+    meet(), and every rank destroys the process group before it returns or raises."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        import torch.distributed as dist
+
+        healthy = True  # the group can still be used (and destroyed) by everyone
+        try:
+            return main(*args, **kwargs)
+        except BaseException as e:
+            if in_process_group() and not isinstance(e, OtherRankFailed):
+                message = str(e) if isinstance(e, UserError) else first_line(e).removesuffix(": ")
+                try:
+                    exchange_errors(message)
+                except Exception:  # the group itself broke (a rank died): our own error is the news
+                    healthy = False
+            raise
+        finally:
+            if healthy and dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+
+    return run
+
+
 def load_model(model_dir, device, dtype, device_map=None, max_memory=None):
     from transformers import AutoModelForCausalLM
 
@@ -345,6 +426,7 @@ def load_model(model_dir, device, dtype, device_map=None, max_memory=None):
     return model.eval()
 
 
+@ranks_in_step
 def main(argv=None):
     from accelerate import PartialState
 
@@ -406,6 +488,7 @@ def main(argv=None):
             num_processes=num_processes,
         )
         del model
+        meet()  # every share is done, or one rank failed and all stop here
         tokens_run = all_reduce_grams(grams, tokens_run)
     num_tokens = sum(map(len, token_ids))
     path = out_dir / GRAM_FILE
@@ -420,7 +503,7 @@ def main(argv=None):
             f"{f' over {num_processes} processes' if num_processes > 1 else ''}, {peak_memory(device)}"
         )
     del grams
-    state.wait_for_everyone()  # the others return once the file is in place
+    meet()  # the others return once the file is in place (or stop if writing it failed)
     return path
 
 

@@ -119,3 +119,16 @@ def smollm2_dir():
     from smollm2 import DEFAULT_DIR, materialize
 
     return materialize(ROOT / DEFAULT_DIR)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "stress: long repeated runs, left out unless asked for (-m stress, make stress)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if "stress" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="long: run with -m stress (make stress)")
+    for item in items:
+        if "stress" in item.keywords:
+            item.add_marker(skip)

@@ -6,12 +6,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 
 import pytest
 import torch
 
 from calibration import Gram, length_batches, split_batches
-from compute_gram import checkpoint_path, compute_grams, main
+from compute_gram import checkpoint_path, compute_grams, main, save_checkpoint
 from conftest import ROOT
 from tensor_io import GramFile, save_grams, write_safetensors
 from utils import GRAM_FILE, UserError
@@ -75,6 +77,35 @@ def launch(num_processes, script, args):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
 
 
+def assert_ran_on_two(proc, single):
+    """The launch exited 0, two ranks really ran (the writer says so) and both shares' tokens
+    reached the file (each rank holds only its own share before the all-reduce)."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "over 2 processes" in proc.stdout
+    assert proc.stdout.count("wrote ") == 1  # one writer
+    assert f", {tokens_of(single)} tokens in " in proc.stdout
+
+
+# Another CPU-heavy job beside the launches: CI once saw rank 1 abort at exit while one ran.
+LOAD = """
+import torch
+torch.set_num_threads(2)
+x = torch.randn(384, 384)
+while True:
+    x = torch.tanh(x @ x)
+"""
+
+
+@contextmanager
+def cpu_load():
+    proc = subprocess.Popen([sys.executable, "-c", LOAD])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def assert_same_grams(path, reference, rtol=1e-5):
     got, ref = GramFile(path), GramFile(reference)
     assert got.metadata["num_tokens"] == ref.metadata["num_tokens"]
@@ -94,16 +125,96 @@ def single(experts, calib_files, tmp_path_factory):
     return main(argv(experts, calib_files, tmp_path_factory.mktemp("single")))
 
 
+def repeat_under_load(runs, single, experts, calib_files, tmp_path):
+    """2-process runs one after another (`runs`: each one's extra arguments) while another job
+    loads the cpu. Each must exit 0 after two ranks really ran and leave the one-process gram
+    and nothing else; every failure is collected, so that a long run says how often it happens."""
+    failures = []
+    start = time.time()
+    with cpu_load():
+        for i, extra in enumerate(runs):
+            out = tmp_path / f"run{i}"
+            proc = launch(2, ROOT / "compute_gram.py", argv(experts, calib_files, out, *extra))
+            try:
+                assert_ran_on_two(proc, single)
+                assert_same_grams(out / GRAM_FILE, single)
+                assert sorted(p.name for p in out.iterdir()) == [GRAM_FILE]  # no temporary files, no checkpoints
+            except AssertionError as e:
+                failures.append(f"run {i}: exit {proc.returncode}: {str(e)[-1500:]}")
+    print(f"\n{len(runs) - len(failures)}/{len(runs)} 2-process runs under load passed in {time.time() - start:.0f} s")
+    assert not failures, f"{len(failures)}/{len(runs)} failed:\n" + "\n".join(failures)
+
+
 def test_two_processes_equal_one(single, experts, calib_files, tmp_path):
-    out = tmp_path / "two"
     # --device-map places an expert over GPUs; on the cpu it must change nothing
-    proc = launch(2, ROOT / "compute_gram.py", argv(experts, calib_files, out, "--device-map", "auto"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "over 2 processes" in proc.stdout  # really two ranks, one writer
-    assert proc.stdout.count("wrote ") == 1
-    assert f", {tokens_of(single)} tokens in " in proc.stdout  # both shares' tokens counted
-    assert_same_grams(out / GRAM_FILE, single)
-    assert sorted(p.name for p in out.iterdir()) == [GRAM_FILE]  # no temporary files, no checkpoints
+    repeat_under_load([("--device-map", "auto"), ()], single, experts, calib_files, tmp_path)
+
+
+@pytest.mark.stress
+def test_two_processes_many_times_under_load(single, experts, calib_files, tmp_path):
+    repeat_under_load([()] * int(os.environ.get("STRESS_RUNS", 25)), single, experts, calib_files, tmp_path)
+
+
+def test_one_rank_failing_stops_all(experts, calib_files, tmp_path):
+    """A failure on one rank only: rank 1 finds a checkpoint of a run with other settings,
+    rank 0 none and runs its share. Both stop at the meeting point before the all-reduce with
+    rank 1's message, long before the process group's 2 h timeout, and nothing is written."""
+    out = tmp_path / "bad-checkpoint"
+    out.mkdir()
+    save_checkpoint(checkpoint_path(out, 1, 2), {}, 1, {"max_length": 99})
+    start = time.time()
+    proc = launch(2, ROOT / "compute_gram.py", argv(experts, calib_files, out))
+    assert proc.returncode != 0
+    assert "was made with other settings" in proc.stderr  # rank 1, its own error
+    assert "error: rank 1 of 2 failed: " in proc.stderr  # rank 0 stopped by itself, with rank 1's message
+    assert time.time() - start < 200
+    assert not (out / GRAM_FILE).exists()
+
+
+# The main process fails after the all-reduce, while the others wait for its file.
+MAIN_FAILS = """
+import sys
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from compute_gram import meet, ranks_in_step
+from utils import UserError, run_main
+
+
+@ranks_in_step
+def main():
+    dist.init_process_group("gloo")
+    meet()
+    if dist.get_rank() == 0:
+        raise UserError("no space left to write the gram")
+    meet()
+    print(f"rank {{dist.get_rank()}} done")  # never reached
+
+
+run_main(main)
+"""
+
+
+def test_main_process_failing_stops_the_others(tmp_path):
+    """The error exchange itself, in 3 gloo processes under torchrun: rank 0 fails between two
+    meeting points and ranks 1 and 2 each stop with its message."""
+    script = tmp_path / "main_fails.py"
+    script.write_text(MAIN_FAILS.format(root=str(ROOT)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "3",
+        "--master_port",
+        str(free_port()),
+        str(script),
+    ]
+    env = {"PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "error: no space left to write the gram" in proc.stderr
+    assert proc.stderr.count("error: rank 0 of 3 failed: no space left to write the gram") == 2, proc.stderr[-3000:]
+    assert "done" not in proc.stdout
 
 
 INTERRUPT = """
