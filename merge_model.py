@@ -58,7 +58,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
-from merging import BLOCK_MB, StreamingMerge, linear_modules, load_experts, merge_tensors, summarize, writer_dtype
+from merging import (
+    BLOCK_MB,
+    StreamingMerge,
+    linear_modules,
+    load_experts,
+    merge_tensors,
+    summarize,
+    tied_head,
+    writer_dtype,
+)
 from regmeanpp import (
     CalibrationSettings,
     HiddenStates,
@@ -401,6 +410,10 @@ def main(argv=None):
         f"merging {len(s.models)} models ({', '.join(str(e.dir) for e in experts)}) by {s.method}: "
         f"{len(infos)} tensors, {what}, on {device}, output {dtype_name(out_dtype)} -> {out_dir}"
     )
+    tied = tied_head(experts[-1])
+    if tied and s.method != "avg":
+        head, embedding = next(iter(tied.items()))
+        print(f"{head} is tied to {embedding}: the shared matrix is merged by the mean, lm_head's gram is not used")
     extra_settings = {}
     if pp:
         forward_dtype = choose_dtype(s.forward_dtype, device)
@@ -455,6 +468,7 @@ def main(argv=None):
                 experts=[dict(model=e.model_id, dir=str(e.dir), weight=c) for e, c in zip(experts, coefs)],
                 grams=provenance,
                 summary=summary,
+                tied=dict(tensors=tied, merged_by="mean") if tied else None,
                 figures=figures,
                 layers=report,
             )

@@ -73,6 +73,18 @@ def load_experts(specs: list[str]) -> list[Expert]:
     return experts
 
 
+def tied_head(expert: Expert) -> dict[str, str] | None:
+    """{output head: input embedding} when the checkpoint ties them (the config says so and only the
+    embedding is stored), else None. The shared matrix is merged as an embedding, by the weighted
+    mean: it is also every token's input vector, which lm_head's gram says nothing about, and a
+    solve on that gram alone would move the inputs of every layer above. The tie is kept in the
+    output (one tensor, the experts' config)."""
+    if not expert.config.get("tie_word_embeddings", False) or "lm_head.weight" in expert.infos:
+        return None
+    embeddings = [name for name in expert.infos if name.endswith("embed_tokens.weight")]
+    return {"lm_head.weight": embeddings[0]} if embeddings else None
+
+
 def linear_modules(infos: dict, gram_files: list[GramFile]) -> dict[str, int]:
     """{module: in features} of the linear layers RegMean merges: the 2-D `.weight` tensors whose
     module has a gram. Every gram file must hold a finite [in, in] gram for each of them."""

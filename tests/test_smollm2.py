@@ -135,6 +135,8 @@ def test_self_merge_gives_back_the_model(method, smollm2_dir, smol_gram, tmp_pat
     for name, w in original.items():
         assert torch.equal(merged[name], w), name  # RegMean of identical experts: W back to bfloat16 rounding
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    tied = json.loads((out / "merge_report.json").read_text())["tied"]
+    assert tied == {"tensors": {"lm_head.weight": "model.embed_tokens.weight"}, "merged_by": "mean"}
 
     model, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
