@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv lint test stress demo bench smollm2 clean
+.PHONY: venv lint test stress test-cuda demo bench smollm2 clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test: venv
 # the long checks left out of `make test`: 25 two-process gram runs beside a CPU load (~10 min)
 stress: venv
 	$(PY) -m pytest -q -s -m stress tests
+
+test-cuda: venv
+	$(PY) -m pytest -q -m cuda tests/test_cuda.py
 
 demo: venv
 	$(PY) demo.py

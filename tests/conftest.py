@@ -121,14 +121,21 @@ def smollm2_dir():
     return materialize(ROOT / DEFAULT_DIR)
 
 
+OPT_IN = {  # marker -> why its tests are left out unless `-m MARKER` asks for them
+    "stress": "long repeated runs: run with -m stress (make stress)",
+    "cuda": "needs a GPU: run with -m cuda (make test-cuda) where there is one",
+}
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "stress: long repeated runs, left out unless asked for (-m stress, make stress)")
+    for marker, why in OPT_IN.items():
+        config.addinivalue_line("markers", f"{marker}: {why}")
 
 
 def pytest_collection_modifyitems(config, items):
-    if "stress" in (config.getoption("markexpr") or ""):
-        return
-    skip = pytest.mark.skip(reason="long: run with -m stress (make stress)")
-    for item in items:
-        if "stress" in item.keywords:
-            item.add_marker(skip)
+    asked = config.getoption("markexpr") or ""
+    for marker, why in OPT_IN.items():
+        if marker not in asked:
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(pytest.mark.skip(reason=why))
