@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_merge import read_folder, rel
+from test_merge import assert_correction_close, off_by_one_percent, read_folder, rel
 
 import compute_gram
 import merge_model
@@ -123,24 +123,57 @@ def logits(model_dir_or_state, like, calib_file, kind):
         return torch.cat([model(torch.tensor([i])).logits[0] for i in ids])
 
 
-# At alpha 0.1 the reduced grams are well conditioned and the weights match closely. At alpha 1 the
-# o_proj grams of this tiny GQA model are nearly singular (the query heads of a group mix the same
-# values), so float32 rounding moves weight directions that the data hardly excites: there the
-# weights match loosely and the merged model's outputs closely.
-@pytest.mark.parametrize("alpha,tol,logits_tol", [(0.1, 1e-5, 1e-6), (1.0, 5e-2, 1e-4)])
-def test_regmeanpp_matches_float64_reference(experts, calib_files, tmp_path, alpha, tol, logits_tol):
-    out = run_pp(experts, calib_files, tmp_path / "pp", "--alpha", alpha)
-    merged, (ref, ref_grams) = read_folder(out), reference_regmeanpp(experts, calib_files, alpha)
-    tensors = [read_folder(e) for e in experts]
+@pytest.fixture(scope="module")
+def reference_pp(experts, calib_files):
+    """reference_regmeanpp of the fixture experts, once per alpha."""
+    cache = {}
+
+    def reference(alpha):
+        if alpha not in cache:
+            cache[alpha] = reference_regmeanpp(experts, calib_files, alpha)
+        return cache[alpha]
+
+    return reference
+
+
+def check_against_reference(merged, ref, ref_grams, expert_tensors, alpha, tol):
+    """Every tensor of a regmean++ merge against the float64 reference: each linear weight by its
+    correction to the average (assert_correction_close), every other tensor to 1e-6. Returns the
+    linear weight names."""
     assert set(merged) == set(ref)
     linear = [n for n in merged if n.endswith("proj.weight") or n == "lm_head.weight"]
     assert len(linear) == 2 * 7 + 1 and {n + ".weight" for n in ref_grams} == set(linear)
     for name, w in merged.items():
-        assert rel(w, ref[name]) <= (tol if name in linear else 1e-6), name
-        if name in linear:
-            assert rel(w, (tensors[0][name].double() + tensors[1][name].double()) / 2) > max(
-                1e-3, 10 * rel(w, ref[name])
-            ), f"{name} is just the average"
+        if name not in linear:
+            assert rel(w, ref[name]) <= 1e-6, name
+            continue
+        ws = [t[name] for t in expert_tensors]
+        reduced = sum(alpha * g + (1 - alpha) * torch.diag(torch.diag(g)) for g in ref_grams[name[: -len(".weight")]])
+        if torch.linalg.cond(reduced) < 1e6:
+            assert_correction_close(w, ref[name], ws, [0.5, 0.5], tol, name)
+        else:  # see below: checked in the norm of the layer's outputs, loosely
+            assert_correction_close(w, ref[name], ws, [0.5, 0.5], NEARLY_SINGULAR_TOLERANCE, name, gram=reduced)
+    return linear
+
+
+# The correction W - W_avg is 0.2-0.8% of the weight at alpha 0.1 and 2-45% at alpha 1. Measured errors of
+# the correction at alpha 0.1: at most 1.7e-5 (the float32 rounding of the written weight); at alpha 1, 1.8e-4
+# on the layers whose reduced grams are well conditioned (cond <= 5e4). The o_proj grams of this tiny GQA
+# model at alpha 1 are nearly singular (cond 3e6-1.4e7: the query heads of a group mix the same values), and
+# the float32 forward passes perturb them by ~1e-7, which moves the directions the data hardly excites: their
+# corrections differ from the float64 forwards' by 2-4% in the Frobenius norm, 0.3-0.5% in the norm of the
+# layer's outputs (the logits agree to 1e-4). Those are checked in that norm, to 2e-2; every other linear
+# weight fails at a correction 1% off (test_a_solver_off_by_one_percent_fails).
+PP_TOLERANCES = {0.1: 1e-4, 1.0: 1e-3}
+NEARLY_SINGULAR_TOLERANCE = 2e-2
+
+
+@pytest.mark.parametrize("alpha,logits_tol", [(0.1, 1e-6), (1.0, 1e-4)])
+def test_regmeanpp_matches_float64_reference(experts, calib_files, reference_pp, tmp_path, alpha, logits_tol):
+    out = run_pp(experts, calib_files, tmp_path / "pp", "--alpha", alpha)
+    merged, (ref, ref_grams) = read_folder(out), reference_pp(alpha)
+    tensors = [read_folder(e) for e in experts]
+    linear = check_against_reference(merged, ref, ref_grams, tensors, alpha, PP_TOLERANCES[alpha])
     for kind in ("code", "math"):
         assert (
             rel(logits(out, experts[0], calib_files[kind], kind), logits(ref, experts[0], calib_files[kind], kind))
@@ -157,6 +190,19 @@ def test_regmeanpp_matches_float64_reference(experts, calib_files, tmp_path, alp
     assert report["layers"][-1]["layer"] == 2 and report["settings"]["hidden_states"] == "cpu"
     card = (out / "README.md").read_text()
     assert "RegMean++" in card and "regmean-plus-plus" in card and str(calib_files["math"]) in card
+
+
+@pytest.mark.parametrize("alpha", [0.1, 1.0])
+def test_a_solver_off_by_one_percent_fails(experts, calib_files, reference_pp, tmp_path, monkeypatch, alpha):
+    """The check of test_regmeanpp_matches_float64_reference, at its tolerances, rejects a merge whose
+    corrections to the average are 1% short."""
+    off_by_one_percent(monkeypatch)
+    merged, (ref, ref_grams) = (
+        read_folder(run_pp(experts, calib_files, tmp_path / "pp", "--alpha", alpha)),
+        reference_pp(alpha),
+    )
+    with pytest.raises(AssertionError, match="correction off by 1.0"):
+        check_against_reference(merged, ref, ref_grams, [read_folder(e) for e in experts], alpha, PP_TOLERANCES[alpha])
 
 
 def test_identical_experts_give_back_the_expert(experts, calib_files, tmp_path):
