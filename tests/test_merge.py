@@ -329,6 +329,62 @@ def test_sharded_experts_and_sharded_output(experts, calib, base_model, tokenize
         torch.testing.assert_close(merged[name], whole[name], rtol=1e-5, atol=1e-7)
 
 
+def bf16_ulp(x):
+    """The spacing of bfloat16 numbers (8 significant bits) at each value of x (float64)."""
+    return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(1e-30))) - 7)
+
+
+def test_bfloat16_experts_end_to_end(base_model, tokenizer, calib_files, tmp_path):
+    """bfloat16 experts (as every real checkpoint) -> compute_gram.py -> merge_model.py with the default
+    --dtype: a bfloat16 folder whose weights are the float64 closed form, computed from the bfloat16
+    expert weights and the grams compute_gram.py wrote, rounded to bfloat16."""
+    import compute_gram
+    from tensor_io import GramFile
+
+    experts = [
+        save_expert(base_model, tmp_path / kind, tokenizer, seed, dtype=torch.bfloat16)
+        for seed, kind in [(10, "code"), (11, "math")]
+    ]
+    grams = [
+        compute_gram.main(
+            [
+                f"toy-{kind}",
+                "--model",
+                str(e),
+                "--dataset",
+                str(calib_files[kind]),
+                "--max-length",
+                "64",
+                "--device",
+                "cpu",
+                "--output-dir",
+                str(tmp_path / f"gram-{kind}"),
+            ]
+        )  # fmt: skip
+        for e, kind in zip(experts, ["code", "math"])
+    ]
+    out = run("regmean", "--models", *experts, "--grams", *grams, "--output-dir", tmp_path / "m")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    merged, tensors, gram_files = read_folder(out), [read_folder(e) for e in experts], [GramFile(g) for g in grams]
+    assert all(t.dtype == torch.bfloat16 for t in [*merged.values(), *tensors[0].values()])
+    linear = 0
+    for name, w in merged.items():
+        ws = [t[name].double() for t in tensors]
+        module = name.rsplit(".", 1)[0]
+        if module not in gram_files[0]:  # the mean, in float32, rounded once
+            assert torch.equal(w, ((ws[0].float() + ws[1].float()) / 2).bfloat16()), name
+            continue
+        linear += 1
+        ref = reference_regmean(ws, [g.get(module) for g in gram_files], 0.1, [0.5, 0.5])
+        rounded = ref.bfloat16()
+        # float32 solve, one rounding to bfloat16: the nearest bfloat16, or its neighbour where ref is near a tie
+        assert ((w.double() - rounded.double()).abs() <= bf16_ulp(ref)).all(), name
+        assert (w == rounded).double().mean() >= 0.99, name
+        # and not the average: the correction moves a good share of the elements to another bfloat16 value
+        assert (rounded != ((ws[0] + ws[1]) / 2).bfloat16()).double().mean() > 0.05, name
+    assert linear == 15
+
+
 def test_merged_folder_loads_and_generates(experts, calib, expert_tensors, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
