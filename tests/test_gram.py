@@ -110,11 +110,14 @@ def test_shared_inputs_stored_once(code_run):
 
 
 def test_batch_size_and_order_invariance(code_run, experts, calib_files, tmp_path):
+    """The same rows in batches of 1 and 13, and in another order (so the length batches hold other
+    rows): the same grams."""
     first = GramFile(code_run)
-    for batch_size in (1, 13):
-        other = GramFile(
-            run(experts[0], calib_files["code"], tmp_path / f"b{batch_size}", "--batch-size", str(batch_size))
-        )
+    rows = [json.loads(line) for line in calib_files["code"].read_text().splitlines()]
+    shuffled = write_jsonl(tmp_path / "shuffled.jsonl", [rows[i] for i in (7, 2, 12, 0, 9, 4, 11, 1, 5, 10, 3, 8, 6)])
+    runs = [(calib_files["code"], "1"), (calib_files["code"], "13"), (shuffled, "4"), (shuffled, "3")]
+    for i, (data, batch_size) in enumerate(runs):
+        other = GramFile(run(experts[0], data, tmp_path / f"run{i}", "--batch-size", batch_size))
         assert other.metadata["num_tokens"] == first.metadata["num_tokens"]
         for name in first.modules():
             a, b = first.get(name), other.get(name)
@@ -229,11 +232,11 @@ def test_bad_input_is_refused(case, experts, calib_files, tmp_path):
     if case == "no-model":
         model, match = tmp_path / "nope" / "model", "neither a folder nor a hub id"
     elif case == "no-dataset":
-        data, match = tmp_path / "nope.jsonl", "does not exist"
+        data, match = tmp_path / "nope.jsonl", r"dataset file .*nope\.jsonl does not exist"
     elif case == "missing-columns":
         data, match = calib_files["math"], r"lack column\(s\) \['input', 'instruction', 'output'\]"
     elif case == "empty-split":
-        data, match = write_jsonl(tmp_path / "empty.jsonl", []), "dataset"
+        data, match = write_jsonl(tmp_path / "empty.jsonl", []), r"dataset file .*empty\.jsonl is empty: no rows$"
     else:
         extra, match = ["--batch-size", "0"], "--batch-size must be >= 1"
     with pytest.raises(UserError, match=match):

@@ -4,6 +4,7 @@ sharding, biases, loading the result, and every bad input refused with nothing w
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -518,31 +519,41 @@ def test_bad_inputs_are_refused_with_nothing_written(experts, calib, base_model,
     )
     exists = tmp_path / "exists"
     exists.mkdir()
-    cases = {
-        "architecture": (["--models", experts[0], other_arch], "model_type"),
-        "shape": (
-            ["--models", experts[0], save_expert(other_size, tmp_path / "o1", tokenizer, 1)],
-            "model.layers.0.mlp",
+    o1, o2 = (
+        save_expert(other_size, tmp_path / "o1", tokenizer, 1),
+        save_expert(other_depth, tmp_path / "o2", tokenizer, 1),
+    )
+    cases = {  # each message in full, or its telling part
+        "architecture": (
+            ["--models", experts[0], other_arch],
+            f"models differ in model_type: {experts[0]} has llama, {other_arch} has mistral",
         ),
-        "names": (["--models", experts[0], save_expert(other_depth, tmp_path / "o2", tokenizer, 1)], "model.layers.1"),
+        "shape": (
+            ["--models", experts[0], o1],
+            f"tensor model.layers.0.mlp.down_proj.weight has shape [64, 224] in {experts[0]} but [64, 192] in {o1}",
+        ),
+        "names": (
+            ["--models", experts[0], o2],
+            f"tensor model.layers.1.input_layernorm.weight is in {experts[0]} only; all models must have the same",
+        ),
         "gram shape": (
             ["--grams", st[0], write_seed_pickle(tmp_path / "ws.pkl", wrong_shape)],
-            "model.layers.0.mlp.down_proj",
+            "ws.pkl: gram of model.layers.0.mlp.down_proj has shape [7, 7], expected [224, 224]",
         ),
         "gram nan": (
             ["--grams", st[0], write_seed_pickle(tmp_path / "nan.pkl", nan)],
-            "model.layers.1.self_attn.o_proj",
+            "nan.pkl: gram model.layers.1.self_attn.o_proj holds NaN or Inf",
         ),
         "gram missing": (
             ["--grams", st[0], write_seed_pickle(tmp_path / "mi.pkl", missing)],
-            "model.layers.1.mlp.up_proj",
+            "mi.pkl has no gram for model.layers.1.mlp.up_proj (other gram files have one)",
         ),
-        "gram file": (["--grams", st[0], tmp_path / "nowhere.pkl"], "nowhere.pkl"),
-        "weights": (["--weights", 1, 2, 3], "--weights"),
-        "grams count": (["--grams", st[0]], "--grams"),
-        "one model": (["--models", experts[0], "--grams", st[0]], "--models"),
-        "exists": (["--output-dir", exists], "exists"),
-        "shard size": (["--max-shard-size", "lots"], "--max-shard-size"),
+        "gram file": (["--grams", st[0], tmp_path / "nowhere.pkl"], f"gram file {tmp_path}/nowhere.pkl does not exist"),
+        "weights": (["--weights", 1, 2, 3], "--weights has 3 values for 2 models"),
+        "grams count": (["--grams", st[0]], "--grams has 1 files for 2 models"),
+        "one model": (["--models", experts[0], "--grams", st[0]], "--models needs at least 2 models, got 1"),
+        "exists": (["--output-dir", exists], f"{exists} exists; pass --overwrite to replace it"),
+        "shard size": (["--max-shard-size", "lots"], "--max-shard-size 'lots': "),
     }
     for case, (args, needle) in cases.items():
         args = [str(a) for a in args]
@@ -555,7 +566,7 @@ def test_bad_inputs_are_refused_with_nothing_written(experts, calib, base_model,
         out = tmp_path / f"out-{case.replace(' ', '-')}"
         if "--output-dir" not in args:
             full += ["--output-dir", str(out)]
-        with pytest.raises(UserError, match=needle.replace(".", r"\.")):
+        with pytest.raises(UserError, match=re.escape(needle)):
             merge_model.main(full)
         assert not out.exists(), case
     assert not list(exists.iterdir())

@@ -4,6 +4,7 @@ states to disk, and bad inputs refused with nothing written."""
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -319,26 +320,38 @@ def test_bad_inputs_are_refused_with_nothing_written(experts, calib_files, tmp_p
     wrong_columns.write_text(json.dumps({"question": "1 + 1?", "reply": "2"}) + "\n")
     code, math = str(calib_files["code"]), str(calib_files["math"])
     cases = {
-        "datasets count": (["--datasets", code, "--formats", "code"], "--datasets has 1"),
-        "formats count": (["--datasets", code, math, "--formats", "code", "math", "code"], "--formats has 3"),
-        "no format": (["--datasets", code, math], "--formats"),
-        "missing column": (["--datasets", code, str(wrong_columns), "--formats", "code", "math"], "answer"),
+        "datasets count": (["--datasets", code, "--formats", "code"], "--datasets has 1 datasets for 2 models"),
+        "formats count": (
+            ["--datasets", code, math, "--formats", "code", "math", "code"],
+            "--formats has 3 formats for 2 models (give one, or one per model)",
+        ),
+        "no format": (["--datasets", code, math], f"dataset {code!r} is not a preset: pass --formats (code or math)"),
+        "missing column": (
+            ["--datasets", code, str(wrong_columns), "--formats", "code", "math"],
+            "rows lack column(s) ['answer'] needed by format 'math'; they have ['question', 'reply']",
+        ),
         "no such file": (
             ["--datasets", code, str(tmp_path / "nowhere.jsonl"), "--formats", "code", "math"],
-            "nowhere.jsonl",
+            f"dataset file {tmp_path / 'nowhere.jsonl'} does not exist",
         ),
-        "no data": ([], "--datasets"),
-        "grams": (["--datasets", code, math, "--formats", "code", "math", "--grams", code, math], "--grams"),
-        "batch size": (["--datasets", code, math, "--formats", "code", "math", "--batch-size", "0"], "--batch-size"),
+        "no data": ([], f"no default data for {str(experts[0])!r} (not a preset): pass --datasets, one per model"),
+        "grams": (
+            ["--datasets", code, math, "--formats", "code", "math", "--grams", code, math],
+            "regmean++ computes its own grams: pass --datasets, not --grams",
+        ),
+        "batch size": (
+            ["--datasets", code, math, "--formats", "code", "math", "--batch-size", "0"],
+            "--batch-size must be >= 1, got 0",
+        ),
     }
     for case, (args, needle) in cases.items():
         out = tmp_path / f"out-{case.replace(' ', '-')}"
-        with pytest.raises(UserError, match=needle):
+        with pytest.raises(UserError, match=re.escape(needle)):
             merge_model.main(
                 ["regmean++", "--models", *map(str, experts), *args, "--output-dir", str(out), "--device", "cpu"]
             )
         assert not out.exists(), case
-    with pytest.raises(UserError, match="regmean\\+\\+"):
+    with pytest.raises(UserError, match=re.escape("--datasets and --formats are for regmean++; regmean takes --grams")):
         merge_model.main(
             ["regmean", "--models", *map(str, experts), "--datasets", code, math, "--output-dir", str(tmp_path / "o")]
         )
