@@ -409,15 +409,35 @@ def test_merged_folder_loads_and_generates(experts, calib, expert_tensors, tmp_p
     merged = read_folder(out)
     for name, p in model.state_dict().items():
         assert torch.equal(p, merged[name]), name
+    # Greedy decoding by hand, on a model built from the expert's own config and tokenizer, with the merged
+    # tensors: the loaded folder's generate() must write the same text (weights, tokenizer, chat template
+    # and end-of-sequence id all come through the folder).
+    from transformers import AutoConfig
+
+    by_hand = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(experts[1])), dtype=torch.bfloat16)
+    by_hand.load_state_dict(merged)
+    eos = json.loads((experts[1] / "generation_config.json").read_text())["eos_token_id"]
+    expert_tok = AutoTokenizer.from_pretrained(str(experts[1]))
+    prompt = expert_tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    ids = list(prompt)
+    with torch.no_grad():
+        while len(ids) < len(prompt) + 12 and ids[-1] != eos:
+            ids.append(by_hand(torch.tensor([ids])).logits[0, -1].argmax().item())
+    expected = expert_tok.decode(ids[len(prompt) :], skip_special_tokens=True)
+
     tok = AutoTokenizer.from_pretrained(str(out))
-    ids = tok.apply_chat_template(
+    inputs = tok.apply_chat_template(
         [{"role": "user", "content": "What is 2 + 2?"}],
         add_generation_prompt=True,
         return_tensors="pt",
         return_dict=True,
     )
-    gen = model.generate(**ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    assert gen.shape[1] == ids["input_ids"].shape[1] + 5
+    assert inputs["input_ids"][0].tolist() == prompt
+    gen = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    text = tok.decode(gen[0, len(prompt) :], skip_special_tokens=True)
+    assert text == expected and text.strip()
 
 
 def test_qwen2_expert_with_qkv_biases(tokenizer, calib_files, tmp_path):
