@@ -385,6 +385,22 @@ def test_bfloat16_experts_end_to_end(base_model, tokenizer, calib_files, tmp_pat
         assert (rounded != ((ws[0] + ws[1]) / 2).bfloat16()).double().mean() > 0.05, name
     assert linear == 15
 
+    # The model card: method and alpha, each expert with its weight and where its grams come from, the command.
+    card = (out / "README.md").read_text()
+    assert card.startswith(f"---\nbase_model:\n- {experts[0]}\n- {experts[1]}\ntags:\n- merge\n- regmean\n")
+    assert "Method: RegMean (Jin et al., ICLR 2023) with alpha = 0.1: " in card
+    for e, g, kind in zip(experts, grams, ["code", "math"]):
+        rows = len(calib_files[kind].read_text().splitlines())
+        provenance = (
+            f"file: {g}, model: {e}, dataset: {calib_files[kind]}, split: train, num_examples: {rows}, "
+            f"max_length: 64, row_format: {kind}, num_tokens: {GramFile(g).metadata['num_tokens']}, "
+            "format: regmean-gram-v1"
+        )
+        assert f"\n| {e} | 0.5 | {provenance} |\n" in card
+    assert "Output dtype: bfloat16." in card
+    command = f"python merge_model.py regmean --models {experts[0]} {experts[1]} --grams {grams[0]} {grams[1]}"
+    assert f"\n```\n{command} --output-dir {out}\n```\n" in card
+
 
 def test_merged_folder_loads_and_generates(experts, calib, expert_tensors, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
