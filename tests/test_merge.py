@@ -503,6 +503,41 @@ def test_never_active_input_keeps_the_average(experts, calib, expert_tensors, tm
     assert not torch.allclose(w, (ws[0] + ws[1]) / 2, atol=1e-5)  # the other columns are RegMean's
 
 
+def test_preset_defaults_and_overwrite(experts, calib, expert_tensors, tmp_path, monkeypatch):
+    """Preset names: each model's grams come from its preset's gram folder (gram.safetensors, else the
+    seed's gram.pkl) and the output from the method and alpha; an existing output is refused, and
+    replaced with --overwrite."""
+    monkeypatch.chdir(tmp_path)  # the presets' folders are relative: runs/toy/...
+    for expert, name in zip(experts, ["toy-code", "toy-math"]):
+        shutil.copytree(expert, Path("runs/toy") / name)
+    code_grams, math_grams = Path("runs/toy/grams/toy-code"), Path("runs/toy/grams/toy-math")
+    code_grams.mkdir(parents=True)
+    math_grams.mkdir(parents=True)
+    shutil.copyfile(calib[0]["st"], code_grams / "gram.safetensors")
+    shutil.copyfile(calib[1]["pkl"], code_grams / "gram.pkl")  # the wrong grams: must lose to gram.safetensors
+    shutil.copyfile(calib[1]["pkl"], math_grams / "gram.pkl")
+    out = run("regmean", "--models", "toy-code", "toy-math")
+    assert out == Path("runs/merges/regmean_0.1")
+    explicit = run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["pkl"], "--output-dir", "e")
+    merged, expected = read_folder(out), read_folder(explicit)
+    assert all(torch.equal(merged[name], expected[name]) for name in expected)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert [g["file"] for g in report["grams"]] == [str(code_grams / "gram.safetensors"), str(math_grams / "gram.pkl")]
+    assert (
+        "| runs/toy/toy-code | 0.5 | file: runs/toy/grams/toy-code/gram.safetensors" in (out / "README.md").read_text()
+    )
+
+    with pytest.raises(UserError, match=re.escape(f"{out} exists; pass --overwrite to replace it")):
+        run("avg", "--models", "toy-code", "toy-math", "--output-dir", out)
+    assert json.loads((out / "merge_report.json").read_text())["settings"]["method"] == "regmean"
+    assert run("avg", "--models", "toy-code", "toy-math", "--output-dir", out, "--overwrite") == out
+    assert json.loads((out / "merge_report.json").read_text())["settings"]["method"] == "avg"
+    for name, w in read_folder(out).items():
+        assert torch.equal(w, torch.stack([t[name] for t in expert_tensors]).mean(0)), name
+    assert sorted(p.name for p in out.parent.iterdir()) == ["regmean_0.1"]  # no old or temporary folder left
+    assert run("avg", "--models", "toy-code", "toy-math") == Path("runs/merges/avg")
+
+
 # ----------------------------------------------------------------------------- the solver alone
 def spd(n, cond, seed):
     g = torch.Generator().manual_seed(seed)
