@@ -2,6 +2,8 @@
 
 import json
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 
@@ -187,7 +189,10 @@ def test_resume_after_interruption(code_run, experts, calib_files, tmp_path):
 
 
 def test_checkpoint_with_other_settings_is_refused(experts, calib_files, tmp_path):
-    out = tmp_path / "ckpt"
+    """A checkpoint resumes only the run that made it: another model, other data (same file, one row
+    changed), another max length or batch size is refused by name, and the checkpoint is kept."""
+    out, data = tmp_path / "ckpt", tmp_path / "code.jsonl"
+    shutil.copyfile(calib_files["code"], data)
 
     def interrupt(module, args):
         if type(module).__name__ == "LlamaModel" and (out / CHECKPOINT_FILE).exists():
@@ -196,12 +201,26 @@ def test_checkpoint_with_other_settings_is_refused(experts, calib_files, tmp_pat
     handle = nn.modules.module.register_module_forward_pre_hook(interrupt)
     try:
         with pytest.raises(KeyboardInterrupt):
-            run(experts[0], calib_files["code"], out, "--batch-size", "4", "--checkpoint-every", "1")
+            run(experts[0], data, out, "--batch-size", "4", "--checkpoint-every", "1")
     finally:
         handle.remove()
-    with pytest.raises(UserError, match="batch_size"):
-        run(experts[0], calib_files["code"], out, "--batch-size", "5")
-    assert not (out / GRAM_FILE).exists()
+    saved = (out / CHECKPOINT_FILE).read_bytes()
+    rows = data.read_text().splitlines()
+    changed = tmp_path / "changed" / "code.jsonl"
+    changed.parent.mkdir()
+    changed.write_text("\n".join(rows[:5] + [rows[5].replace("Write Python.", "Write Python 3.")] + rows[6:]) + "\n")
+    cases = [
+        ((experts[1], data, "--batch-size", "4"), f"model: {str(experts[0])!r} there, {str(experts[1])!r} now"),
+        ((experts[0], data, "--batch-size", "5"), "batch_size: 4 there, 5 now"),
+        ((experts[0], data, "--batch-size", "4", "--max-length", "100"), "max_length: 160 there, 100 now"),
+    ]
+    for args, needle in cases:
+        with pytest.raises(UserError, match=f"was made with other settings \\(.*{re.escape(needle)}"):
+            run(args[0], args[1], out, *args[2:])
+    shutil.copyfile(changed, data)  # the same file name, one row changed: only the tokens' fingerprint tells
+    with pytest.raises(UserError, match=r"other settings \(data: '[0-9a-f]{64}' there, '[0-9a-f]{64}' now\)"):
+        run(experts[0], data, out, "--batch-size", "4")
+    assert (out / CHECKPOINT_FILE).read_bytes() == saved and not (out / GRAM_FILE).exists()
 
 
 # ----------------------------------------------------------------------------- bad input
