@@ -5,6 +5,7 @@ states to disk, and bad inputs refused with nothing written."""
 import copy
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -303,6 +304,27 @@ def test_hidden_states_spilled_to_disk_give_the_same_merge(experts, calib_files,
         assert torch.equal(on_disk[name], in_memory[name]), name
 
 
+def test_interrupted_merge_leaves_no_spilled_hidden_states(experts, calib_files, tmp_path, monkeypatch):
+    """Ctrl-C in layer 1 of a merge that spills its hidden states to disk: the spill files existed,
+    and nothing is left, neither the output nor its temporary folder with the hidden states."""
+    import regmean
+
+    solve, seen = regmean.RegMeanSystem.solve, []
+
+    def interrupted(self, expert_rows):
+        spilled = list(tmp_path.glob(".pp.tmp-*/.hidden-states/*.safetensors"))
+        seen.append(len(spilled))
+        if len(seen) == 8:  # layer 0 has 4 inputs (q/k/v, o, gate/up, down) and 7 weights
+            raise KeyboardInterrupt
+        return solve(self, expert_rows)
+
+    monkeypatch.setattr(regmean.RegMeanSystem, "solve", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pp(experts, calib_files, tmp_path / "pp", "--max-hidden-gb", 0)
+    assert seen[-1] > 0  # the hidden states were on disk when it stopped
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_qwen2_experts_with_biases_match_the_reference(tokenizer, calib_files, tmp_path):
     base = tiny_qwen2(len(tokenizer), tie_word_embeddings=False)
     qwen = [save_expert(base, tmp_path / f"q{i}", tokenizer, seed) for i, seed in enumerate([20, 21])]
@@ -405,6 +427,52 @@ def test_gemma_experts_match_the_reference(tokenizer, calib_files, tmp_path):
     assert set(merged) == set(ref) and "lm_head.weight" in merged
     for name, w in merged.items():
         assert rel(w, ref[name]) <= 1e-5, name
+
+
+def test_mistral_sliding_window_matches_the_reference(tokenizer, calib_files, tmp_path):
+    """Mistral with an 8-token sliding window on rows of up to 64 tokens: the reference's whole models
+    apply the window themselves; the same experts without a window give another merge, which the
+    check tells apart."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(0)
+    config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    base = AutoModelForCausalLM.from_config(MistralConfig(sliding_window=8, **config))
+    mistral = [save_expert(base, tmp_path / f"m{i}", tokenizer, seed) for i, seed in enumerate([50, 51])]
+    merged = read_folder(run_pp(mistral, calib_files, tmp_path / "pp", "--alpha", 0.5))
+    tensors = [read_folder(e) for e in mistral]
+    ref, _ = reference_regmeanpp(mistral, calib_files, 0.5)
+    no_window = []
+    for i, e in enumerate(mistral):
+        shutil.copytree(e, tmp_path / f"w{i}")
+        cfg = json.loads((e / "config.json").read_text())
+        (tmp_path / f"w{i}" / "config.json").write_text(json.dumps(dict(cfg, sliding_window=None)))
+        no_window.append(tmp_path / f"w{i}")
+    ref_no_window, _ = reference_regmeanpp(no_window, calib_files, 0.5)
+    linear = [n for n in merged if n.endswith("proj.weight") or n == "lm_head.weight"]
+    assert set(merged) == set(ref) and len(linear) == 15
+    for name, w in merged.items():
+        if name not in linear:
+            assert rel(w, ref[name]) <= 1e-6, name
+            continue
+        ws = [t[name] for t in tensors]
+        assert_correction_close(w, ref[name], ws, [0.5, 0.5], 1e-4, name)
+        if not name.startswith(
+            ("model.layers.0.self_attn.q", "model.layers.0.self_attn.k", "model.layers.0.self_attn.v")
+        ):
+            # every input after the first attention depends on the window
+            with pytest.raises(AssertionError, match="correction off by"):
+                assert_correction_close(w, ref_no_window[name], ws, [0.5, 0.5], 1e-4, name)
 
 
 def test_unsupported_model_type_is_refused_with_nothing_written(tokenizer, calib_files, tmp_path):
