@@ -492,8 +492,10 @@ def one_error_line(proc):
 
 def test_error_folder_without_model(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    assert "holds no model" in one_error_line(run([tmp_path, "--backend", "hf"]))
-    with pytest.raises(UserError, match="not a folder"):
+    assert one_error_line(run([tmp_path, "--backend", "hf"])) == (
+        f"error: {tmp_path} holds no model (it needs config.json and .safetensors/.bin weights)"
+    )
+    with pytest.raises(UserError, match=f"^{tmp_path / 'missing'} is not a folder$"):
         evaluate.main([str(tmp_path / "missing")])
     assert not (tmp_path / evaluate.RESULTS_DIR).exists()
 
@@ -514,7 +516,7 @@ def test_error_table_without_results(tmp_path):
 
 
 def test_error_managed_lm_eval_options(experts):
-    with pytest.raises(UserError, match="--output_path"):
+    with pytest.raises(UserError, match="^evaluate.py sets --output_path itself; use --backend"):
         evaluate.main([str(experts[0]), "--output_path", "elsewhere"])
-    with pytest.raises(UserError, match="--model"):
+    with pytest.raises(UserError, match="^evaluate.py sets --model itself; use --backend"):
         evaluate.main([str(experts[0]), "--model=hf"])
