@@ -112,12 +112,12 @@ def test_shared_inputs_stored_once(code_run):
 
 
 def test_batch_size_and_order_invariance(code_run, experts, calib_files, tmp_path):
-    """The same rows in batches of 1 and 13, and in another order (so the length batches hold other
-    rows): the same grams."""
+    """The same rows in batches of 1 and 13, and permuted (the batches are sorted by length, and rows
+    of one length, the truncated ones, then sit in other batches and places): the same grams."""
     first = GramFile(code_run)
     rows = [json.loads(line) for line in calib_files["code"].read_text().splitlines()]
     shuffled = write_jsonl(tmp_path / "shuffled.jsonl", [rows[i] for i in (7, 2, 12, 0, 9, 4, 11, 1, 5, 10, 3, 8, 6)])
-    runs = [(calib_files["code"], "1"), (calib_files["code"], "13"), (shuffled, "4"), (shuffled, "3")]
+    runs = [(calib_files["code"], "1"), (calib_files["code"], "13"), (shuffled, "4")]
     for i, (data, batch_size) in enumerate(runs):
         other = GramFile(run(experts[0], data, tmp_path / f"run{i}", "--batch-size", batch_size))
         assert other.metadata["num_tokens"] == first.metadata["num_tokens"]
