@@ -30,6 +30,8 @@ def load_rows(dataset: str, split: str = SPLIT, num_examples: int | None = None)
         if path.suffix in (".json", ".jsonl", ".parquet", ".csv"):
             if not path.is_file():
                 raise UserError(f"dataset file {path} does not exist")
+            if path.stat().st_size == 0:  # datasets fails on it with a bare StopIteration
+                raise UserError(f"dataset file {path} is empty: no rows")
             builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}[path.suffix]
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
             n = len(ds) if num_examples is None else min(num_examples, len(ds))

@@ -467,7 +467,7 @@ def main(argv=None):
         split=args.split,
         num_examples=len(token_ids),
         max_length=args.max_length,
-        format=fmt,
+        row_format=fmt,  # not `format`: that metadata key holds the file's version
         dtype=dtype_name(dtype),
     )
     # what must match for a checkpoint to resume (batch size and the number of processes fix

@@ -106,7 +106,7 @@ def calibration_sets(
                 batches,
                 dict(
                     dataset=PRESETS[dataset]["dataset"] if dataset in PRESETS else dataset,
-                    format=fmt,
+                    row_format=fmt,
                     split=s.split,
                     num_examples=len(token_ids),
                     max_length=s.max_length,

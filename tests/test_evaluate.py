@@ -360,6 +360,60 @@ def test_build_table_custom_rows_columns_and_mean(lm_eval_run, tmp_path):
     assert md.splitlines()[3] == f"| Code expert | {a:.2f} | {b:.2f} |  |  |"
 
 
+def fake_results(folder, results, stamp="2026-01-01T00-00-00.000000"):
+    """An lm_eval result file as lm_eval writes it, in a model folder."""
+    path = Path(folder) / evaluate.RESULTS_DIR / "model" / f"results_{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"results": results}))
+    return path
+
+
+def test_table_reads_the_seeds_metric_among_all_keys(tmp_path):
+    """Result files where every metric key lm_eval writes for a task holds a different value: the table
+    shows the seed's (gsm8k strict-match, mathqa acc_norm, humaneval pass@1, mbpp pass_at_1), and the
+    override's name for HumanEval or the other name for MBPP only where the first is absent."""
+    every_key = {
+        "gsm8k": {
+            "alias": "gsm8k",
+            "exact_match,strict-match": 0.6831,
+            "exact_match_stderr,strict-match": 0.0128,
+            "exact_match,flexible-extract": 0.7122,
+            "exact_match_stderr,flexible-extract": 0.0125,
+        },
+        "mathqa": {
+            "alias": "mathqa",
+            "acc,none": 0.3915,
+            "acc_stderr,none": 0.0089,
+            "acc_norm,none": 0.4007,
+            "acc_norm_stderr,none": 0.0090,
+        },
+        "humaneval_instruct": {
+            "alias": "humaneval_instruct",
+            "pass@1,create_test": 0.5549,
+            "pass@1_stderr,create_test": "N/A",
+            "pass_at_1,create_test": 0.1111,
+            "pass@1,none": 0.2222,
+        },
+        "mbpp": {
+            "alias": "mbpp",
+            "pass_at_1,none": 0.4260,
+            "pass_at_1_stderr,none": 0.0221,
+            "pass@1,none": 0.3333,
+            "pass_at_1,extract_code": 0.4444,
+        },
+    }
+    fallback_keys = {
+        "humaneval_instruct": {"pass_at_1,create_test": 0.4817, "pass@1,none": 0.2222},
+        "mbpp": {"pass@1,none": 0.3980, "pass_at_1,extract_code": 0.4444},
+    }
+    fake_results(tmp_path / "regmean_0.1", every_key)
+    fake_results(tmp_path / "avg", fallback_keys)
+    table = evaluate.main(["--table", str(tmp_path / "regmean_0.1"), str(tmp_path / "avg"), "--output", str(tmp_path)])
+    lines = table.read_text().splitlines()
+    assert lines[3] == "| RegMean (α=0.1) | 68.31 | 40.07 | 55.49 | 42.60 |"
+    assert lines[4] == "| Average |  |  | 48.17 | 39.80 |"
+
+
 def test_smollm2_humaneval_instruct_end_to_end(smollm2_dir, tmp_path):
     """The real SmolLM2-135M-Instruct through evaluate.py on the first 3 problems, offline, then --table."""
     folder = tmp_path / "SmolLM2-135M-Instruct"  # links to the shared model's files: results land here, not there
@@ -438,8 +492,10 @@ def one_error_line(proc):
 
 def test_error_folder_without_model(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    assert "holds no model" in one_error_line(run([tmp_path, "--backend", "hf"]))
-    with pytest.raises(UserError, match="not a folder"):
+    assert one_error_line(run([tmp_path, "--backend", "hf"])) == (
+        f"error: {tmp_path} holds no model (it needs config.json and .safetensors/.bin weights)"
+    )
+    with pytest.raises(UserError, match=f"^{tmp_path / 'missing'} is not a folder$"):
         evaluate.main([str(tmp_path / "missing")])
     assert not (tmp_path / evaluate.RESULTS_DIR).exists()
 
@@ -460,7 +516,7 @@ def test_error_table_without_results(tmp_path):
 
 
 def test_error_managed_lm_eval_options(experts):
-    with pytest.raises(UserError, match="--output_path"):
+    with pytest.raises(UserError, match="^evaluate.py sets --output_path itself; use --backend"):
         evaluate.main([str(experts[0]), "--output_path", "elsewhere"])
-    with pytest.raises(UserError, match="--model"):
+    with pytest.raises(UserError, match="^evaluate.py sets --model itself; use --backend"):
         evaluate.main([str(experts[0]), "--model=hf"])

@@ -2,6 +2,8 @@
 
 import json
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 
@@ -110,11 +112,14 @@ def test_shared_inputs_stored_once(code_run):
 
 
 def test_batch_size_and_order_invariance(code_run, experts, calib_files, tmp_path):
+    """The same rows in batches of 1 and 13, and permuted (the batches are sorted by length, and rows
+    of one length, the truncated ones, then sit in other batches and places): the same grams."""
     first = GramFile(code_run)
-    for batch_size in (1, 13):
-        other = GramFile(
-            run(experts[0], calib_files["code"], tmp_path / f"b{batch_size}", "--batch-size", str(batch_size))
-        )
+    rows = [json.loads(line) for line in calib_files["code"].read_text().splitlines()]
+    shuffled = write_jsonl(tmp_path / "shuffled.jsonl", [rows[i] for i in (7, 2, 12, 0, 9, 4, 11, 1, 5, 10, 3, 8, 6)])
+    runs = [(calib_files["code"], "1"), (calib_files["code"], "13"), (shuffled, "4")]
+    for i, (data, batch_size) in enumerate(runs):
+        other = GramFile(run(experts[0], data, tmp_path / f"run{i}", "--batch-size", batch_size))
         assert other.metadata["num_tokens"] == first.metadata["num_tokens"]
         for name in first.modules():
             a, b = first.get(name), other.get(name)
@@ -184,7 +189,10 @@ def test_resume_after_interruption(code_run, experts, calib_files, tmp_path):
 
 
 def test_checkpoint_with_other_settings_is_refused(experts, calib_files, tmp_path):
-    out = tmp_path / "ckpt"
+    """A checkpoint resumes only the run that made it: another model, other data (same file, one row
+    changed), another max length or batch size is refused by name, and the checkpoint is kept."""
+    out, data = tmp_path / "ckpt", tmp_path / "code.jsonl"
+    shutil.copyfile(calib_files["code"], data)
 
     def interrupt(module, args):
         if type(module).__name__ == "LlamaModel" and (out / CHECKPOINT_FILE).exists():
@@ -193,12 +201,26 @@ def test_checkpoint_with_other_settings_is_refused(experts, calib_files, tmp_pat
     handle = nn.modules.module.register_module_forward_pre_hook(interrupt)
     try:
         with pytest.raises(KeyboardInterrupt):
-            run(experts[0], calib_files["code"], out, "--batch-size", "4", "--checkpoint-every", "1")
+            run(experts[0], data, out, "--batch-size", "4", "--checkpoint-every", "1")
     finally:
         handle.remove()
-    with pytest.raises(UserError, match="batch_size"):
-        run(experts[0], calib_files["code"], out, "--batch-size", "5")
-    assert not (out / GRAM_FILE).exists()
+    saved = (out / CHECKPOINT_FILE).read_bytes()
+    rows = data.read_text().splitlines()
+    changed = tmp_path / "changed" / "code.jsonl"
+    changed.parent.mkdir()
+    changed.write_text("\n".join(rows[:5] + [rows[5].replace("Write Python.", "Write Python 3.")] + rows[6:]) + "\n")
+    cases = [
+        ((experts[1], data, "--batch-size", "4"), f"model: {str(experts[0])!r} there, {str(experts[1])!r} now"),
+        ((experts[0], data, "--batch-size", "5"), "batch_size: 4 there, 5 now"),
+        ((experts[0], data, "--batch-size", "4", "--max-length", "100"), "max_length: 160 there, 100 now"),
+    ]
+    for args, needle in cases:
+        with pytest.raises(UserError, match=f"was made with other settings \\(.*{re.escape(needle)}"):
+            run(args[0], args[1], out, *args[2:])
+    shutil.copyfile(changed, data)  # the same file name, one row changed: only the tokens' fingerprint tells
+    with pytest.raises(UserError, match=r"other settings \(data: '[0-9a-f]{64}' there, '[0-9a-f]{64}' now\)"):
+        run(experts[0], data, out, "--batch-size", "4")
+    assert (out / CHECKPOINT_FILE).read_bytes() == saved and not (out / GRAM_FILE).exists()
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -229,11 +251,11 @@ def test_bad_input_is_refused(case, experts, calib_files, tmp_path):
     if case == "no-model":
         model, match = tmp_path / "nope" / "model", "neither a folder nor a hub id"
     elif case == "no-dataset":
-        data, match = tmp_path / "nope.jsonl", "does not exist"
+        data, match = tmp_path / "nope.jsonl", r"dataset file .*nope\.jsonl does not exist"
     elif case == "missing-columns":
         data, match = calib_files["math"], r"lack column\(s\) \['input', 'instruction', 'output'\]"
     elif case == "empty-split":
-        data, match = write_jsonl(tmp_path / "empty.jsonl", []), "dataset"
+        data, match = write_jsonl(tmp_path / "empty.jsonl", []), r"dataset file .*empty\.jsonl is empty: no rows$"
     else:
         extra, match = ["--batch-size", "0"], "--batch-size must be >= 1"
     with pytest.raises(UserError, match=match):

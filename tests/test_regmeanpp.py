@@ -4,10 +4,12 @@ states to disk, and bad inputs refused with nothing written."""
 
 import copy
 import json
+import re
+import shutil
 
 import pytest
 import torch
-from test_merge import read_folder, rel
+from test_merge import assert_correction_close, off_by_one_percent, read_folder, rel
 
 import compute_gram
 import merge_model
@@ -123,24 +125,71 @@ def logits(model_dir_or_state, like, calib_file, kind):
         return torch.cat([model(torch.tensor([i])).logits[0] for i in ids])
 
 
-# At alpha 0.1 the reduced grams are well conditioned and the weights match closely. At alpha 1 the
-# o_proj grams of this tiny GQA model are nearly singular (the query heads of a group mix the same
-# values), so float32 rounding moves weight directions that the data hardly excites: there the
-# weights match loosely and the merged model's outputs closely.
-@pytest.mark.parametrize("alpha,tol,logits_tol", [(0.1, 1e-5, 1e-6), (1.0, 5e-2, 1e-4)])
-def test_regmeanpp_matches_float64_reference(experts, calib_files, tmp_path, alpha, tol, logits_tol):
-    out = run_pp(experts, calib_files, tmp_path / "pp", "--alpha", alpha)
-    merged, (ref, ref_grams) = read_folder(out), reference_regmeanpp(experts, calib_files, alpha)
-    tensors = [read_folder(e) for e in experts]
+def assert_merge_close(merged, ref, expert_tensors, tol):
+    """A regmean++ merge of two equally weighted experts against the float64 reference: the linear
+    weights by their correction to the average, within tol; every other tensor (the mean) to 1e-6.
+    Returns the number of linear weights."""
+    assert set(merged) == set(ref)
+    linear = [n for n in merged if n.endswith("proj.weight") or n == "lm_head.weight"]
+    for name, w in merged.items():
+        if name in linear:
+            assert_correction_close(w, ref[name], [t[name] for t in expert_tensors], [0.5, 0.5], tol, name)
+        else:
+            assert rel(w, ref[name]) <= 1e-6, name
+    return len(linear)
+
+
+@pytest.fixture(scope="module")
+def reference_pp(experts, calib_files):
+    """reference_regmeanpp of the fixture experts, once per alpha."""
+    cache = {}
+
+    def reference(alpha):
+        if alpha not in cache:
+            cache[alpha] = reference_regmeanpp(experts, calib_files, alpha)
+        return cache[alpha]
+
+    return reference
+
+
+def check_against_reference(merged, ref, ref_grams, expert_tensors, alpha, tol):
+    """Every tensor of a regmean++ merge against the float64 reference: each linear weight by its
+    correction to the average (assert_correction_close), every other tensor to 1e-6. Returns the
+    linear weight names."""
     assert set(merged) == set(ref)
     linear = [n for n in merged if n.endswith("proj.weight") or n == "lm_head.weight"]
     assert len(linear) == 2 * 7 + 1 and {n + ".weight" for n in ref_grams} == set(linear)
     for name, w in merged.items():
-        assert rel(w, ref[name]) <= (tol if name in linear else 1e-6), name
-        if name in linear:
-            assert rel(w, (tensors[0][name].double() + tensors[1][name].double()) / 2) > max(
-                1e-3, 10 * rel(w, ref[name])
-            ), f"{name} is just the average"
+        if name not in linear:
+            assert rel(w, ref[name]) <= 1e-6, name
+            continue
+        ws = [t[name] for t in expert_tensors]
+        reduced = sum(alpha * g + (1 - alpha) * torch.diag(torch.diag(g)) for g in ref_grams[name[: -len(".weight")]])
+        if torch.linalg.cond(reduced) < 1e6:
+            assert_correction_close(w, ref[name], ws, [0.5, 0.5], tol, name)
+        else:  # see below: checked in the norm of the layer's outputs, loosely
+            assert_correction_close(w, ref[name], ws, [0.5, 0.5], NEARLY_SINGULAR_TOLERANCE, name, gram=reduced)
+    return linear
+
+
+# The correction W - W_avg is 0.2-0.8% of the weight at alpha 0.1 and 2-45% at alpha 1. Measured errors of
+# the correction at alpha 0.1: at most 1.7e-5 (the float32 rounding of the written weight); at alpha 1, 1.8e-4
+# on the layers whose reduced grams are well conditioned (cond <= 5e4). The o_proj grams of this tiny GQA
+# model at alpha 1 are nearly singular (cond 3e6-1.4e7: the query heads of a group mix the same values), and
+# the float32 forward passes perturb them by ~1e-7, which moves the directions the data hardly excites: their
+# corrections differ from the float64 forwards' by 2-4% in the Frobenius norm, 0.3-0.5% in the norm of the
+# layer's outputs (the logits agree to 1e-4). Those are checked in that norm, to 2e-2; every other linear
+# weight fails at a correction 1% off (test_a_solver_off_by_one_percent_fails).
+PP_TOLERANCES = {0.1: 1e-4, 1.0: 1e-3}
+NEARLY_SINGULAR_TOLERANCE = 2e-2
+
+
+@pytest.mark.parametrize("alpha,logits_tol", [(0.1, 1e-6), (1.0, 1e-4)])
+def test_regmeanpp_matches_float64_reference(experts, calib_files, reference_pp, tmp_path, alpha, logits_tol):
+    out = run_pp(experts, calib_files, tmp_path / "pp", "--alpha", alpha)
+    merged, (ref, ref_grams) = read_folder(out), reference_pp(alpha)
+    tensors = [read_folder(e) for e in experts]
+    linear = check_against_reference(merged, ref, ref_grams, tensors, alpha, PP_TOLERANCES[alpha])
     for kind in ("code", "math"):
         assert (
             rel(logits(out, experts[0], calib_files[kind], kind), logits(ref, experts[0], calib_files[kind], kind))
@@ -157,6 +206,19 @@ def test_regmeanpp_matches_float64_reference(experts, calib_files, tmp_path, alp
     assert report["layers"][-1]["layer"] == 2 and report["settings"]["hidden_states"] == "cpu"
     card = (out / "README.md").read_text()
     assert "RegMean++" in card and "regmean-plus-plus" in card and str(calib_files["math"]) in card
+
+
+@pytest.mark.parametrize("alpha", [0.1, 1.0])
+def test_a_solver_off_by_one_percent_fails(experts, calib_files, reference_pp, tmp_path, monkeypatch, alpha):
+    """The check of test_regmeanpp_matches_float64_reference, at its tolerances, rejects a merge whose
+    corrections to the average are 1% short."""
+    off_by_one_percent(monkeypatch)
+    merged, (ref, ref_grams) = (
+        read_folder(run_pp(experts, calib_files, tmp_path / "pp", "--alpha", alpha)),
+        reference_pp(alpha),
+    )
+    with pytest.raises(AssertionError, match="correction off by 1.0"):
+        check_against_reference(merged, ref, ref_grams, [read_folder(e) for e in experts], alpha, PP_TOLERANCES[alpha])
 
 
 def test_identical_experts_give_back_the_expert(experts, calib_files, tmp_path):
@@ -256,6 +318,27 @@ def test_hidden_states_spilled_to_disk_give_the_same_merge(experts, calib_files,
         assert torch.equal(on_disk[name], in_memory[name]), name
 
 
+def test_interrupted_merge_leaves_no_spilled_hidden_states(experts, calib_files, tmp_path, monkeypatch):
+    """Ctrl-C in layer 1 of a merge that spills its hidden states to disk: the spill files existed,
+    and nothing is left, neither the output nor its temporary folder with the hidden states."""
+    import regmean
+
+    solve, seen = regmean.RegMeanSystem.solve, []
+
+    def interrupted(self, expert_rows):
+        spilled = list(tmp_path.glob(".pp.tmp-*/.hidden-states/*.safetensors"))
+        seen.append(len(spilled))
+        if len(seen) == 8:  # layer 0 has 4 inputs (q/k/v, o, gate/up, down) and 7 weights
+            raise KeyboardInterrupt
+        return solve(self, expert_rows)
+
+    monkeypatch.setattr(regmean.RegMeanSystem, "solve", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pp(experts, calib_files, tmp_path / "pp", "--max-hidden-gb", 0)
+    assert seen[-1] > 0  # the hidden states were on disk when it stopped
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_qwen2_experts_with_biases_match_the_reference(tokenizer, calib_files, tmp_path):
     base = tiny_qwen2(len(tokenizer), tie_word_embeddings=False)
     qwen = [save_expert(base, tmp_path / f"q{i}", tokenizer, seed) for i, seed in enumerate([20, 21])]
@@ -264,8 +347,7 @@ def test_qwen2_experts_with_biases_match_the_reference(tokenizer, calib_files, t
         reference_regmeanpp(qwen, calib_files, 0.5),
     )
     assert "model.layers.0.self_attn.q_proj.bias" in merged
-    for name, w in merged.items():
-        assert rel(w, ref[name]) <= 1e-5, name
+    assert_merge_close(merged, ref, [read_folder(e) for e in qwen], 1e-4)
 
 
 def test_bad_inputs_are_refused_with_nothing_written(experts, calib_files, tmp_path):
@@ -273,26 +355,38 @@ def test_bad_inputs_are_refused_with_nothing_written(experts, calib_files, tmp_p
     wrong_columns.write_text(json.dumps({"question": "1 + 1?", "reply": "2"}) + "\n")
     code, math = str(calib_files["code"]), str(calib_files["math"])
     cases = {
-        "datasets count": (["--datasets", code, "--formats", "code"], "--datasets has 1"),
-        "formats count": (["--datasets", code, math, "--formats", "code", "math", "code"], "--formats has 3"),
-        "no format": (["--datasets", code, math], "--formats"),
-        "missing column": (["--datasets", code, str(wrong_columns), "--formats", "code", "math"], "answer"),
+        "datasets count": (["--datasets", code, "--formats", "code"], "--datasets has 1 datasets for 2 models"),
+        "formats count": (
+            ["--datasets", code, math, "--formats", "code", "math", "code"],
+            "--formats has 3 formats for 2 models (give one, or one per model)",
+        ),
+        "no format": (["--datasets", code, math], f"dataset {code!r} is not a preset: pass --formats (code or math)"),
+        "missing column": (
+            ["--datasets", code, str(wrong_columns), "--formats", "code", "math"],
+            "rows lack column(s) ['answer'] needed by format 'math'; they have ['question', 'reply']",
+        ),
         "no such file": (
             ["--datasets", code, str(tmp_path / "nowhere.jsonl"), "--formats", "code", "math"],
-            "nowhere.jsonl",
+            f"dataset file {tmp_path / 'nowhere.jsonl'} does not exist",
         ),
-        "no data": ([], "--datasets"),
-        "grams": (["--datasets", code, math, "--formats", "code", "math", "--grams", code, math], "--grams"),
-        "batch size": (["--datasets", code, math, "--formats", "code", "math", "--batch-size", "0"], "--batch-size"),
+        "no data": ([], f"no default data for {str(experts[0])!r} (not a preset): pass --datasets, one per model"),
+        "grams": (
+            ["--datasets", code, math, "--formats", "code", "math", "--grams", code, math],
+            "regmean++ computes its own grams: pass --datasets, not --grams",
+        ),
+        "batch size": (
+            ["--datasets", code, math, "--formats", "code", "math", "--batch-size", "0"],
+            "--batch-size must be >= 1, got 0",
+        ),
     }
     for case, (args, needle) in cases.items():
         out = tmp_path / f"out-{case.replace(' ', '-')}"
-        with pytest.raises(UserError, match=needle):
+        with pytest.raises(UserError, match=re.escape(needle)):
             merge_model.main(
                 ["regmean++", "--models", *map(str, experts), *args, "--output-dir", str(out), "--device", "cpu"]
             )
         assert not out.exists(), case
-    with pytest.raises(UserError, match="regmean\\+\\+"):
+    with pytest.raises(UserError, match=re.escape("--datasets and --formats are for regmean++; regmean takes --grams")):
         merge_model.main(
             ["regmean", "--models", *map(str, experts), "--datasets", code, math, "--output-dir", str(tmp_path / "o")]
         )
@@ -343,9 +437,44 @@ def test_gemma_experts_match_the_reference(tokenizer, calib_files, tmp_path):
     gemma = [save_expert(base, tmp_path / f"g{i}", tokenizer, seed) for i, seed in enumerate([31, 32])]
     merged = read_folder(run_pp(gemma, calib_files, tmp_path / "pp", "--alpha", 0.5))
     ref, _ = reference_regmeanpp(gemma, calib_files, 0.5)
-    assert set(merged) == set(ref) and "lm_head.weight" in merged
-    for name, w in merged.items():
-        assert rel(w, ref[name]) <= 1e-5, name
+    assert "lm_head.weight" in merged
+    assert_merge_close(merged, ref, [read_folder(e) for e in gemma], 1e-4)
+
+
+def test_mistral_sliding_window_matches_the_reference(tokenizer, calib_files, tmp_path):
+    """Mistral with an 8-token sliding window on rows of up to 64 tokens: the reference's whole models
+    apply the window themselves, and it changes what the layers compute."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(0)
+    config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    base = AutoModelForCausalLM.from_config(MistralConfig(sliding_window=8, **config))
+    mistral = [save_expert(base, tmp_path / f"m{i}", tokenizer, seed) for i, seed in enumerate([50, 51])]
+    merged = read_folder(run_pp(mistral, calib_files, tmp_path / "pp", "--alpha", 0.5))
+    ref, _ = reference_regmeanpp(mistral, calib_files, 0.5)
+    assert assert_merge_close(merged, ref, [read_folder(e) for e in mistral], 1e-4) == 15
+    # the window matters on these rows: the same expert without it computes other logits
+    no_window = tmp_path / "no-window"
+    shutil.copytree(mistral[0], no_window)
+    config = json.loads((no_window / "config.json").read_text())
+    (no_window / "config.json").write_text(json.dumps(dict(config, sliding_window=None)))
+    assert (
+        rel(
+            logits(no_window, no_window, calib_files["code"], "code"),
+            logits(mistral[0], mistral[0], calib_files["code"], "code"),
+        )
+        > 1e-2
+    )
 
 
 def test_unsupported_model_type_is_refused_with_nothing_written(tokenizer, calib_files, tmp_path):
