@@ -76,6 +76,7 @@ from utils import (
     check_at_least_one,
     choose_device,
     choose_dtype,
+    describe_dtype,
     dtype_name,
     first_line,
     peak_memory,
@@ -131,7 +132,8 @@ def parse_args(argv=None):
         "--dtype",
         default="auto",
         choices=["auto", "bfloat16", "float32"],
-        help="model dtype (auto: bfloat16 on cuda, float32 on cpu) (default: %(default)s)",
+        help="dtype of the forward passes; the grams are float32 sums whatever it is (auto: bfloat16 on cuda "
+        "and on a cpu with native bfloat16, avx512_bf16 or AMX; float32 on other cpus) (default: %(default)s)",
     )
     args = p.parse_args(argv)
     check_at_least_one(num_examples=args.num_examples, max_length=args.max_length, batch_size=args.batch_size)
@@ -457,7 +459,7 @@ def main(argv=None):
         where = f"{num_processes} processes" if num_processes > 1 else str(device)
         print(
             f"{model_spec}: {len(token_ids)} examples of {dataset}, {sum(map(len, token_ids))} tokens, "
-            f"on {where} in {dtype_name(dtype)}",
+            f"on {where} in {describe_dtype(args.dtype, dtype, device)}",
             file=sys.stderr,
         )
 

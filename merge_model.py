@@ -90,6 +90,7 @@ from utils import (
     check_output_free,
     choose_device,
     choose_dtype,
+    describe_dtype,
     dtype_name,
     merge_dir_name,
     peak_memory,
@@ -208,7 +209,8 @@ def parse_args(argv=None) -> MergeSettings:
         "--forward-dtype",
         default=d.forward_dtype,
         choices=["auto", "bfloat16", "float32"],
-        help="regmean++: dtype of the forward passes and hidden states (default: bfloat16 on cuda, float32 on cpu)",
+        help="regmean++: dtype of the forward passes and hidden states (default: bfloat16 on cuda and on a cpu "
+        "with native bfloat16, float32 on other cpus)",
     )
     p.add_argument(
         "--max-hidden-gb",
@@ -424,7 +426,7 @@ def main(argv=None):
         where = f"on disk (over the {budget:.3g} GiB budget)" if spill else f"on {device} (budget {budget:.3g} GiB)"
         print(
             f"regmean++: {num_tokens} calibration tokens ({', '.join(str(c.num_tokens) for c in calib)}); their hidden "
-            f"states ({hidden_gib:.3g} GiB, {extra_settings['forward_dtype']}) kept {where}"
+            f"states ({hidden_gib:.3g} GiB, {describe_dtype(s.forward_dtype, forward_dtype, device)}) kept {where}"
         )
 
     with atomic_dir(out_dir, overwrite=s.overwrite) as tmp:

@@ -3,6 +3,10 @@ randomly initialised Llama-shaped model and the same token rows, in one run.
 
     python bench/bench_gram.py             # ~71M params with 8B proportions, 256 rows, batch 32, cpu float32
     python bench/bench_gram.py --quick     # a smoke run of the same flow, in seconds
+    python bench/bench_gram.py --hidden 1024 --intermediate 3584 --layers 4 --dtype auto --lengths full \
+        --decompose --repeat 2   # the checks' model, every row 256 tokens, the ratio taken apart
+    python bench/bench_gram.py --hidden 1024 --intermediate 3584 --layers 4 --dtype auto \
+        --reference-dtype bfloat16 --against-float32   # auto vs the seed in bfloat16 and vs our float32
     python bench/bench_gram.py --processes 2   # compute_gram in 1 vs 2 processes (gloo), same cores
     python bench/bench_gram.py --processes 8 --device cuda --dtype bfloat16   # 1 GPU vs 8 GPUs (nccl)
     python bench/bench_gram.py --device cuda --dtype bfloat16 --hidden 4096 --intermediate 14336 \
@@ -10,29 +14,39 @@ randomly initialised Llama-shaped model and the same token rows, in one run.
 
 The seed's method: a forward hook on every nn.Linear that keeps a float32 running mean of
 xᵀx over all positions (padding included), one per module (q/k/v and gate/up computed
-three and two times), batches padded in dataset order, logits computed. This project's:
+three and two times), batches padded in dataset order, logits computed; the forward passes
+in the model's dtype (the seed ran them in bfloat16), xᵀx upcast to float32. This project's:
 shared inputs computed once, padding rows dropped, batches sorted by length, upper
 block-triangle products, no logits.
+
+--lengths mixed draws each row's length uniformly in --min-length..--max-length (about half
+of a dataset-order batch is padding); --lengths full makes every row --max-length tokens, as
+the seed's data mostly are at 256 (long code and answers, truncated), so there is no padding.
+--decompose adds the steps from the seed's method to this project's, each one change more
+(float32 sum accumulator, padding rows dropped, length-sorted batches, shared inputs, upper
+triangle; skipping the logits is the last step, compute_gram itself). Every method runs
+--repeat times, the methods alternating; the best time of each is reported, all times shown.
 
 Both figures count the same calibration tokens (padding excluded) per second. The share of
 the matmul peak is the useful work (the linear layers on real tokens, without lm_head's
 logits, plus one XᵀX per distinct input) per second, over the best `torch.mm` rate
-measured in the same run and dtype.
+measured in the same run, in the dtype of the run's forward passes (both peaks are shown).
 """
 
 import argparse
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from calibration import collate  # noqa: E402
+from calibration import Gram, collate, find_shared_inputs, length_batches  # noqa: E402
 from compute_gram import all_reduce_grams, compute_grams  # noqa: E402
-from utils import DTYPES, choose_device  # noqa: E402
+from utils import DTYPES, auto_dtype, choose_device, dtype_name  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,7 +62,19 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=256, help="longest row, in tokens")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", *sorted(DTYPES)],
+        help="dtype of the forward passes (auto: compute_gram.py's choice for this device)",
+    )
+    p.add_argument(
+        "--reference-dtype", choices=sorted(DTYPES), help="the seed's method in this dtype (default: --dtype)"
+    )
+    p.add_argument("--against-float32", action="store_true", help="also compute_gram in float32 (for --dtype auto)")
+    p.add_argument("--lengths", choices=["mixed", "full"], default="mixed", help="row lengths (see above)")
+    p.add_argument("--decompose", action="store_true", help="also the steps between the seed's method and ours")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs of each method, alternating")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights and the row lengths")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 small layers, 64 rows up to 128 tokens")
     p.add_argument(
@@ -97,6 +123,62 @@ def seed_method(model, token_ids, batch_size):
 def ours(model, token_ids, batch_size):
     grams, _, _ = compute_grams(model, token_ids, batch_size, progress=False)
     return {key: g.result() for key, g in grams.items()}
+
+
+def variant(model, token_ids, batch_size, drop_padding, sort, shared, triangle, skip_logits):
+    """A step between the seed's method and compute_gram's: float32 Gram sums (hooks on the
+    linear inputs), with each of the project's changes on or off."""
+    device = model.device
+    head = model.get_output_embeddings()
+    if shared:
+        probe = torch.tensor([token_ids[0][:16]], device=device)
+        leaders, _, head_name, _ = find_shared_inputs(model, probe)
+    else:
+        leaders = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        head_name = next(name for name, m in leaders.items() if m is head)
+    grams = {name: Gram(m.in_features, device, blocks=None if triangle else 1) for name, m in leaders.items()}
+    if sort:
+        batches = length_batches([len(ids) for ids in token_ids], batch_size)
+    else:
+        batches = [list(range(s, min(s + batch_size, len(token_ids)))) for s in range(0, len(token_ids), batch_size)]
+    rows = {}
+
+    def hook(name):
+        def fn(module, args):
+            grams[name].add(args[0], rows["index"])
+
+        return fn
+
+    handles = [
+        m.register_forward_pre_hook(hook(name))
+        for name, m in leaders.items()
+        if not (skip_logits and name == head_name)
+    ]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                input_ids, mask = collate(token_ids, batch)
+                rows["index"] = mask.flatten().nonzero().squeeze(1).to(device) if drop_padding else None
+                input_ids, mask = input_ids.to(device), mask.to(device)
+                if skip_logits:
+                    hidden = model.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+                    grams[head_name].add(hidden, rows["index"])
+                else:
+                    model(input_ids=input_ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return {key: g.result() for key, g in grams.items()}
+
+
+# The steps from the seed's method to compute_gram's, each adding one change to the one before.
+STEPS = [
+    ("+ float32 sum accumulator", dict(drop_padding=False, sort=False, shared=False, triangle=False)),
+    ("+ padding rows dropped", dict(drop_padding=True, sort=False, shared=False, triangle=False)),
+    ("+ length-sorted batches", dict(drop_padding=True, sort=True, shared=False, triangle=False)),
+    ("+ shared inputs", dict(drop_padding=True, sort=True, shared=True, triangle=False)),
+    ("+ upper triangle", dict(drop_padding=True, sort=True, shared=True, triangle=True)),
+]
 
 
 def matmul_peak(device, dtype, n):
@@ -152,14 +234,16 @@ def build(args, device):
         max_position_embeddings=max(args.max_length, 512),
         tie_word_embeddings=False,
     )
-    model = (
-        AutoModelForCausalLM.from_config(config, dtype=DTYPES[args.dtype], attn_implementation="sdpa").to(device).eval()
-    )
+    # built in float32 and cast, so that every dtype holds the same weights
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    model = model.to(device, DTYPES[args.dtype]).eval()
     rng = random.Random(args.seed)
     token_ids = [
         [rng.randrange(args.vocab) for _ in range(rng.randint(args.min_length, args.max_length))]
         for _ in range(args.rows)
     ]
+    if args.lengths == "full":
+        token_ids = [[rng.randrange(args.vocab) for _ in range(args.max_length)] for _ in range(args.rows)]
     return model, token_ids
 
 
@@ -236,9 +320,18 @@ def compare_processes(args, device, model, token_ids):
 
 def main(argv=None):
     args = parse_args(argv)
-    device, dtype = choose_device(args.device), DTYPES[args.dtype]
+    device = choose_device(args.device)
+    if args.dtype == "auto":
+        dtype, why = auto_dtype(device)
+        args.dtype = dtype_name(dtype)
+        print(f"--dtype auto: {args.dtype} ({why})")
+    dtype = DTYPES[args.dtype]
     model, token_ids = build(args, device)
     num_tokens = sum(map(len, token_ids))
+    padded = sum(
+        len(batch) * max(len(token_ids[i]) for i in batch)
+        for batch in (range(s, min(s + args.batch_size, args.rows)) for s in range(0, args.rows, args.batch_size))
+    )
     params = sum(p.numel() for p in model.parameters())
     print(
         f"model: {params / 1e6:.1f}M params (hidden {args.hidden}, intermediate {args.intermediate}, "
@@ -246,29 +339,65 @@ def main(argv=None):
         f"{torch.get_num_threads()} cpu threads"
     )
     print(
-        f"rows: {args.rows}, {args.min_length}-{args.max_length} tokens, {num_tokens} tokens, batch {args.batch_size}"
+        f"rows: {args.rows}, lengths {args.lengths} ({min(map(len, token_ids))}-{max(map(len, token_ids))} tokens), "
+        f"{num_tokens} tokens, batch {args.batch_size}; dataset-order batches are "
+        f"{1 - num_tokens / padded:.0%} padding"
     )
     if args.processes > 1:
         return compare_processes(args, device, model, token_ids)
 
-    warm = token_ids[: args.batch_size // 4 or 1]  # first-call allocations out of both timings
-    seed_method(model, warm, args.batch_size), ours(model, warm, args.batch_size)
-    _, t_seed = timed(seed_method, device, model, token_ids, args.batch_size)
-    _, t_ours = timed(ours, device, model, token_ids, args.batch_size)
-    peak = matmul_peak(device, dtype, 4096 if device.type == "cuda" else 2048)
+    # (label, function, model): the seed's method in --reference-dtype, then ours
+    models = {args.dtype: model}
+    for name in {args.reference_dtype or args.dtype, "float32" if args.against_float32 else args.dtype}:
+        models.setdefault(name, build_cast(model, DTYPES[name]))
+    ref_dtype = args.reference_dtype or args.dtype
+    runs = [(f"seed method ({ref_dtype})", seed_method, models[ref_dtype])]
+    if args.decompose:
+        runs += [(label, partial(variant, skip_logits=False, **flags), model) for label, flags in STEPS]
+    runs.append((f"compute_gram ({args.dtype})", ours, model))
+    if args.against_float32 and args.dtype != "float32":
+        runs.append(("compute_gram (float32)", ours, models["float32"]))
+
+    warm = token_ids[: args.batch_size // 4 or 1]  # first-call allocations out of every timing
+    for _, fn, m in runs:
+        fn(m, warm, args.batch_size)
+    times = {label: [] for label, _, _ in runs}
+    for _ in range(args.repeat):  # alternating, so that a burst of load from other jobs hits all methods
+        for label, fn, m in runs:
+            times[label].append(timed(fn, device, m, token_ids, args.batch_size)[1])
+            print(f"  {label}: {times[label][-1]:.2f} s", flush=True)
+    peaks = {name: matmul_peak(device, DTYPES[name], 4096 if device.type == "cuda" else 2048) for name in models}
+    peaks.setdefault("float32", matmul_peak(device, torch.float32, 4096 if device.type == "cuda" else 2048))
+    peaks.setdefault("bfloat16", matmul_peak(device, torch.bfloat16, 4096 if device.type == "cuda" else 2048))
     work = useful_flops(model, num_tokens)
 
-    print(f"matmul peak ({args.dtype}): {peak / 1e9:.0f} GFLOP/s")
-    for name, t in (("seed method", t_seed), ("compute_gram", t_ours)):
-        print(f"{name:>13}: {t:7.2f} s  {num_tokens / t:9.0f} tokens/s  {work / t / peak:6.1%} of matmul peak")
+    print("matmul peak: " + ", ".join(f"{name} {p / 1e9:.0f} GFLOP/s" for name, p in sorted(peaks.items())))
+    best = {label: min(t) for label, t in times.items()}
+    t_seed = best[runs[0][0]]
+    for label, _, m in runs:
+        t, name = best[label], dtype_name(m.dtype)
+        print(
+            f"{label:>27}: {t:7.2f} s  {num_tokens / t:7.0f} tokens/s  {work / t / peaks[name]:6.1%} of the {name} "
+            f"peak  {t_seed / t:5.2f}x the seed's  (runs: {', '.join(f'{x:.1f}' for x in times[label])} s)"
+        )
+    t_ours = best[f"compute_gram ({args.dtype})"]
     print(f"speed-up: {t_seed / t_ours:.2f}x")
+    if args.against_float32 and args.dtype != "float32":
+        print(f"compute_gram {args.dtype} against its float32 run: {best['compute_gram (float32)'] / t_ours:.2f}x")
     # On an 8B-shaped slice, the seed's job (10k rows through 32 layers) scales about with
     # layers x tokens; lm_head's share is counted 32/layers times, so this is an upper bound.
     mean_len = num_tokens / args.rows
-    for name, t in (("seed method", t_seed), ("compute_gram", t_ours)) if args.hidden == 4096 else ():
+    for name, t in ((runs[0][0], t_seed), ("compute_gram", t_ours)) if args.hidden == 4096 else ():
         hours = t / num_tokens * (32 / args.layers) * 10000 * mean_len / 3600
         print(f"extrapolated 10k rows of {mean_len:.0f} tokens, 32 layers, {name}: {hours:.2f} h")
     return t_seed / t_ours
+
+
+def build_cast(model, dtype):
+    """The same weights in another dtype (a copy; the model itself when the dtype is its own)."""
+    import copy
+
+    return model if model.dtype == dtype else copy.deepcopy(model).to(dtype)
 
 
 if __name__ == "__main__":

@@ -6,19 +6,26 @@
     python bench/bench_merge.py --repeat 3   # on a busy machine: alternate the methods, keep the fastest run
     python bench/bench_merge.py --layer-8b --device cuda   # one Llama-3-8B-shaped layer (+ lm_head) on a GPU
     python bench/bench_merge.py --pp-examples 0   # streaming and baseline only, without regmean++
+    python bench/bench_merge.py --like-for-like --pp-examples 0   # + streaming writing float32, as the baseline does
+    python bench/bench_merge.py --ill-conditioned --alpha 1.0 --like-for-like --pp-examples 0   # grams of cond ~1e7
 
 For each depth it writes two experts (random bf16 weights, safetensors shards) and synthetic SPD
 grams for them, both as gram.safetensors (this project) and as the seed's gram.pkl (one tensor
 per module), then runs, each in its own process so that peak RSS is that method's alone:
 - baseline: the seed's merge_model.py: both models loaded with from_pretrained (float32), all
   grams unpickled, torch.linalg.lstsq per linear module, the result saved with save_pretrained;
-- streaming: `merge_model.py regmean` with default settings (output in the experts' dtype);
+- streaming: `merge_model.py regmean` with default settings (output in the experts' dtype, bfloat16);
+- streaming-f32 (--like-for-like): the same with `--dtype float32`, the baseline's output dtype;
 - regmean++: `merge_model.py regmean++` on --pp-examples toy chat rows per expert (code and math
   rows of demo.py, a local BPE tokenizer with the chat template), forward passes in float32.
-It prints wall time and peak RSS of each, the ratios against the targets (peak RSS at the
-deepest <= 25% of the baseline's and <= 1.15x the shallowest's, wall <= 0.6x the baseline's),
-regmean++ next to regmean (wall, peak RSS, seconds per calibration token and per token-layer),
-and an extrapolation to the seed's Llama-3-8B pair.
+
+--ill-conditioned makes every gram low rank plus a diagonal ~1e-6 of its top eigenvalue
+(condition number ~1e7, as measured on real o_proj grams), so that the solver leaves its
+float32 Cholesky path; at alpha 0.1 the kept diagonal makes the system well conditioned
+again, so run it with --alpha 1.0. It prints wall time and peak RSS of each, the ratios
+against the targets (peak RSS at the deepest <= 25% of the baseline's and <= 1.15x the
+shallowest's, wall <= 0.6x the baseline's), regmean++ next to regmean (wall, peak RSS,
+seconds per calibration token and per token-layer), and an extrapolation to the seed's Llama-3-8B pair.
 """
 
 import argparse
@@ -71,7 +78,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--pp-examples", type=int, default=32, help="calibration rows per expert for regmean++ (0: skip regmean++)"
     )
-    p.add_argument("--child", choices=["baseline", "streaming", "regmeanpp"], help=argparse.SUPPRESS)
+    p.add_argument("--like-for-like", action="store_true", help="also streaming with float32 output, as the baseline")
+    p.add_argument("--ill-conditioned", action="store_true", help="grams with condition number ~1e7 (see above)")
+    p.add_argument("--child", choices=["baseline", "streaming", "streaming-f32", "regmeanpp"], help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -113,10 +122,14 @@ def seeded(name, *extra):
     return torch.Generator().manual_seed(zlib.crc32("/".join([name, *map(str, extra)]).encode()))
 
 
-def synthetic_gram(n, seed_name, rank=256):
-    """An SPD gram with a spread spectrum: low rank plus a diagonal, like real activations."""
+def synthetic_gram(n, seed_name, rank=256, floor=None):
+    """An SPD gram with a spread spectrum: low rank plus a diagonal, like real activations.
+    floor: the diagonal's scale relative to the low-rank part's top eigenvalue (None: 0.1-1,
+    a well-conditioned gram; 1e-7 gives a condition number ~1e7)."""
     b = torch.randn(n, rank, generator=seeded(seed_name))
     d = torch.rand(n, generator=seeded(seed_name, "d")) * 0.9 + 0.1
+    if floor is not None:
+        d *= floor * (n**0.5 + rank**0.5) ** 2 / rank  # the top eigenvalue of b bᵀ / rank, about
     return b @ b.T / rank + torch.diag(d)
 
 
@@ -172,7 +185,8 @@ def prepare(folder, args, layers):
     for i in range(NUM_EXPERTS):
         write_expert(folder / f"expert{i}", config, i)
         aliases = {m: input_key(m) for m in shapes if input_key(m) != m}  # one gram per distinct input
-        stored = {m: synthetic_gram(shapes[m][1], f"{m}/{i}") for m in shapes if m not in aliases}
+        floor = 1e-6 if args.ill_conditioned else None
+        stored = {m: synthetic_gram(shapes[m][1], f"{m}/{i}", floor=floor) for m in shapes if m not in aliases}
         save_grams(
             folder / f"expert{i}" / "gram.safetensors",
             stored,
@@ -186,7 +200,22 @@ def prepare(folder, args, layers):
     done.touch()
 
 
-# ----------------------------------------------------------------------------- the two methods (children)
+def condition_numbers(folder, alpha):
+    """The condition numbers of layer 0's gram sums, plain and reduced by alpha, for the log."""
+    from tensor_io import GramFile
+
+    files = [GramFile(folder / f"expert{i}" / "gram.safetensors") for i in range(NUM_EXPERTS)]
+    out = []
+    for module in ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"):
+        g = sum(f.get(module).double() for f in files)
+        reduced = g * alpha
+        reduced.diagonal().copy_(g.diagonal())
+        cond = [torch.linalg.cond(m).item() for m in (g, reduced)]
+        out.append(f"{module.rsplit('.', 1)[-1]} cond {cond[0]:.1e} (alpha {alpha}: {cond[1]:.1e})")
+    return "; ".join(out)
+
+
+# ----------------------------------------------------------------------------- the methods (children)
 def baseline(folder, alpha):
     """The seed's merge: everything in memory, lstsq per module, save_pretrained."""
     from transformers import AutoModelForCausalLM
@@ -278,7 +307,7 @@ def regmeanpp(folder, alpha, num_examples):
     return json.loads((out / "merge_report.json").read_text())["figures"]
 
 
-def streaming(folder, alpha):
+def streaming(folder, alpha, dtype="auto"):
     import merge_model
 
     out = merge_model.main(
@@ -293,13 +322,17 @@ def streaming(folder, alpha):
             "--alpha",
             str(alpha),
             "--output-dir",
-            str(folder / "out-streaming"),
+            str(folder / f"out-streaming-{dtype}"),
             "--overwrite",
             "--device",
             "cpu",
+            "--dtype",
+            dtype,
         ]
     )
-    return json.loads((out / "merge_report.json").read_text())["figures"]
+    report = json.loads((out / "merge_report.json").read_text())
+    paths = [layer["path"] for layer in report["layers"] if "path" in layer]
+    return dict(report["figures"], paths={p: paths.count(p) for p in sorted(set(paths))})
 
 
 def child(args):
@@ -308,7 +341,10 @@ def child(args):
     if args.child == "regmeanpp":
         figures = regmeanpp(folder, args.alpha, args.pp_examples)
     else:
-        figures = baseline(folder, args.alpha) if args.child == "baseline" else streaming(folder, args.alpha)
+        if args.child == "baseline":
+            figures = baseline(folder, args.alpha)
+        else:
+            figures = streaming(folder, args.alpha, "float32" if args.child == "streaming-f32" else "auto")
     wall = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(
@@ -444,13 +480,18 @@ def main(argv=None):
         return child(args)
     if args.layer_8b:
         return layer_8b(args)
-    work = Path(args.work_dir) / f"h{args.hidden}-i{args.intermediate}-v{args.vocab}"
+    work = (
+        Path(args.work_dir)
+        / f"h{args.hidden}-i{args.intermediate}-v{args.vocab}{'-ill' if args.ill_conditioned else ''}"
+    )
     results = {}
     for layers in args.depths:
         folder = work / f"layers{layers}"
         t0 = time.perf_counter()
         prepare(folder, args, layers)
-        methods = ["streaming", "baseline"]
+        methods = ["streaming", "baseline"] + (["streaming-f32"] if args.like_for_like else [])
+        if args.ill_conditioned or layers == min(args.depths):
+            print(f"{layers} layers: {condition_numbers(folder, args.alpha)}", flush=True)
         if args.pp_examples:
             prepare_calibration(folder, args.pp_examples)
             methods.append("regmeanpp")
@@ -458,9 +499,10 @@ def main(argv=None):
         for _ in range(args.repeat):
             for method in methods:
                 r = run_child(method, folder, args.alpha, args.pp_examples)
+                paths = r["figures"].get("paths") if isinstance(r["figures"], dict) else None
                 print(
-                    f"  {method:9s} wall {r['wall_s']:7.1f}s   CPU {r['cpu_s']:7.1f}s   "
-                    f"peak RSS {r['rss_gib']:6.2f} GiB",
+                    f"  {method:13s} wall {r['wall_s']:7.1f}s   CPU {r['cpu_s']:7.1f}s   "
+                    f"peak RSS {r['rss_gib']:6.2f} GiB" + (f"   solver paths {paths}" if paths else ""),
                     flush=True,
                 )
                 results.setdefault((method, layers), []).append(r)
@@ -476,6 +518,10 @@ def main(argv=None):
         ("peak RSS, streaming deep / shallow", s["rss_gib"] / s_lo["rss_gib"], 1.15, f"{hi} vs {lo} layers"),
         ("wall time, streaming / baseline", s["wall_s"] / b["wall_s"], 0.6, f"at {hi} layers"),
     ]
+    if args.like_for_like:
+        f32 = results["streaming-f32", hi]
+        checks.append(("wall time, streaming-f32 / baseline", f32["wall_s"] / b["wall_s"], 0.6, f"at {hi} layers"))
+        checks.append(("peak RSS, streaming-f32 / baseline", f32["rss_gib"] / b["rss_gib"], 0.25, f"at {hi} layers"))
     cpu = s["cpu_s"] / b["cpu_s"]
     print(
         f"\n(CPU time, streaming / baseline at {hi} layers: {cpu:.3f}; less sensitive than wall time to a busy machine)"
