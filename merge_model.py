@@ -58,7 +58,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
-from merging import BLOCK_MB, StreamingMerge, linear_modules, load_experts, merge_tensors, summarize, writer_dtype
+from merging import (
+    BLOCK_MB,
+    StreamingMerge,
+    check_gram_models,
+    linear_modules,
+    linear_weight_names,
+    load_experts,
+    match_exclusions,
+    merge_tensors,
+    merged_infos,
+    summarize,
+    vocab_source,
+    writer_dtype,
+)
+from recipe import make_recipe, read_recipe, recipe_yaml
 from regmeanpp import (
     CalibrationSettings,
     HiddenStates,
@@ -123,49 +137,58 @@ class MergeSettings:
     dtype: str = "auto"  # output dtype
     max_shard_size: str = "5GB"
     block_mb: float = BLOCK_MB
+    exclude: list[str] | None = None  # regexes: linear layers whose name matches are averaged, not solved
+    allow_gram_mismatch: bool = False  # merge grams whose recorded model is not the expert at their position
+    config: str | None = None  # the recipe file the settings were read from (options given override it)
 
 
 def parse_args(argv=None) -> MergeSettings:
-    d = MergeSettings("avg")  # the defaults
+    """Each setting from, first found: the options given, the --config recipe, MergeSettings' default.
+    Options not given are left out of the namespace (SUPPRESS), so that they do not hide the recipe."""
+    d = MergeSettings("avg")  # the defaults, for the help
     p = argparse.ArgumentParser(
-        description="Merge fine-tuned experts by plain averaging, RegMean or RegMean++, streaming."
+        description="Merge fine-tuned experts by plain averaging, RegMean or RegMean++, streaming.",
+        argument_default=argparse.SUPPRESS,
     )
     p.add_argument(
         "method",
+        nargs="?",
+        default=None,  # None, not SUPPRESS: argparse checks an absent positional's default against the choices
         choices=list(MERGE_METHODS),
         help="avg: weighted mean of every tensor; regmean: RegMean on linear layers, grams from files; "
-        "regmean++: RegMean layer by layer, grams on the merged model's own hidden states",
+        "regmean++: RegMean layer by layer, grams on the merged model's own hidden states "
+        "(may come from --config instead)",
+    )
+    p.add_argument(
+        "--config",
+        help="a merge recipe (YAML: merge_method, models: [{model, grams, weight}], parameters: {alpha, exclude}, "
+        "dtype; see README), or a merged folder's README.md: its settings; the options given override them",
     )
     p.add_argument(
         "--models",
         nargs="+",
-        default=d.models,
         help="preset names, local folders or hub ids, 2 or more; config and tokenizer come from the last "
         f"(default: {' '.join(d.models)})",
     )
     p.add_argument(
         "--grams",
         nargs="+",
-        default=d.grams,
         help="one gram file or folder per model (default: each preset's gram folder)",
     )
     p.add_argument(
         "--weights",
         nargs="+",
         type=float,
-        default=d.weights,
         help="per-expert weights, normalized to sum 1 (default: equal)",
     )
     p.add_argument(
         "--alpha",
         type=float,
-        default=d.alpha,
         help=f"off-diagonal scale of the grams; 1.0 is plain RegMean (default: {d.alpha})",
     )
     p.add_argument(
         "--datasets",
         nargs="+",
-        default=d.datasets,
         help="regmean++: calibration data, one per model: preset names or .json/.jsonl/.parquet/.csv files "
         "or hub ids (default: each preset model's data)",
     )
@@ -173,66 +196,71 @@ def parse_args(argv=None) -> MergeSettings:
         "--formats",
         nargs="+",
         choices=sorted(FORMATS),
-        default=d.formats,
         help="regmean++: row format of each dataset, or one for all (default: the preset's)",
     )
-    p.add_argument("--split", default=d.split, help=f"regmean++: split of hub datasets (default: {d.split})")
+    p.add_argument("--split", help=f"regmean++: split of hub datasets (default: {d.split})")
     p.add_argument(
         "--num-examples",
         type=int,
-        default=d.num_examples,
         help=f"regmean++: first N rows of each dataset, unshuffled (default: {d.num_examples})",
     )
     p.add_argument(
         "--max-length",
         type=int,
-        default=d.max_length,
         help=f"regmean++: truncate each example to this many tokens (default: {d.max_length})",
     )
     p.add_argument(
         "--batch-size",
         type=int,
-        default=d.batch_size,
         help=f"regmean++: examples per forward pass (default: {d.batch_size})",
     )
     p.add_argument(
         "--forward-dtype",
-        default=d.forward_dtype,
         choices=["auto", "bfloat16", "float32"],
         help="regmean++: dtype of the forward passes and hidden states (default: bfloat16 on cuda, float32 on cpu)",
     )
     p.add_argument(
         "--max-hidden-gb",
         type=float,
-        default=d.max_hidden_gb,
         help="regmean++: hidden states larger than this go to disk, in the output folder while it is written "
         "(default: half the free memory of the device)",
     )
     p.add_argument(
         "--output-dir",
-        default=d.output_dir,
         help="(default: runs/merges/avg, runs/merges/regmean_{alpha} or runs/merges/regmeanpp_{alpha})",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument(
         "--device",
-        default=d.device,
         help="auto, cuda or cpu: where the solves (and regmean++'s forward passes) run (default: auto)",
     )
-    p.add_argument(
-        "--dtype", default=d.dtype, choices=["auto", *DTYPES], help="output dtype (default: auto, the experts' dtype)"
-    )
-    p.add_argument(
-        "--max-shard-size", default=d.max_shard_size, help=f"size of the output shards (default: {d.max_shard_size})"
-    )
+    p.add_argument("--dtype", choices=["auto", *DTYPES], help="output dtype (default: auto, the experts' dtype)")
+    p.add_argument("--max-shard-size", help=f"size of the output shards (default: {d.max_shard_size})")
     p.add_argument(
         "--block-mb",
         type=float,
-        default=d.block_mb,
         help="large tensors are merged in blocks of rows of about this many MB per expert, as float32 "
         f"(default: {d.block_mb:g})",
     )
-    return MergeSettings(**vars(p.parse_args(argv)))
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="REGEX",
+        help="regmean, regmean++: linear layers whose module name matches (re.search) are averaged instead of "
+        "solved, e.g. --exclude lm_head; repeatable; a pattern matching no linear layer is an error",
+    )
+    p.add_argument(
+        "--allow-gram-mismatch",
+        action="store_true",
+        help="regmean: merge even when a gram file records another model than the expert at its position "
+        "(refused by default)",
+    )
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    settings = read_recipe(given["config"]) if "config" in given else {}
+    settings.update(given)
+    if "method" not in settings:
+        p.error("the method (avg, regmean or regmean++) is needed, on the command line or as merge_method in --config")
+    return MergeSettings(**settings)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -255,6 +283,8 @@ def check_settings(s: MergeSettings) -> list[float]:
     if s.method != "regmean++" and (s.datasets or s.formats):
         takes = "--grams" if s.method == "regmean" else "neither"
         raise UserError(f"--datasets and --formats are for regmean++; {s.method} takes {takes}")
+    if s.method == "avg" and s.exclude:
+        raise UserError("--exclude is for regmean and regmean++ (avg takes the mean of every tensor)")
     check_at_least_one(num_examples=s.num_examples, max_length=s.max_length, batch_size=s.batch_size)
     return weights
 
@@ -286,9 +316,27 @@ def gram_provenance(grams: GramFile) -> dict:
     return dict(file=str(grams.path), **{k: grams.metadata[k] for k in keep if k in grams.metadata})
 
 
-def write_model_card(out_dir, s: MergeSettings, experts, provenance, coefs, out_dtype, summary, argv):
-    """provenance: per expert, where its grams come from (a gram file's, or regmean++'s data); or []."""
+def recipe_of(s: MergeSettings, weights, out_dtype, gram_paths=None, calib=None, forward_dtype=None) -> dict:
+    """The merge as run, every value resolved, as a recipe (recipe.py): for the card and the report."""
+    params = {} if s.method == "avg" else dict(alpha=s.alpha)
+    if s.exclude:
+        params["exclude"] = s.exclude
+    if s.allow_gram_mismatch:
+        params["allow_gram_mismatch"] = True
+    if calib:
+        params.update(split=s.split, num_examples=s.num_examples, max_length=s.max_length, batch_size=s.batch_size)
+        params["forward_dtype"] = dtype_name(forward_dtype)
+    datasets, formats = ([c.provenance[k] for c in calib] for k in ("dataset", "format")) if calib else (None, None)
+    return make_recipe(s.method, s.models, weights, dtype_name(out_dtype), params, gram_paths, datasets, formats)
+
+
+def write_model_card(
+    out_dir, s: MergeSettings, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded
+):
+    """provenance: per expert, where its grams come from (a gram file's, or regmean++'s data); or [].
+    source: the expert the config and tokenizer come from; excluded: linear layers averaged (--exclude)."""
     tags = {"avg": [], "regmean": ["regmean"], "regmean++": ["regmean", "regmean-plus-plus"]}[s.method]
+    grew = len({e.config.get("vocab_size") for e in experts}) > 1
     lines = [
         "---",
         "base_model:",
@@ -329,11 +377,29 @@ def write_model_card(out_dir, s: MergeSettings, experts, provenance, coefs, out_
         lines.append(f"| {e.model_id} | {c:.4g} | {gram} |")
     lines += [
         "",
-        f"Output dtype: {dtype_name(out_dtype)}. Config, generation config and tokenizer from {experts[-1].model_id}.",
+        f"Output dtype: {dtype_name(out_dtype)}. Config, generation config and tokenizer from {source.model_id}"
+        + (" (the largest vocabulary; tokens only some experts have come from those)." if grew else "."),
         "",
     ]
     if summary:
         lines += [f"Solver: {summary}", ""]
+    if excluded:
+        patterns = ", ".join(f"`{p}`" for p in s.exclude)
+        lines += [
+            f"Excluded from {s.method} (the weighted mean instead), matching {patterns}: {', '.join(excluded)}.",
+            "",
+        ]
+    lines += [
+        "## Recipe",
+        "",
+        "`python merge_model.py --config README.md --output-dir DIR` makes this merge again (paths as given where "
+        "it ran):",
+        "",
+        "```yaml",
+        recipe_yaml(recipe).rstrip(),
+        "```",
+        "",
+    ]
     lines += [
         "Command:",
         "",
@@ -375,12 +441,15 @@ def main(argv=None):
 
     with timer("load"):
         experts = load_experts(s.models)
-        gram_files, linear, calib, provenance = [], {}, None, []
+        source = vocab_source(experts)  # config and tokenizer: the last model, or the largest vocabulary
+        gram_files, gram_paths, linear, calib, provenance, excluded = [], None, {}, None, [], []
         if s.method == "regmean":
-            gram_paths = s.grams or default_gram_paths(s.models)
+            gram_paths = [str(p) for p in s.grams or default_gram_paths(s.models)]
             if len(gram_paths) != len(s.models):
                 raise UserError(f"--grams has {len(gram_paths)} files for {len(s.models)} models")
             gram_files = [GramFile(p) for p in gram_paths]
+            for line in check_gram_models(experts, gram_files, s.allow_gram_mismatch):
+                print(line, file=sys.stderr)
             linear = linear_modules(experts[0].infos, gram_files)
             provenance = [gram_provenance(g) for g in gram_files]
         elif pp:
@@ -388,7 +457,10 @@ def main(argv=None):
             calib_settings = CalibrationSettings(s.split, s.num_examples, s.max_length, s.batch_size)
             calib = calibration_sets(experts, s.datasets, s.formats, calib_settings)
             provenance = [c.provenance for c in calib]
-    infos = experts[0].infos
+        if s.exclude:
+            candidates = list(linear) if linear else linear_weight_names(source.dir, experts[0].infos)
+            excluded = match_exclusions(s.exclude, candidates)
+    infos = merged_infos(experts)
     float_dtypes = [ST_DTYPES[d] for _, d in experts[-1].infos.values() if ST_DTYPES[d].is_floating_point]
     out_dtype = choose_dtype(s.dtype, device, default=max(set(float_dtypes), key=float_dtypes.count))
     plan = {name: (shape, writer_dtype(out_dtype, st_dtype)) for name, (shape, st_dtype) in infos.items()}
@@ -401,6 +473,14 @@ def main(argv=None):
         f"merging {len(s.models)} models ({', '.join(str(e.dir) for e in experts)}) by {s.method}: "
         f"{len(infos)} tensors, {what}, on {device}, output {dtype_name(out_dtype)} -> {out_dir}"
     )
+    if excluded:
+        print(f"excluded from {s.method} (averaged), matching {s.exclude}: {', '.join(excluded)}")
+    vocab_sizes = [e.config.get("vocab_size") for e in experts]
+    if len(set(vocab_sizes)) > 1:
+        print(
+            f"vocabularies nest ({' < '.join(map(str, sorted(set(vocab_sizes))))} tokens): rows all experts have are "
+            f"merged, the others come from the experts that have them; config and tokenizer from {source.dir}"
+        )
     extra_settings = {}
     if pp:
         forward_dtype = choose_dtype(s.forward_dtype, device)
@@ -416,7 +496,8 @@ def main(argv=None):
 
     with atomic_dir(out_dir, overwrite=s.overwrite) as tmp:
         writer = ShardWriter(tmp, plan, s.max_shard_size)
-        merge = StreamingMerge(experts, coefs, s.alpha, device, out_dtype, writer, timer, s.block_mb)
+        averaged = frozenset(m + ".weight" for m in excluded)
+        merge = StreamingMerge(experts, coefs, s.alpha, device, out_dtype, writer, timer, s.block_mb, averaged)
         try:
             if pp:
                 states = HiddenStates(device, tmp / ".hidden-states" if spill else None)
@@ -430,8 +511,9 @@ def main(argv=None):
         writer.finish()
         summary = summarize(report)
         with timer("write"):
-            copy_side_files(experts[-1].dir, tmp, out_dtype)
-            write_model_card(tmp, s, experts, provenance, coefs, out_dtype, summary, argv)
+            copy_side_files(source.dir, tmp, out_dtype)
+            recipe = recipe_of(s, weights, out_dtype, gram_paths, calib, forward_dtype if pp else None)
+            write_model_card(tmp, s, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded)
             total_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in plan.values())
             figures = dict(
                 wall_s=round(timer.total(), 3),
@@ -454,6 +536,9 @@ def main(argv=None):
                 command="python merge_model.py " + " ".join(argv),
                 experts=[dict(model=e.model_id, dir=str(e.dir), weight=c) for e, c in zip(experts, coefs)],
                 grams=provenance,
+                recipe=recipe,
+                excluded=dict(patterns=s.exclude or [], modules=excluded),
+                config_from=str(source.dir),
                 summary=summary,
                 figures=figures,
                 layers=report,
