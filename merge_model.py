@@ -12,6 +12,9 @@ in bounded memory.
     python merge_model.py regmean++ --models toy-code toy-math          # after `python demo.py`
     python merge_model.py regmean++ --models A B --datasets a.jsonl b.jsonl --formats code math \
         --num-examples 2000 --max-length 256 --batch-size 16 --max-hidden-gb 20
+    python merge_model.py --config recipe.yml --alpha 0.5    # a recipe (recipe.py); options given override it
+    python merge_model.py --config runs/merges/regmean_0.1/README.md --output-dir again   # a merge made again
+    python merge_model.py regmean --exclude lm_head --exclude 'down_proj$'   # averaged, not solved
 
 For every linear layer y = x Wᵀ (W is out x in) whose input has a gram in every gram file:
     G̃ᵢ = α Gᵢ + (1 - α) diag(Gᵢ)                       (α = --alpha; 1 is plain RegMean)
@@ -44,9 +47,16 @@ states (tokens x hidden per expert) stay on the device, or go to disk above --ma
 (the log and merge_report.json say which). merge_report.json adds each layer's gram figures
 (tokens, trace, mean diagonal, a condition-number bound) per expert.
 
+Checked before the work: each gram file records a fingerprint of the expert it was computed on
+(compute_gram.py), which must be the expert at its position (a swap is named; --allow-gram-mismatch
+merges anyway); every --exclude pattern must match a linear layer; experts may differ in shape only
+by tokens added at the end of a vocabulary (same strings at the same ids): the rows all share are
+merged as above, the others are the mean of the experts that have them, and the config and tokenizer
+come from the largest vocabulary. The model card ends with the resolved recipe, which --config reads.
+
 This file is the command line and the orchestration; the RegMean math is in regmean.py, the
 streaming merge in merging.py, RegMean++ in regmeanpp.py, the shard writer and gram files in
-tensor_io.py.
+tensor_io.py, recipe files in recipe.py.
 """
 
 import argparse
@@ -72,7 +82,7 @@ from merging import (
     vocab_source,
     writer_dtype,
 )
-from recipe import make_recipe, read_recipe, recipe_yaml
+from recipe import card_section, read_recipe, recipe_of
 from regmeanpp import (
     CalibrationSettings,
     HiddenStates,
@@ -316,20 +326,6 @@ def gram_provenance(grams: GramFile) -> dict:
     return dict(file=str(grams.path), **{k: grams.metadata[k] for k in keep if k in grams.metadata})
 
 
-def recipe_of(s: MergeSettings, weights, out_dtype, gram_paths=None, calib=None, forward_dtype=None) -> dict:
-    """The merge as run, every value resolved, as a recipe (recipe.py): for the card and the report."""
-    params = {} if s.method == "avg" else dict(alpha=s.alpha)
-    if s.exclude:
-        params["exclude"] = s.exclude
-    if s.allow_gram_mismatch:
-        params["allow_gram_mismatch"] = True
-    if calib:
-        params.update(split=s.split, num_examples=s.num_examples, max_length=s.max_length, batch_size=s.batch_size)
-        params["forward_dtype"] = dtype_name(forward_dtype)
-    datasets, formats = ([c.provenance[k] for c in calib] for k in ("dataset", "format")) if calib else (None, None)
-    return make_recipe(s.method, s.models, weights, dtype_name(out_dtype), params, gram_paths, datasets, formats)
-
-
 def write_model_card(
     out_dir, s: MergeSettings, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded
 ):
@@ -389,17 +385,7 @@ def write_model_card(
             f"Excluded from {s.method} (the weighted mean instead), matching {patterns}: {', '.join(excluded)}.",
             "",
         ]
-    lines += [
-        "## Recipe",
-        "",
-        "`python merge_model.py --config README.md --output-dir DIR` makes this merge again (paths as given where "
-        "it ran):",
-        "",
-        "```yaml",
-        recipe_yaml(recipe).rstrip(),
-        "```",
-        "",
-    ]
+    lines += card_section(recipe)
     lines += [
         "Command:",
         "",
@@ -475,12 +461,10 @@ def main(argv=None):
     )
     if excluded:
         print(f"excluded from {s.method} (averaged), matching {s.exclude}: {', '.join(excluded)}")
-    vocab_sizes = [e.config.get("vocab_size") for e in experts]
-    if len(set(vocab_sizes)) > 1:
-        print(
-            f"vocabularies nest ({' < '.join(map(str, sorted(set(vocab_sizes))))} tokens): rows all experts have are "
-            f"merged, the others come from the experts that have them; config and tokenizer from {source.dir}"
-        )
+    sizes = sorted({e.config.get("vocab_size") for e in experts})
+    if len(sizes) > 1:
+        print(f"vocabularies nest ({' < '.join(map(str, sizes))} tokens): rows only some experts have are their mean")
+        print(f"config and tokenizer from {source.dir}, the largest vocabulary")
     extra_settings = {}
     if pp:
         forward_dtype = choose_dtype(s.forward_dtype, device)
@@ -512,7 +496,15 @@ def main(argv=None):
         summary = summarize(report)
         with timer("write"):
             copy_side_files(source.dir, tmp, out_dtype)
-            recipe = recipe_of(s, weights, out_dtype, gram_paths, calib, forward_dtype if pp else None)
+            calibration = [c.provenance for c in calib] if pp else None
+            recipe = recipe_of(
+                asdict(s),
+                weights,
+                dtype_name(out_dtype),
+                gram_paths,
+                calibration,
+                dtype_name(forward_dtype) if pp else None,
+            )
             write_model_card(tmp, s, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded)
             total_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in plan.values())
             figures = dict(

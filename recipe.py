@@ -16,7 +16,8 @@ again from its own card: `python merge_model.py --config MERGED/README.md --outp
     dtype: bfloat16
 
     settings = read_recipe("recipe.yml")   # {MergeSettings field: value}, checked
-    text = recipe_yaml(recipe)             # a recipe as YAML, for the model card
+    recipe = recipe_of(asdict(merge_settings), weights, "bfloat16", gram_paths)  # a merge as run
+    lines = card_section(recipe)           # the model card's section, which read_recipe reads back
 """
 
 import re
@@ -123,30 +124,52 @@ def read_recipe(path: str | Path) -> dict:
     return recipe_settings(recipe, str(path))
 
 
-def make_recipe(
-    method: str,
-    models: list[str],
+def recipe_of(
+    settings: dict,
     weights: list[float],
     dtype: str,
-    parameters: dict,
-    grams: list[str] | None = None,
-    datasets: list[str] | None = None,
-    formats: list[str] | None = None,
+    gram_paths: list[str] | None = None,
+    calibration: list[dict] | None = None,
+    forward_dtype: str | None = None,
 ) -> dict:
-    """The recipe of a merge as it was run (every value resolved), in the order a reader wants."""
+    """The recipe of a merge as it was run, every value resolved: settings are merge_model.py's
+    (asdict of MergeSettings), calibration regmean++'s data provenance per expert."""
+    parameters = {} if settings["method"] == "avg" else dict(alpha=settings["alpha"])
+    if settings.get("exclude"):
+        parameters["exclude"] = settings["exclude"]
+    if settings.get("allow_gram_mismatch"):
+        parameters["allow_gram_mismatch"] = True
+    if calibration:
+        parameters.update({k: settings[k] for k in ("split", "num_examples", "max_length", "batch_size")})
+        parameters["forward_dtype"] = forward_dtype
     entries = []
-    for i, model in enumerate(models):
+    for i, model in enumerate(settings["models"]):
         entry = dict(model=model)
-        if grams:
-            entry["grams"] = grams[i]
-        if datasets:
-            entry.update(dataset=datasets[i], format=formats[i])
+        if gram_paths:
+            entry["grams"] = gram_paths[i]
+        if calibration:
+            entry.update(dataset=calibration[i]["dataset"], format=calibration[i]["format"])
         entry["weight"] = weights[i]
         entries.append(entry)
-    recipe = dict(merge_method=method, models=entries, parameters=parameters, dtype=dtype)
+    recipe = dict(merge_method=settings["method"], models=entries, parameters=parameters, dtype=dtype)
     recipe_settings(recipe, "the recipe written")  # what is written reads back
     return recipe
 
 
 def recipe_yaml(recipe: dict) -> str:
     return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False)
+
+
+def card_section(recipe: dict) -> list[str]:
+    """The model card's `## Recipe` section, which read_recipe finds again."""
+    return [
+        "## Recipe",
+        "",
+        "`python merge_model.py --config README.md --output-dir DIR` makes this merge again (paths as given where "
+        "it ran):",
+        "",
+        "```yaml",
+        recipe_yaml(recipe).rstrip(),
+        "```",
+        "",
+    ]

@@ -330,3 +330,26 @@ def test_vocabularies_that_do_not_nest_are_refused(grown, experts, tmp_path):
     with pytest.raises(UserError, match=r"tensor \S+ has shape \[402, 64\] in \S+two but \[400, 64\]"):
         run("avg", "--models", grown["two"], liar, "--output-dir", tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_added_tokens_with_regmean_pp(grown, calib_files, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    n = len(tokenizer)
+    common = ["regmean++", "--models", grown["two"], grown["five"], "--datasets", calib_files["code"]]
+    common += [calib_files["math"], "--formats", "code", "math", "--max-length", 64, "--batch-size", 4]
+    out = run(*common, "--device", "cpu", "--output-dir", tmp_path / "pp")
+    merged, five = read_folder(out), read_folder(grown["five"])
+    assert torch.equal(merged["lm_head.weight"][n + 2 :], five["lm_head.weight"][n + 2 :])
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    gen = model.generate(torch.tensor([[1, n + 4]]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert gen.shape == (1, 5)
+
+
+def test_help_shows_the_new_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        merge_model.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--config CONFIG" in text and "--exclude REGEX" in text and "--allow-gram-mismatch" in text
+    assert "options given override them" in text
