@@ -400,7 +400,8 @@ def write_model_card(
 
 
 def copy_side_files(src_dir, out_dir, out_dtype):
-    """config.json (its dtype set to the output's) and the tokenizer files of the last model listed."""
+    """config.json (its dtype set to the output's) and the tokenizer files of src_dir (the last model listed, or
+    the one with the largest vocabulary)."""
     config = json.loads((src_dir / "config.json").read_text())
     name = dtype_name(out_dtype)
     config["dtype"] = name
@@ -452,7 +453,7 @@ def main(argv=None):
     plan = {name: (shape, writer_dtype(out_dtype, st_dtype)) for name, (shape, st_dtype) in infos.items()}
     what = {
         "avg": "all by the mean",
-        "regmean": f"{len(linear)} by RegMean",
+        "regmean": f"{len(linear) - len(excluded)} by RegMean",
         "regmean++": "linear layers by RegMean++",
     }[s.method]
     print(
