@@ -322,7 +322,7 @@ def hidden_states_plan(s: MergeSettings, device, forward_dtype, hidden_size: int
 # ----------------------------------------------------------------------------- the output folder
 def gram_provenance(grams: GramFile) -> dict:
     """Where a gram file comes from, for the model card and the report."""
-    keep = ("model", "dataset", "split", "num_examples", "max_length", "num_tokens", "format")
+    keep = ("model", "dataset", "split", "num_examples", "max_length", "num_tokens", "format", "model_fingerprint")
     return dict(file=str(grams.path), **{k: grams.metadata[k] for k in keep if k in grams.metadata})
 
 

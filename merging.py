@@ -1,7 +1,10 @@
 """The streaming merge that serves `avg`, `regmean` and RegMean++: experts' tensors are read from
 their safetensors files when needed (in blocks of rows when large), merged (the weighted mean, or
 RegMean's solve on the grams of a layer's input) and written straight to their place in the
-output shards, so memory stays flat in depth and vocabulary.
+output shards, so memory stays flat in depth and vocabulary. Linear weights in `averaged`
+(--exclude) are the mean instead; where vocabularies nest (tokens added at the end), rows only some
+experts have are the mean of those experts. The inputs are checked here too: experts against each
+other, gram files against the experts they claim to describe (check_gram_models).
 
     experts = load_experts(["code", "math"])
     merge = StreamingMerge(experts, coefs, alpha, device, out_dtype, writer, timer, block_mb)
