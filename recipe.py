@@ -82,7 +82,10 @@ def recipe_settings(recipe, source: str) -> dict:
         if not isinstance(models, list) or not all(isinstance(m, dict) and "model" in m for m in models):
             raise UserError(f"{source}: models must be a list of entries, each with a `model`")
         for i, m in enumerate(models):
-            check_keys(f"{source}: models[{i}]", m, MODEL_KEYS)
+            check_keys(f"{source}: models[{i}]", m, [*MODEL_KEYS, "parameters"])
+            if "parameters" in m:  # mergekit writes a model's weight as `parameters: {weight: w}`
+                check_keys(f"{source}: models[{i}].parameters", m["parameters"] or {}, ["weight"])
+                models[i] = {k: v for k, v in m.items() if k != "parameters"} | (m["parameters"] or {})
         for key, setting in MODEL_KEYS.items():
             given = [m[key] for m in models if key in m]
             if given and len(given) != len(models):

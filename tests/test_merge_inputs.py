@@ -131,6 +131,12 @@ def test_recipe_equals_command_line_and_options_override_it(experts, grams, tmp_
     by_cli = read_folder(run(*cli, "--exclude", "lm_head", "--dtype", "bfloat16", "--output-dir", tmp_path / "cli"))
     assert by_file.keys() == by_cli.keys() and all(torch.equal(by_file[k], by_cli[k]) for k in by_file)
     assert by_file["lm_head.weight"].dtype == torch.bfloat16
+    # mergekit's spelling of a model's weight is read too
+    recipe["models"] = [
+        dict(model=m["model"], grams=m["grams"], parameters=dict(weight=m["weight"])) for m in recipe["models"]
+    ]
+    mk = read_folder(run("--config", write_yaml(tmp_path / "mk.yml", recipe), "--output-dir", tmp_path / "mk"))
+    assert all(torch.equal(mk[k], by_cli[k]) for k in by_cli)
     # An option given beats the file; what is not given still comes from the file.
     out = run("--config", cfg, "--alpha", 0.1, "--dtype", "float32", "--output-dir", tmp_path / "override")
     settings = json.loads((out / "merge_report.json").read_text())["settings"]
