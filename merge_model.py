@@ -154,7 +154,8 @@ class MergeSettings:
 
 def parse_args(argv=None) -> MergeSettings:
     """Each setting from, first found: the options given, the --config recipe, MergeSettings' default.
-    Options not given are left out of the namespace (SUPPRESS), so that they do not hide the recipe."""
+    Options not given are left out of the namespace (SUPPRESS), so that they do not hide the recipe: give
+    no default= below, MergeSettings holds the defaults."""
     d = MergeSettings("avg")  # the defaults, for the help
     p = argparse.ArgumentParser(
         description="Merge fine-tuned experts by plain averaging, RegMean or RegMean++, streaming.",
@@ -178,6 +179,7 @@ def parse_args(argv=None) -> MergeSettings:
         "--models",
         nargs="+",
         help="preset names, local folders or hub ids, 2 or more; config and tokenizer come from the last "
+        "(or the one with the largest vocabulary) "
         f"(default: {' '.join(d.models)})",
     )
     p.add_argument(
