@@ -66,7 +66,7 @@ from calibration import (
     load_tokenizer,
     split_batches,
 )
-from tensor_io import save_grams, write_safetensors
+from tensor_io import checkpoint_files, config_fingerprint, model_fingerprint, save_grams, write_safetensors
 from utils import (
     FORMATS,
     GRAM_FILE,
@@ -463,6 +463,7 @@ def main(argv=None):
             file=sys.stderr,
         )
 
+    data = fingerprint(token_ids)
     provenance = dict(
         model=model_spec,
         dataset=dataset,
@@ -471,10 +472,14 @@ def main(argv=None):
         max_length=args.max_length,
         row_format=fmt,  # not `format`: that metadata key holds the file's version
         dtype=dtype_name(dtype),
+        # what binds the grams to this expert: merge_model.py checks them against each model it merges
+        model_fingerprint=model_fingerprint(checkpoint_files(model_dir)),
+        config_sha256=config_fingerprint(json.loads((model_dir / "config.json").read_text())),
+        data_sha256=data,
     )
     # what must match for a checkpoint to resume (batch size and the number of processes fix
     # the batches each process runs)
-    settings = provenance | dict(batch_size=args.batch_size, num_processes=num_processes, data=fingerprint(token_ids))
+    settings = provenance | dict(batch_size=args.batch_size, num_processes=num_processes, data=data)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = checkpoint_path(out_dir, rank, num_processes)
     with timer("gram"):

@@ -12,6 +12,9 @@ in bounded memory.
     python merge_model.py regmean++ --models toy-code toy-math          # after `python demo.py`
     python merge_model.py regmean++ --models A B --datasets a.jsonl b.jsonl --formats code math \
         --num-examples 2000 --max-length 256 --batch-size 16 --max-hidden-gb 20
+    python merge_model.py --config recipe.yml --alpha 0.5    # a recipe (recipe.py); options given override it
+    python merge_model.py --config runs/merges/regmean_0.1/README.md --output-dir again   # a merge made again
+    python merge_model.py regmean --exclude lm_head --exclude 'down_proj$'   # averaged, not solved
 
 For every linear layer y = x Wᵀ (W is out x in) whose input has a gram in every gram file:
     G̃ᵢ = α Gᵢ + (1 - α) diag(Gᵢ)                       (α = --alpha; 1 is plain RegMean)
@@ -44,9 +47,16 @@ states (tokens x hidden per expert) stay on the device, or go to disk above --ma
 (the log and merge_report.json say which). merge_report.json adds each layer's gram figures
 (tokens, trace, mean diagonal, a condition-number bound) per expert.
 
+Checked before the work: each gram file records a fingerprint of the expert it was computed on
+(compute_gram.py), which must be the expert at its position (a swap is named; --allow-gram-mismatch
+merges anyway); every --exclude pattern must match a linear layer; experts may differ in shape only
+by tokens added at the end of a vocabulary (same strings at the same ids): the rows all share are
+merged as above, the others are the mean of the experts that have them, and the config and tokenizer
+come from the largest vocabulary. The model card ends with the resolved recipe, which --config reads.
+
 This file is the command line and the orchestration; the RegMean math is in regmean.py, the
 streaming merge in merging.py, RegMean++ in regmeanpp.py, the shard writer and gram files in
-tensor_io.py.
+tensor_io.py, recipe files in recipe.py.
 """
 
 import argparse
@@ -61,13 +71,19 @@ from calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
 from merging import (
     BLOCK_MB,
     StreamingMerge,
+    check_gram_models,
     linear_modules,
+    linear_weight_names,
     load_experts,
+    match_exclusions,
     merge_tensors,
+    merged_infos,
     summarize,
     tied_head,
+    vocab_source,
     writer_dtype,
 )
+from recipe import card_section, read_recipe, recipe_of
 from regmeanpp import (
     CalibrationSettings,
     HiddenStates,
@@ -133,49 +149,60 @@ class MergeSettings:
     dtype: str = "auto"  # output dtype
     max_shard_size: str = "5GB"
     block_mb: float = BLOCK_MB
+    exclude: list[str] | None = None  # regexes: linear layers whose name matches are averaged, not solved
+    allow_gram_mismatch: bool = False  # merge grams whose recorded model is not the expert at their position
+    config: str | None = None  # the recipe file the settings were read from (options given override it)
 
 
 def parse_args(argv=None) -> MergeSettings:
-    d = MergeSettings("avg")  # the defaults
+    """Each setting from, first found: the options given, the --config recipe, MergeSettings' default.
+    Options not given are left out of the namespace (SUPPRESS), so that they do not hide the recipe: give
+    no default= below, MergeSettings holds the defaults."""
+    d = MergeSettings("avg")  # the defaults, for the help
     p = argparse.ArgumentParser(
-        description="Merge fine-tuned experts by plain averaging, RegMean or RegMean++, streaming."
+        description="Merge fine-tuned experts by plain averaging, RegMean or RegMean++, streaming.",
+        argument_default=argparse.SUPPRESS,
     )
     p.add_argument(
         "method",
+        nargs="?",
+        default=None,  # None, not SUPPRESS: argparse checks an absent positional's default against the choices
         choices=list(MERGE_METHODS),
         help="avg: weighted mean of every tensor; regmean: RegMean on linear layers, grams from files; "
-        "regmean++: RegMean layer by layer, grams on the merged model's own hidden states",
+        "regmean++: RegMean layer by layer, grams on the merged model's own hidden states "
+        "(may come from --config instead)",
+    )
+    p.add_argument(
+        "--config",
+        help="a merge recipe (YAML: merge_method, models: [{model, grams, weight}], parameters: {alpha, exclude}, "
+        "dtype; see README), or a merged folder's README.md: its settings; the options given override them",
     )
     p.add_argument(
         "--models",
         nargs="+",
-        default=d.models,
         help="preset names, local folders or hub ids, 2 or more; config and tokenizer come from the last "
+        "(or the one with the largest vocabulary) "
         f"(default: {' '.join(d.models)})",
     )
     p.add_argument(
         "--grams",
         nargs="+",
-        default=d.grams,
         help="one gram file or folder per model (default: each preset's gram folder)",
     )
     p.add_argument(
         "--weights",
         nargs="+",
         type=float,
-        default=d.weights,
         help="per-expert weights, normalized to sum 1 (default: equal)",
     )
     p.add_argument(
         "--alpha",
         type=float,
-        default=d.alpha,
         help=f"off-diagonal scale of the grams; 1.0 is plain RegMean (default: {d.alpha})",
     )
     p.add_argument(
         "--datasets",
         nargs="+",
-        default=d.datasets,
         help="regmean++: calibration data, one per model: preset names or .json/.jsonl/.parquet/.csv files "
         "or hub ids (default: each preset model's data)",
     )
@@ -183,31 +210,26 @@ def parse_args(argv=None) -> MergeSettings:
         "--formats",
         nargs="+",
         choices=sorted(FORMATS),
-        default=d.formats,
         help="regmean++: row format of each dataset, or one for all (default: the preset's)",
     )
-    p.add_argument("--split", default=d.split, help=f"regmean++: split of hub datasets (default: {d.split})")
+    p.add_argument("--split", help=f"regmean++: split of hub datasets (default: {d.split})")
     p.add_argument(
         "--num-examples",
         type=int,
-        default=d.num_examples,
         help=f"regmean++: first N rows of each dataset, unshuffled (default: {d.num_examples})",
     )
     p.add_argument(
         "--max-length",
         type=int,
-        default=d.max_length,
         help=f"regmean++: truncate each example to this many tokens (default: {d.max_length})",
     )
     p.add_argument(
         "--batch-size",
         type=int,
-        default=d.batch_size,
         help=f"regmean++: examples per forward pass (default: {d.batch_size})",
     )
     p.add_argument(
         "--forward-dtype",
-        default=d.forward_dtype,
         choices=["auto", "bfloat16", "float32"],
         help="regmean++: dtype of the forward passes and hidden states (default: bfloat16 on cuda and on a cpu "
         "with native bfloat16, float32 on other cpus)",
@@ -215,35 +237,45 @@ def parse_args(argv=None) -> MergeSettings:
     p.add_argument(
         "--max-hidden-gb",
         type=float,
-        default=d.max_hidden_gb,
         help="regmean++: hidden states larger than this go to disk, in the output folder while it is written "
         "(default: half the free memory of the device)",
     )
     p.add_argument(
         "--output-dir",
-        default=d.output_dir,
         help="(default: runs/merges/avg, runs/merges/regmean_{alpha} or runs/merges/regmeanpp_{alpha})",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument(
         "--device",
-        default=d.device,
         help="auto, cuda or cpu: where the solves (and regmean++'s forward passes) run (default: auto)",
     )
-    p.add_argument(
-        "--dtype", default=d.dtype, choices=["auto", *DTYPES], help="output dtype (default: auto, the experts' dtype)"
-    )
-    p.add_argument(
-        "--max-shard-size", default=d.max_shard_size, help=f"size of the output shards (default: {d.max_shard_size})"
-    )
+    p.add_argument("--dtype", choices=["auto", *DTYPES], help="output dtype (default: auto, the experts' dtype)")
+    p.add_argument("--max-shard-size", help=f"size of the output shards (default: {d.max_shard_size})")
     p.add_argument(
         "--block-mb",
         type=float,
-        default=d.block_mb,
         help="large tensors are merged in blocks of rows of about this many MB per expert, as float32 "
         f"(default: {d.block_mb:g})",
     )
-    return MergeSettings(**vars(p.parse_args(argv)))
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="REGEX",
+        help="regmean, regmean++: linear layers whose module name matches (re.search) are averaged instead of "
+        "solved, e.g. --exclude lm_head; repeatable; a pattern matching no linear layer is an error",
+    )
+    p.add_argument(
+        "--allow-gram-mismatch",
+        action="store_true",
+        help="regmean: merge even when a gram file records another model than the expert at its position "
+        "(refused by default)",
+    )
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    settings = read_recipe(given["config"]) if "config" in given else {}
+    settings.update(given)
+    if "method" not in settings:
+        p.error("the method (avg, regmean or regmean++) is needed, on the command line or as merge_method in --config")
+    return MergeSettings(**settings)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -266,6 +298,8 @@ def check_settings(s: MergeSettings) -> list[float]:
     if s.method != "regmean++" and (s.datasets or s.formats):
         takes = "--grams" if s.method == "regmean" else "neither"
         raise UserError(f"--datasets and --formats are for regmean++; {s.method} takes {takes}")
+    if s.method == "avg" and s.exclude:
+        raise UserError("--exclude is for regmean and regmean++ (avg takes the mean of every tensor)")
     check_at_least_one(num_examples=s.num_examples, max_length=s.max_length, batch_size=s.batch_size)
     return weights
 
@@ -293,13 +327,27 @@ def hidden_states_plan(s: MergeSettings, device, forward_dtype, hidden_size: int
 # ----------------------------------------------------------------------------- the output folder
 def gram_provenance(grams: GramFile) -> dict:
     """Where a gram file comes from, for the model card and the report."""
-    keep = ("model", "dataset", "split", "num_examples", "max_length", "row_format", "num_tokens", "format")
+    keep = (
+        "model",
+        "dataset",
+        "split",
+        "num_examples",
+        "max_length",
+        "row_format",
+        "num_tokens",
+        "format",
+        "model_fingerprint",
+    )
     return dict(file=str(grams.path), **{k: grams.metadata[k] for k in keep if k in grams.metadata})
 
 
-def write_model_card(out_dir, s: MergeSettings, experts, provenance, coefs, out_dtype, summary, argv):
-    """provenance: per expert, where its grams come from (a gram file's, or regmean++'s data); or []."""
+def write_model_card(
+    out_dir, s: MergeSettings, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded
+):
+    """provenance: per expert, where its grams come from (a gram file's, or regmean++'s data); or [].
+    source: the expert the config and tokenizer come from; excluded: linear layers averaged (--exclude)."""
     tags = {"avg": [], "regmean": ["regmean"], "regmean++": ["regmean", "regmean-plus-plus"]}[s.method]
+    grew = len({e.config.get("vocab_size") for e in experts}) > 1
     lines = [
         "---",
         "base_model:",
@@ -340,11 +388,19 @@ def write_model_card(out_dir, s: MergeSettings, experts, provenance, coefs, out_
         lines.append(f"| {e.model_id} | {c:.4g} | {gram} |")
     lines += [
         "",
-        f"Output dtype: {dtype_name(out_dtype)}. Config, generation config and tokenizer from {experts[-1].model_id}.",
+        f"Output dtype: {dtype_name(out_dtype)}. Config, generation config and tokenizer from {source.model_id}"
+        + (" (the largest vocabulary; tokens only some experts have come from those)." if grew else "."),
         "",
     ]
     if summary:
         lines += [f"Solver: {summary}", ""]
+    if excluded:
+        patterns = ", ".join(f"`{p}`" for p in s.exclude)
+        lines += [
+            f"Excluded from {s.method} (the weighted mean instead), matching {patterns}: {', '.join(excluded)}.",
+            "",
+        ]
+    lines += card_section(recipe)
     lines += [
         "Command:",
         "",
@@ -359,7 +415,8 @@ def write_model_card(out_dir, s: MergeSettings, experts, provenance, coefs, out_
 
 
 def copy_side_files(src_dir, out_dir, out_dtype):
-    """config.json (its dtype set to the output's) and the tokenizer files of the last model listed."""
+    """config.json (its dtype set to the output's) and the tokenizer files of src_dir (the last model listed, or
+    the one with the largest vocabulary)."""
     config = json.loads((src_dir / "config.json").read_text())
     name = dtype_name(out_dtype)
     config["dtype"] = name
@@ -386,12 +443,15 @@ def main(argv=None):
 
     with timer("load"):
         experts = load_experts(s.models)
-        gram_files, linear, calib, provenance = [], {}, None, []
+        source = vocab_source(experts)  # config and tokenizer: the last model, or the largest vocabulary
+        gram_files, gram_paths, linear, calib, provenance, excluded = [], None, {}, None, [], []
         if s.method == "regmean":
-            gram_paths = s.grams or default_gram_paths(s.models)
+            gram_paths = [str(p) for p in s.grams or default_gram_paths(s.models)]
             if len(gram_paths) != len(s.models):
                 raise UserError(f"--grams has {len(gram_paths)} files for {len(s.models)} models")
             gram_files = [GramFile(p) for p in gram_paths]
+            for line in check_gram_models(experts, gram_files, s.allow_gram_mismatch):
+                print(line, file=sys.stderr)
             linear = linear_modules(experts[0].infos, gram_files)
             provenance = [gram_provenance(g) for g in gram_files]
         elif pp:
@@ -399,13 +459,16 @@ def main(argv=None):
             calib_settings = CalibrationSettings(s.split, s.num_examples, s.max_length, s.batch_size)
             calib = calibration_sets(experts, s.datasets, s.formats, calib_settings)
             provenance = [c.provenance for c in calib]
-    infos = experts[0].infos
+        if s.exclude:
+            candidates = list(linear) if linear else linear_weight_names(source.dir, experts[0].infos)
+            excluded = match_exclusions(s.exclude, candidates)
+    infos = merged_infos(experts)
     float_dtypes = [ST_DTYPES[d] for _, d in experts[-1].infos.values() if ST_DTYPES[d].is_floating_point]
     out_dtype = choose_dtype(s.dtype, device, default=max(set(float_dtypes), key=float_dtypes.count))
     plan = {name: (shape, writer_dtype(out_dtype, st_dtype)) for name, (shape, st_dtype) in infos.items()}
     what = {
         "avg": "all by the mean",
-        "regmean": f"{len(linear)} by RegMean",
+        "regmean": f"{len(linear) - len(excluded)} by RegMean",
         "regmean++": "linear layers by RegMean++",
     }[s.method]
     print(
@@ -416,6 +479,12 @@ def main(argv=None):
     if tied and s.method != "avg":
         head, embedding = next(iter(tied.items()))
         print(f"{head} is tied to {embedding}: the shared matrix is merged by the mean, lm_head's gram is not used")
+    if excluded:
+        print(f"excluded from {s.method} (averaged), matching {s.exclude}: {', '.join(excluded)}")
+    sizes = sorted({e.config.get("vocab_size") for e in experts})
+    if len(sizes) > 1:
+        print(f"vocabularies nest ({' < '.join(map(str, sizes))} tokens): rows only some experts have are their mean")
+        print(f"config and tokenizer from {source.dir}, the largest vocabulary")
     extra_settings = {}
     if pp:
         forward_dtype = choose_dtype(s.forward_dtype, device)
@@ -431,7 +500,8 @@ def main(argv=None):
 
     with atomic_dir(out_dir, overwrite=s.overwrite) as tmp:
         writer = ShardWriter(tmp, plan, s.max_shard_size)
-        merge = StreamingMerge(experts, coefs, s.alpha, device, out_dtype, writer, timer, s.block_mb)
+        averaged = frozenset(m + ".weight" for m in excluded)
+        merge = StreamingMerge(experts, coefs, s.alpha, device, out_dtype, writer, timer, s.block_mb, averaged)
         try:
             if pp:
                 states = HiddenStates(device, tmp / ".hidden-states" if spill else None)
@@ -445,8 +515,17 @@ def main(argv=None):
         writer.finish()
         summary = summarize(report)
         with timer("write"):
-            copy_side_files(experts[-1].dir, tmp, out_dtype)
-            write_model_card(tmp, s, experts, provenance, coefs, out_dtype, summary, argv)
+            copy_side_files(source.dir, tmp, out_dtype)
+            calibration = [c.provenance for c in calib] if pp else None
+            recipe = recipe_of(
+                asdict(s),
+                weights,
+                dtype_name(out_dtype),
+                gram_paths,
+                calibration,
+                dtype_name(forward_dtype) if pp else None,
+            )
+            write_model_card(tmp, s, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded)
             total_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in plan.values())
             figures = dict(
                 wall_s=round(timer.total(), 3),
@@ -469,6 +548,9 @@ def main(argv=None):
                 command="python merge_model.py " + " ".join(argv),
                 experts=[dict(model=e.model_id, dir=str(e.dir), weight=c) for e, c in zip(experts, coefs)],
                 grams=provenance,
+                recipe=recipe,
+                excluded=dict(patterns=s.exclude or [], modules=excluded),
+                config_from=str(source.dir),
                 summary=summary,
                 tied=dict(tensors=tied, merged_by="mean") if tied else None,
                 figures=figures,

@@ -1,7 +1,10 @@
 """The streaming merge that serves `avg`, `regmean` and RegMean++: experts' tensors are read from
 their safetensors files when needed (in blocks of rows when large), merged (the weighted mean, or
 RegMean's solve on the grams of a layer's input) and written straight to their place in the
-output shards, so memory stays flat in depth and vocabulary.
+output shards, so memory stays flat in depth and vocabulary. Linear weights in `averaged`
+(--exclude) are the mean instead; where vocabularies nest (tokens added at the end), rows only some
+experts have are the mean of those experts. The inputs are checked here too: experts against each
+other, gram files against the experts they claim to describe (check_gram_models).
 
     experts = load_experts(["code", "math"])
     merge = StreamingMerge(experts, coefs, alpha, device, out_dtype, writer, timer, block_mb)
@@ -10,6 +13,7 @@ output shards, so memory stays flat in depth and vocabulary.
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +23,17 @@ from torch import Tensor
 from tqdm import tqdm
 
 from regmean import RegMeanSystem
-from tensor_io import ST_DTYPES, GramFile, ShardWriter, checkpoint_files, read_tensor, tensor_infos
-from utils import PRESETS, Timer, UserError, resolve_model_dir
+from tensor_io import (
+    ST_DTYPES,
+    GramFile,
+    ShardWriter,
+    checkpoint_files,
+    config_fingerprint,
+    model_fingerprint,
+    read_tensor,
+    tensor_infos,
+)
+from utils import PRESETS, Timer, UserError, first_line, resolve_model_dir
 
 BLOCK_MB = 64  # large tensors are merged in blocks of rows of about this many MB per expert, as float32
 
@@ -65,11 +78,9 @@ def load_experts(specs: list[str]) -> list[Expert]:
                 f"tensor {name} is in {first.dir if name in names else e.dir} only; "
                 "all models must have the same tensors"
             )
-        for name, (shape, _) in first.infos.items():
-            if e.infos[name][0] != shape:
-                raise UserError(
-                    f"tensor {name} has shape {list(shape)} in {first.dir} but {list(e.infos[name][0])} in {e.dir}"
-                )
+    differ = [n for n, (shape, _) in first.infos.items() if any(e.infos[n][0] != shape for e in experts[1:])]
+    if differ:
+        check_nested_vocabularies(experts, differ)
     return experts
 
 
@@ -83,6 +94,134 @@ def tied_head(expert: Expert) -> dict[str, str] | None:
         return None
     embeddings = [name for name in expert.infos if name.endswith("embed_tokens.weight")]
     return {"lm_head.weight": embeddings[0]} if embeddings else None
+
+
+def shape_error(experts: list[Expert], name: str) -> UserError:
+    first = experts[0]
+    e = next(e for e in experts[1:] if e.infos[name][0] != first.infos[name][0])
+    shapes = [list(x.infos[name][0]) for x in (first, e)]
+    return UserError(f"tensor {name} has shape {shapes[0]} in {first.dir} but {shapes[1]} in {e.dir}")
+
+
+def token_strings(model_dir: Path) -> list[str]:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load a tokenizer from {model_dir}: {first_line(e)}") from e
+    return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+
+
+def check_nested_vocabularies(experts: list[Expert], differ: list[str]) -> None:
+    """Tensors `differ` have other shapes in some experts. That is merged only when it is tokens
+    added at the end of a vocabulary: each such tensor differs in its first dimension alone, which
+    is its expert's vocab_size, and every expert's tokens are, string for string, the first
+    tokens of the largest vocabulary. Anything else is the shape error it looks like."""
+    for name in differ:
+        shapes = [e.infos[name][0] for e in experts]
+        if any(s[1:] != shapes[0][1:] or s[0] != e.config.get("vocab_size") for s, e in zip(shapes, experts)):
+            raise shape_error(experts, name)
+    largest = vocab_source(experts)
+    tokens = token_strings(largest.dir)
+    for e in experts:
+        if e is largest:
+            continue
+        size = e.config["vocab_size"]
+        mine = token_strings(e.dir)
+        if len(mine) != size:
+            raise UserError(
+                f"{e.dir} has {size} vocabulary rows but {len(mine)} tokens: its rows cannot be matched to "
+                f"{largest.dir}'s {largest.config['vocab_size']} (only vocabularies that nest are merged)"
+            )
+        bad = next((i for i in range(size) if i >= len(tokens) or mine[i] != tokens[i]), None)
+        if bad is not None:
+            theirs = tokens[bad] if bad < len(tokens) else "nothing"
+            raise UserError(
+                f"vocabularies do not nest: token {bad} is {mine[bad]!r} in {e.dir} but {theirs!r} in "
+                f"{largest.dir}; tensor {differ[0]} differs in shape"
+            )
+
+
+def vocab_source(experts: list[Expert]) -> Expert:
+    """Where the config and tokenizer of the merge come from: the last model listed, or, when
+    vocabularies differ, the last of those with the largest one."""
+    size = max(e.config.get("vocab_size") or 0 for e in experts)
+    return [e for e in experts if (e.config.get("vocab_size") or 0) == size][-1]
+
+
+def merged_infos(experts: list[Expert]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{tensor name: (shape, safetensors dtype)} of the merge: the experts' own, but with the most
+    rows where vocabularies differ."""
+    return {
+        name: (max((e.infos[name][0] for e in experts), key=lambda s: s[0] if s else 0), st_dtype)
+        for name, (_, st_dtype) in experts[0].infos.items()
+    }
+
+
+def check_gram_models(experts: list[Expert], gram_files: list[GramFile], allow: bool = False) -> list[str]:
+    """Each gram file must describe the expert at its position: its recorded model fingerprint (and
+    config hash) must be the expert's. A mismatch is refused in one line naming both, and the expert
+    the grams do match when there is one (the likely swap), unless `allow`. Returns lines for the
+    log: notes on files that record no fingerprint (the reference release's gram.pkl), warnings
+    on mismatches accepted."""
+    notes, mine = [], {}
+
+    def ours(j):  # computed once per expert, and only when some gram file has something to compare
+        if j not in mine:
+            mine[j] = (model_fingerprint(experts[j].files), config_fingerprint(experts[j].config))
+        return mine[j]
+
+    def matches(grams, j):
+        fp, config = ours(j)
+        recorded = grams.metadata.get("config_sha256")
+        return grams.metadata["model_fingerprint"] == fp and recorded in (None, config)
+
+    for i, (grams, e) in enumerate(zip(gram_files, experts)):
+        if "model_fingerprint" not in grams.metadata:
+            kind = "the reference release's format" if grams.metadata.get("format") == "seed-pickle" else "an old file"
+            notes.append(f"note: {grams.path} ({kind}) records no model fingerprint: not checked against {e.dir}")
+            continue
+        if matches(grams, i):
+            continue
+        what = "weights" if grams.metadata["model_fingerprint"] != ours(i)[0] else "config"
+        msg = (
+            f"{grams.path} (grams of {grams.metadata.get('model', '?')}) does not match model {i + 1}, {e.dir}: "
+            f"the {what} differ"
+        )
+        other = next((j for j in range(len(experts)) if j != i and matches(grams, j)), None)
+        if other is not None:
+            msg += f"; it matches model {other + 1}, {experts[other].dir}: are --grams in another order than --models?"
+        if not allow:
+            raise UserError(msg + " (--allow-gram-mismatch merges anyway)")
+        notes.append(f"warning: {msg}; merging anyway (--allow-gram-mismatch)")
+    return notes
+
+
+def linear_weight_names(config_dir: Path, infos: dict) -> list[str]:
+    """The modules of the architecture that are nn.Linear and whose weight the checkpoint holds
+    (a tied lm_head has none), read off a meta-device skeleton."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
+    return [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and f"{n}.weight" in infos]
+
+
+def match_exclusions(patterns: list[str], modules: list[str]) -> list[str]:
+    """The modules whose name any of the regular expressions finds (re.search). A pattern that is
+    not a regular expression, or matches no linear layer, is an error, not a silent no-op."""
+    found = set()
+    for pattern in patterns:
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise UserError(f"--exclude {pattern!r} is not a regular expression: {e}") from e
+        hits = {m for m in modules if regex.search(m)}
+        if not hits:
+            raise UserError(f"--exclude {pattern!r} matches no linear layer (e.g. {modules[0]}, {modules[-1]})")
+        found |= hits
+    return [m for m in modules if m in found]
 
 
 def linear_modules(infos: dict, gram_files: list[GramFile]) -> dict[str, int]:
@@ -150,21 +289,43 @@ class StreamingMerge:
     writer: ShardWriter
     timer: Timer
     block_mb: float = BLOCK_MB
+    averaged: frozenset[str] = frozenset()  # linear weights excluded from RegMean (--exclude): the mean
+
+    def __post_init__(self):
+        self.infos = merged_infos(self.experts)
+
+    def blocks(self, name: str) -> list[tuple[tuple[int, int] | None, list[int]]]:
+        """(rows, the experts that have them) per block of rows of tensor `name`. All experts have
+        all rows, except where vocabularies differ: rows past an expert's vocabulary are not its."""
+        shape = self.infos[name][0]
+        if not shape:
+            return [(None, list(range(len(self.experts))))]
+        out, start = [], 0
+        for end in sorted({e.infos[name][0][0] for e in self.experts}):
+            have = [i for i, e in enumerate(self.experts) if e.infos[name][0][0] >= end]
+            out += [((start + a, start + b), have) for a, b in row_blocks((end - start, *shape[1:]), self.block_mb)]
+            start = end
+        return out
+
+    def mean_block(self, name: str, rows: tuple[int, int] | None, have: list[int]) -> Tensor:
+        """The weighted mean of rows `rows` of tensor `name` over the experts `have` (their weights
+        renormalized), in the written dtype."""
+        with self.timer("load"):
+            blocks = [read_tensor(self.experts[i].files[name], name, rows) for i in have]
+        with self.timer("solve"):
+            if not blocks[0].is_floating_point():  # integer buffers are not averaged: the last model's value
+                return blocks[-1]
+            coefs = [self.coefs[i] for i in have]
+            coefs = coefs if len(have) == len(self.experts) else [c / sum(coefs) for c in coefs]
+            merged = sum(c * b.to(self.device, torch.float32) for c, b in zip(coefs, blocks))
+            return merged.to(writer_dtype(self.out_dtype, self.infos[name][1]))
 
     def mean(self, name: str, keep: bool = False) -> Tensor | None:
         """The weighted mean of tensor `name` into the shards, block by block; with keep, also
         returned as written (for a forward pass through the merged model)."""
-        shape, st_dtype = self.experts[0].infos[name]
         kept = []
-        for rows in row_blocks(shape, self.block_mb):
-            with self.timer("load"):
-                blocks = [read_tensor(e.files[name], name, rows) for e in self.experts]
-            with self.timer("solve"):
-                if blocks[0].is_floating_point():
-                    merged = sum(c * b.to(self.device, torch.float32) for c, b in zip(self.coefs, blocks))
-                    merged = merged.to(writer_dtype(self.out_dtype, st_dtype))
-                else:  # integer buffers are not averaged: the last model's value
-                    merged = blocks[-1]
+        for rows, have in self.blocks(name):
+            merged = self.mean_block(name, rows, have)
             with self.timer("write"):
                 self.writer.write(name, merged, rows[0] if rows else 0)
             if keep:
@@ -180,7 +341,14 @@ class StreamingMerge:
         layer alone) on one factorization of their system. grams: each expert's gram of that input;
         tokens: how many tokens each gram saw (None where unknown). Returns one report row per
         weight and, with keep, {name: merged weight as written}."""
-        infos = self.experts[0].infos
+        infos, kept = self.infos, {}
+        for member in [m for m in members if m in self.averaged]:
+            merged = self.mean(member, keep)
+            if keep:
+                kept[member] = merged
+        members = [m for m in members if m not in self.averaged]
+        if not members:
+            return [], kept
         t0 = time.perf_counter()
         stats = [gram_stats(g, n) for g, n in zip(grams, tokens)]
         with self.timer("solve"):
@@ -188,21 +356,25 @@ class StreamingMerge:
                 grams, self.alpha, self.coefs, self.device, num_rows=sum(infos[m][0][0] for m in members)
             )
         factor_s = time.perf_counter() - t0
-        report, kept = [], {}
+        report = []
         for member in members:
             t0 = time.perf_counter()
             worst_residual, worst_error, blocks_out = 0.0, 0.0, []
-            for rows in row_blocks(infos[member][0], self.block_mb):
-                with self.timer("load"):
-                    blocks = [
-                        read_tensor(e.files[member], member, rows).to(self.device, torch.float32) for e in self.experts
-                    ]
-                with self.timer("solve"):
-                    merged, residual, error = system.solve(blocks)
-                    merged = merged.to(self.out_dtype)
+            for rows, have in self.blocks(member):
+                if len(have) < len(self.experts):  # tokens only some experts have: their rows' mean
+                    merged = self.mean_block(member, rows, have)
+                else:
+                    with self.timer("load"):
+                        blocks = [
+                            read_tensor(e.files[member], member, rows).to(self.device, torch.float32)
+                            for e in self.experts
+                        ]
+                    with self.timer("solve"):
+                        merged, residual, error = system.solve(blocks)
+                        merged = merged.to(self.out_dtype)
+                    worst_residual, worst_error = max(worst_residual, residual), max(worst_error, error)
                 with self.timer("write"):
                     self.writer.write(member, merged, rows[0])
-                worst_residual, worst_error = max(worst_residual, residual), max(worst_error, error)
                 if keep:
                     blocks_out.append(merged)
             if keep:
@@ -231,7 +403,8 @@ def merge_tensors(
     layers in `linear` by RegMean on the grams of `gram_files` (those that share an input
     together, on one factorization), every other tensor by the weighted mean. Returns per-layer
     diagnostics."""
-    infos = merge.experts[0].infos
+    infos = merge.infos
+    linear = {m: n for m, n in linear.items() if m + ".weight" not in merge.averaged}  # excluded: the mean
     groups = {}  # gram keys (one per expert) -> weight names, in checkpoint order
     for module in linear:
         key = tuple(g.key_of[module] for g in gram_files)

@@ -287,3 +287,54 @@ class GramFile:
 
         with safe_open(self.path, "pt") as f:
             return tuple(f.get_slice(self.key_of[module]).get_shape())
+
+
+# ----------------------------------------------------------------------------- fingerprints
+FINGERPRINT_WINDOWS = 16  # byte windows hashed per tensor, evenly spaced from its first byte to its last
+FINGERPRINT_WINDOW = 4096  # bytes per window; a tensor no larger than all its windows is hashed whole
+
+
+def model_fingerprint(files: dict[str, Path]) -> str:
+    """A cheap fingerprint of a checkpoint's weights, "sampled-v1:" + sha256 over every tensor in
+    name order of: its name, dtype, shape and a sample of its bytes (FINGERPRINT_WINDOWS windows of
+    FINGERPRINT_WINDOW bytes, evenly spaced, first and last bytes included; tensors of up to 64 KiB,
+    such as norms and biases, whole). It reads at most 64 KiB per tensor (about 18 MB for a
+    Llama-3-8B's 291 tensors), not the 16 GB. What it covers: any change of the names, dtypes or
+    shapes, any change of a small tensor, and any change of a large tensor that touches a sampled
+    window, so every fine-tune (which moves nearly every weight); a change confined to bytes
+    outside the windows of a large tensor is not seen. It does not depend on how the checkpoint
+    is sharded. files: {tensor name: safetensors file}, as checkpoint_files gives."""
+    import hashlib
+
+    headers = {}
+    for file in set(files.values()):
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            headers[file] = (8 + n, json.loads(f.read(n)))
+    h = hashlib.sha256()
+    for name in sorted(files):
+        start, header = headers[files[name]]
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        size = end - begin
+        h.update(json.dumps([name, entry["dtype"], entry["shape"], size]).encode())
+        if size <= FINGERPRINT_WINDOWS * FINGERPRINT_WINDOW:
+            spans = [(0, size)]
+        else:
+            last = size - FINGERPRINT_WINDOW
+            spans = [(k * last // (FINGERPRINT_WINDOWS - 1), FINGERPRINT_WINDOW) for k in range(FINGERPRINT_WINDOWS)]
+        with open(files[name], "rb") as f:
+            for offset, length in spans:
+                f.seek(start + begin + offset)
+                h.update(f.read(length))
+    return "sampled-v1:" + h.hexdigest()
+
+
+def config_fingerprint(config: dict) -> str:
+    """sha256 of a config.json's content (keys sorted), leaving out the fields that describe how it
+    was saved rather than the model: transformers_version, and the dtype a merge rewrites."""
+    import hashlib
+
+    skip = {"transformers_version", "dtype", "torch_dtype"}
+    text = json.dumps({k: v for k, v in config.items() if k not in skip}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
