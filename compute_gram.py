@@ -463,7 +463,6 @@ def main(argv=None):
             file=sys.stderr,
         )
 
-    data = fingerprint(token_ids)
     provenance = dict(
         model=model_spec,
         dataset=dataset,
@@ -475,11 +474,11 @@ def main(argv=None):
         # what binds the grams to this expert: merge_model.py checks them against each model it merges
         model_fingerprint=model_fingerprint(checkpoint_files(model_dir)),
         config_sha256=config_fingerprint(json.loads((model_dir / "config.json").read_text())),
-        data_sha256=data,
+        data_sha256=fingerprint(token_ids),
     )
     # what must match for a checkpoint to resume (batch size and the number of processes fix
-    # the batches each process runs)
-    settings = provenance | dict(batch_size=args.batch_size, num_processes=num_processes, data=data)
+    # the batches each process runs; the data through data_sha256)
+    settings = provenance | dict(batch_size=args.batch_size, num_processes=num_processes)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = checkpoint_path(out_dir, rank, num_processes)
     with timer("gram"):

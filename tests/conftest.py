@@ -1,5 +1,6 @@
 """Tiny Llama experts, a tokenizer and calibration files, built locally (no hub)."""
 
+import copy
 import json
 import random
 import sys
@@ -72,7 +73,7 @@ def save_expert(base, out_dir, tokenizer, seed, scale=0.02, dtype=torch.float32,
     from transformers import AutoModelForCausalLM
 
     g = torch.Generator().manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(base.config)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(base.config))  # saving writes its dtype into the config
     state = {
         k: v + scale * torch.randn(v.shape, generator=g) * v.std().clamp_min(1e-3) for k, v in base.state_dict().items()
     }

@@ -218,7 +218,7 @@ def test_checkpoint_with_other_settings_is_refused(experts, calib_files, tmp_pat
         with pytest.raises(UserError, match=f"was made with other settings \\(.*{re.escape(needle)}"):
             run(args[0], args[1], out, *args[2:])
     shutil.copyfile(changed, data)  # the same file name, one row changed: only the tokens' fingerprint tells
-    with pytest.raises(UserError, match=r"other settings \(data: '[0-9a-f]{64}' there, '[0-9a-f]{64}' now\)"):
+    with pytest.raises(UserError, match=r"other settings \(data_sha256: '[0-9a-f]{64}' there, '[0-9a-f]{64}' now\)"):
         run(experts[0], data, out, "--batch-size", "4")
     assert (out / CHECKPOINT_FILE).read_bytes() == saved and not (out / GRAM_FILE).exists()
 
