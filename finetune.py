@@ -130,7 +130,9 @@ def weight_drift(base_dir: str | Path, experts: dict[str, str | Path]) -> dict[s
                 acc[e] += (weights[e] - base).square().sum().item()
             for a, b in pairs:
                 acc[f"{a} vs {b}"] += (weights[a] - weights[b]).square().sum().item()
-    return {kind: {k: math.sqrt(v / acc["base"]) for k, v in acc.items() if k != "base"} for kind, acc in sums.items()}
+    order = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens", "norm"]
+    kinds = sorted(sums, key=lambda k: (k == "all", order.index(k) if k in order else len(order), k))
+    return {kind: {k: math.sqrt(v / sums[kind]["base"]) for k, v in sums[kind].items() if k != "base"} for kind in kinds}
 
 
 def drift_table(drift: dict[str, dict[str, float]]) -> str:
