@@ -268,11 +268,15 @@ MERGES = {"Average": ("avg", None), "RegMean (α=0.1)": ("regmean", 0.1), "RegMe
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Fine-tune two experts of SmolLM2-135M-Instruct (once), then run compute_gram -> "
-                                "merge_model (avg, regmean 0.1, regmean 1.0, regmean++ 0.1) -> lm_eval on them, offline on the CPU.")
-    p.add_argument("--toy", action="store_true", help="a 0.9M-parameter toy Llama built from scratch instead (default root runs/toy)")
-    p.add_argument("--quick", action="store_true", help="the toy at tiny sizes with few rows (a smoke test of the flow; default root runs/toy-quick)")
-    p.add_argument("--root", default=None, help="folder of the experts, data and results (default runs/demo, runs/toy or runs/toy-quick)")
+    p = argparse.ArgumentParser(description="Fine-tune two experts of SmolLM2-135M-Instruct (once), then run "
+                                "compute_gram -> merge_model (avg, regmean 0.1, regmean 1.0, regmean++ 0.1) -> lm_eval "
+                                "on them, offline on the CPU.")
+    p.add_argument("--toy", action="store_true",
+                   help="a 0.9M-parameter toy Llama built from scratch instead (default root runs/toy)")
+    p.add_argument("--quick", action="store_true",
+                   help="the toy at tiny sizes with few rows (a smoke test of the flow; default root runs/toy-quick)")
+    p.add_argument("--root", default=None,
+                   help="folder of the experts, data and results (default runs/demo, runs/toy or runs/toy-quick)")
     p.add_argument("--rebuild", action="store_true", help="build data and experts again even when present")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the training runs (default 0)")
     p.add_argument("--eval-batch-size", type=int, default=64, help="lm_eval --batch_size (default 64)")
@@ -319,24 +323,24 @@ def main(argv=None):
         grams = {}
         for name, folder in experts.items():
             grams[name] = root / "grams" / name
-            compute_gram.main([name, "--model", str(folder), "--dataset", str(root / "data" / f"{kinds[name]}_calib.jsonl"),
-                               "--format", kinds[name], "--num-examples", str(sizes["calib_rows"]),
-                               "--output-dir", str(grams[name]), "--device", "cpu"])
+            data = root / "data" / f"{kinds[name]}_calib.jsonl"
+            compute_gram.main([name, "--model", str(folder), "--dataset", str(data), "--format", kinds[name],
+                               "--num-examples", str(sizes["calib_rows"]), "--output-dir", str(grams[name]),
+                               "--device", "cpu"])
 
     folders = {"Base model": base_copy(base, root / "base")} if base else {}
     folders |= {f"{kind.capitalize()} expert": experts[name] for name, kind in kinds.items()}
     with timer("merge"):
         for label, (method, alpha) in MERGES.items():
             out = root / "merges" / (method if alpha is None else f"{method.replace('++', 'pp')}_{alpha}")
-            cmd = [method, "--models", *map(str, experts.values()), "--output-dir", str(out), "--overwrite", "--device", "cpu"]
+            cmd = [method, "--models", *map(str, experts.values()), "--output-dir", str(out), "--overwrite",
+                   "--device", "cpu"]
             if method == "regmean":
                 cmd += ["--grams", *map(str, grams.values()), "--alpha", str(alpha)]
             elif method == "regmean++":  # the same calibration rows as the grams, through the merged layers
-                cmd += ["--datasets", *(str(root / "data" / f"{kind}_calib.jsonl") for kind in KINDS), "--formats", *KINDS,
-                        "--num-examples", str(sizes["calib_rows"]), "--alpha", str(alpha)]
+                cmd += ["--datasets", *(str(root / "data" / f"{kind}_calib.jsonl") for kind in KINDS),
+                        "--formats", *KINDS, "--num-examples", str(sizes["calib_rows"]), "--alpha", str(alpha)]
             folders[label] = merge_model.main(cmd)
-    # Issue 11 (how much of each expert a merge keeps, per layer) adds its figures here, from each merge's
-    # merge_report.json, into `sections` below: they explain the table's rows.
 
     sections = []  # markdown printed after the table and appended to results.md
     if base:
@@ -344,6 +348,9 @@ def main(argv=None):
             drift = weight_drift(base, {kind: experts[name] for name, kind in kinds.items()})
         sections.append("How far fine-tuning moved the experts: ‖W_expert − W_base‖ / ‖W_base‖ and "
                         "‖W_code − W_math‖ / ‖W_base‖ over all tensors of a kind\n\n" + drift_table(drift))
+    # Retention figures (issue 11, to come) go here: per merge, how closely it reproduces each expert's layer
+    # outputs on that expert's inputs, merged vs average, read from the merge folder's merge_report.json and
+    # appended to `sections`, next to the table whose rows they explain.
 
     # lm_eval runs as evaluate.py runs it, plus the chat template (the toy tasks are chat
     # turns) and the data folder of this demo.

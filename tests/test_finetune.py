@@ -1,12 +1,13 @@
 """finetune.py: the reply-only loss against transformers' own, training moves only what it may, drift figures
 against a plain float64 computation."""
+
 import math
 
 import pytest
 import torch
+from conftest import save_expert
 
 import demo
-from conftest import save_expert
 from finetune import module_kind, reply_loss, sft_examples, train, weight_drift
 
 
@@ -36,8 +37,9 @@ def test_train_lowers_the_loss_and_leaves_frozen_weights_alone(base_model, token
     rows = demo.make_splits("code", dict(train_rows=16, calib_rows=0, test_rows=0), seed=4)["train"]
     examples = sft_examples(tokenizer, rows, "code")
     first, _ = train(model, examples, steps=1, batch_size=16, lr=0.0, seed=0, desc="t")
-    last, tokens = train(model, examples, steps=15, batch_size=16, lr=3e-3, seed=0, desc="t",
-                         trainable=lambda n: "embed_tokens" not in n)
+    last, tokens = train(
+        model, examples, steps=15, batch_size=16, lr=3e-3, seed=0, desc="t", trainable=lambda n: "embed_tokens" not in n
+    )
     assert last < first and tokens > 15 * 16
     after = model.state_dict()
     for name, before in base_model.state_dict().items():
@@ -59,7 +61,7 @@ def test_weight_drift_matches_a_plain_float64_computation(tmp_path, base_model, 
         names = [n for n in w["base"] if (kind in n if kind != "norm" else n.endswith("norm.weight"))]
         assert names
 
-        def dist(x, y):
+        def dist(x, y, names=names):
             return math.sqrt(sum(((w[x][n].double() - w[y][n].double()) ** 2).sum().item() for n in names))
 
         size = math.sqrt(sum((w["base"][n].double() ** 2).sum().item() for n in names))
