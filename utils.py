@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 # ----------------------------------------------------------------------------- presets
-# The seed's two experts and their calibration data; toy-* are built by `python demo.py`.
+# The seed's two experts and their calibration data; smollm2-* are built by `python demo.py`, toy-* by `--toy`.
 PRESETS = {
     "code": dict(
         model="rombodawg/rombos_Replete-Coder-Llama3-8B",
@@ -30,12 +30,25 @@ PRESETS = {
         format="math",
         gram_dir="runs/merges/math-llama3",
     ),
-    # SmolLM2-135M-Instruct, a real pretrained LLM available offline: `python smollm2.py` builds the folder
+    # SmolLM2-135M-Instruct, a real pretrained LLM available offline: `python smollm2.py` builds the folder;
+    # `python demo.py` fine-tunes the two smollm2-* experts from it and writes their data
     "smollm2": dict(
         model="runs/models/SmolLM2-135M-Instruct",
-        dataset="runs/toy/data/code_calib.jsonl",
+        dataset="runs/demo/data/code_calib.jsonl",
         format="code",
         gram_dir="runs/grams/smollm2",
+    ),
+    "smollm2-code": dict(
+        model="runs/demo/smollm2-code",
+        dataset="runs/demo/data/code_calib.jsonl",
+        format="code",
+        gram_dir="runs/demo/grams/smollm2-code",
+    ),
+    "smollm2-math": dict(
+        model="runs/demo/smollm2-math",
+        dataset="runs/demo/data/math_calib.jsonl",
+        format="math",
+        gram_dir="runs/demo/grams/smollm2-math",
     ),
     "toy-code": dict(
         model="runs/toy/toy-code",

@@ -58,7 +58,7 @@ def test_quick_demo_runs_the_whole_flow(tmp_path):
         assert list((root / folder / "lm_eval_results_preds").glob("*/results_*.json"))
     for name in ["toy-code", "toy-math"]:
         assert (root / "grams" / name / "gram.safetensors").is_file()
-    lines = results.read_text().splitlines()
+    lines = results.read_text().split("\n\n")[0].splitlines()  # the table; figures and times follow it
     assert lines[0].split("|")[1:-1] == [" Method/Benchmark ", " toy-code ", " toy-math ", " Mean "]
     labels = [line.split("|")[1].strip() for line in lines[3:]]
     assert labels == [
@@ -72,5 +72,6 @@ def test_quick_demo_runs_the_whole_flow(tmp_path):
     for line in lines[3:]:
         code, math, mean = (float(c) for c in line.split("|")[2:5])
         assert 0 <= code <= 100 and 0 <= math <= 100 and mean == pytest.approx((code + math) / 2, abs=0.01)
+    assert "demo wall time" in results.read_text()
     assert (root / "results.png").stat().st_size > 1000
     assert demo.is_built(root)  # so the next run reuses the experts

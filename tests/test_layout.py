@@ -6,7 +6,15 @@ import ast
 from conftest import ROOT
 
 STAGES = ["compute_gram", "merge_model", "evaluate"]  # demo.py runs them all, on purpose
-LIBRARY = ["regmeanpp", "merging", "recipe", "regmean", "calibration", "tensor_io"]  # each may use those after it
+LIBRARY = [
+    "regmeanpp",
+    "merging",
+    "recipe",
+    "finetune",
+    "regmean",
+    "calibration",
+    "tensor_io",
+]  # each may use those after it
 LOCAL = {*STAGES, "demo", *LIBRARY, "utils"}
 
 
