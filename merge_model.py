@@ -27,6 +27,14 @@ eigendecomposition where even that fails; never lstsq (whose default CPU driver 
 rank of ill-conditioned grams). merge_report.json holds the path, ridge, relative residual,
 estimated error and time of every linear layer.
 
+As it merges, regmean and regmean++ measure how much of each expert every linear layer keeps:
+eᵢ(W) = tr((W − Wᵢ) Gᵢ (W − Wᵢ)ᵀ) / tr(Wᵢ Gᵢ Wᵢᵀ), the relative error of the layer's output on
+expert i's own calibration inputs (full grams; for regmean++ the grams its solve used), for the
+merged weight and for the weighted average, on every --error-sample-every-th output row (with
+its sampling error). They go to merge_report.json (`output_error` of each layer, `output_errors`
+per expert), merge_report.png (over depth per module kind), the model card and the log.
+judge_merge.py computes the same for any merged folder.
+
 Each expert tensor is read from its safetensors file when needed (in blocks of rows when
 large), and each merged block goes straight to its place in the output shards, so memory
 stays flat in depth and vocabulary. The output folder (shards + index, config, generation
@@ -58,6 +66,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
+from merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
 from merging import BLOCK_MB, StreamingMerge, linear_modules, load_experts, merge_tensors, summarize, writer_dtype
 from regmeanpp import (
     CalibrationSettings,
@@ -123,6 +132,7 @@ class MergeSettings:
     dtype: str = "auto"  # output dtype
     max_shard_size: str = "5GB"
     block_mb: float = BLOCK_MB
+    error_sample_every: int = SAMPLE_EVERY  # output error figures on every Nth output row (0: none)
 
 
 def parse_args(argv=None) -> MergeSettings:
@@ -232,6 +242,13 @@ def parse_args(argv=None) -> MergeSettings:
         help="large tensors are merged in blocks of rows of about this many MB per expert, as float32 "
         f"(default: {d.block_mb:g})",
     )
+    p.add_argument(
+        "--error-sample-every",
+        type=int,
+        default=d.error_sample_every,
+        help="the output error figures are taken on every Nth output row of each linear layer (at least 16 rows "
+        f"a layer); 1: all rows (exact, slower); 0: no figures (default: {d.error_sample_every})",
+    )
     return MergeSettings(**vars(p.parse_args(argv)))
 
 
@@ -248,6 +265,8 @@ def check_settings(s: MergeSettings) -> list[float]:
         raise UserError(f"--weights must be finite, >= 0 and not all 0, got {weights}")
     if not 0.0 <= s.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {s.alpha}")
+    if s.error_sample_every < 0:
+        raise UserError(f"--error-sample-every must be >= 0, got {s.error_sample_every}")
     if s.block_mb <= 0:
         raise UserError(f"--block-mb must be > 0, got {s.block_mb}")
     if s.method == "regmean++" and s.grams:
@@ -286,8 +305,9 @@ def gram_provenance(grams: GramFile) -> dict:
     return dict(file=str(grams.path), **{k: grams.metadata[k] for k in keep if k in grams.metadata})
 
 
-def write_model_card(out_dir, s: MergeSettings, experts, provenance, coefs, out_dtype, summary, argv):
-    """provenance: per expert, where its grams come from (a gram file's, or regmean++'s data); or []."""
+def write_model_card(out_dir, s: MergeSettings, experts, provenance, coefs, out_dtype, summary, argv, errors=()):
+    """provenance: per expert, where its grams come from (a gram file's, or regmean++'s data); or [].
+    errors: the output error summary's lines."""
     tags = {"avg": [], "regmean": ["regmean"], "regmean++": ["regmean", "regmean-plus-plus"]}[s.method]
     lines = [
         "---",
@@ -334,6 +354,13 @@ def write_model_card(out_dir, s: MergeSettings, experts, provenance, coefs, out_
     ]
     if summary:
         lines += [f"Solver: {summary}", ""]
+    if errors:
+        lines += [
+            *errors,
+            "",
+            "The figures of every layer are in merge_report.json, over depth in merge_report.png.",
+            "",
+        ]
     lines += [
         "Command:",
         "",
@@ -345,6 +372,11 @@ def write_model_card(out_dir, s: MergeSettings, experts, provenance, coefs, out_
         "",
     ]
     (out_dir / "README.md").write_text("\n".join(lines))
+
+
+def expert_labels(experts) -> list[str]:
+    """Short names of the experts for the summary and the picture: a preset's name, else the folder's."""
+    return [e.spec if e.spec in PRESETS else Path(e.spec).name for e in experts]
 
 
 def copy_side_files(src_dir, out_dir, out_dtype):
@@ -416,7 +448,9 @@ def main(argv=None):
 
     with atomic_dir(out_dir, overwrite=s.overwrite) as tmp:
         writer = ShardWriter(tmp, plan, s.max_shard_size)
-        merge = StreamingMerge(experts, coefs, s.alpha, device, out_dtype, writer, timer, s.block_mb)
+        merge = StreamingMerge(
+            experts, coefs, s.alpha, device, out_dtype, writer, timer, s.block_mb, s.error_sample_every
+        )
         try:
             if pp:
                 states = HiddenStates(device, tmp / ".hidden-states" if spill else None)
@@ -429,9 +463,15 @@ def main(argv=None):
             writer.close()
         writer.finish()
         summary = summarize(report)
+        names = expert_labels(experts)
+        errors = error_summary(report, names)
+        error_lines = summary_lines(errors, s.method)
+        if errors:
+            with timer("picture"):
+                draw_picture(report, names, tmp / "merge_report.png", f"{s.method} (alpha {s.alpha}) -> {out_dir.name}")
         with timer("write"):
             copy_side_files(experts[-1].dir, tmp, out_dtype)
-            write_model_card(tmp, s, experts, provenance, coefs, out_dtype, summary, argv)
+            write_model_card(tmp, s, experts, provenance, coefs, out_dtype, summary, argv, error_lines)
             total_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in plan.values())
             figures = dict(
                 wall_s=round(timer.total(), 3),
@@ -455,12 +495,15 @@ def main(argv=None):
                 experts=[dict(model=e.model_id, dir=str(e.dir), weight=c) for e, c in zip(experts, coefs)],
                 grams=provenance,
                 summary=summary,
+                output_errors=errors,
                 figures=figures,
                 layers=report,
             )
             (tmp / "merge_report.json").write_text(json.dumps(merge_report, indent=2) + "\n")
     if summary:
         print(f"{s.method}: {summary}")
+    if error_lines:
+        print("\n".join(error_lines))
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in timer.phases.items())
     rate = (
         f"{num_tokens / timer.phases.get('forward', 1e-9):.0f} calibration tokens/s in the forward passes; "

@@ -6,6 +6,10 @@ output shards, so memory stays flat in depth and vocabulary.
     experts = load_experts(["code", "math"])
     merge = StreamingMerge(experts, coefs, alpha, device, out_dtype, writer, timer, block_mb)
     report = merge_tensors(merge, gram_files, linear_modules(experts[0].infos, gram_files))
+    judged = judge_tensors(merged_files, experts, coefs, gram_files, linear, device)   # any merged folder
+
+Each linear layer's report row carries its output error figures (merge_report.py), taken on the
+solver's own float32 rows and grams as the merge runs.
 """
 
 import json
@@ -18,7 +22,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from regmean import RegMeanSystem
+from merge_report import SAMPLE_EVERY, layer_figures, sample_rows
+from regmean import RegMeanSystem, output_error_terms
 from tensor_io import ST_DTYPES, GramFile, ShardWriter, checkpoint_files, read_tensor, tensor_infos
 from utils import PRESETS, Timer, UserError, resolve_model_dir
 
@@ -125,10 +130,24 @@ def gram_stats(gram: Tensor, tokens: int | None) -> dict:
     )
 
 
+def block_error_terms(
+    grams: list[Tensor], blocks: list[Tensor], merged: Tensor, coefs: list[float], sampled: Tensor, rows: tuple
+) -> Tensor:
+    """regmean.output_error_terms of the sampled rows that fall in one block of rows (start, stop):
+    the merged rows as written (merged's dtype) and the weighted average rounded to that dtype, as
+    an `avg` merge would write it. grams: float32, on the blocks' device."""
+    idx = sampled[(sampled >= rows[0]) & (sampled < rows[1])] - rows[0]
+    idx = idx.to(blocks[0].device)
+    experts = [b[idx].float() for b in blocks]
+    average = sum(c * b for c, b in zip(coefs, experts)).to(merged.dtype)
+    return output_error_terms(merged[idx], average, experts, grams)
+
+
 @dataclass
 class StreamingMerge:
     """What every merged tensor needs: the experts and their normalized weights, alpha, where the
-    solves run, the output dtype, the shard writer, the phase timer and the row block size."""
+    solves run, the output dtype, the shard writer, the phase timer, the row block size and the
+    output error figures' row sampling (0: no figures)."""
 
     experts: list[Expert]
     coefs: list[float]
@@ -138,6 +157,7 @@ class StreamingMerge:
     writer: ShardWriter
     timer: Timer
     block_mb: float = BLOCK_MB
+    sample_every: int = SAMPLE_EVERY
 
     def mean(self, name: str, keep: bool = False) -> Tensor | None:
         """The weighted mean of tensor `name` into the shards, block by block; with keep, also
@@ -179,7 +199,8 @@ class StreamingMerge:
         report, kept = [], {}
         for member in members:
             t0 = time.perf_counter()
-            worst_residual, worst_error, blocks_out = 0.0, 0.0, []
+            worst_residual, worst_error, blocks_out, terms = 0.0, 0.0, [], []
+            sampled = sample_rows(infos[member][0][0], self.sample_every) if self.sample_every else None
             for rows in row_blocks(infos[member][0], self.block_mb):
                 with self.timer("load"):
                     blocks = [
@@ -190,11 +211,17 @@ class StreamingMerge:
                     merged = merged.to(self.out_dtype)
                 with self.timer("write"):
                     self.writer.write(member, merged, rows[0])
+                if sampled is not None:
+                    with self.timer("figures"):
+                        terms.append(block_error_terms(system.grams, blocks, merged, self.coefs, sampled, rows))
                 worst_residual, worst_error = max(worst_residual, residual), max(worst_error, error)
                 if keep:
                     blocks_out.append(merged)
             if keep:
                 kept[member] = torch.cat(blocks_out)
+            figures = (
+                {} if sampled is None else dict(output_error=layer_figures(torch.cat(terms, -1), infos[member][0][0]))
+            )
             report.append(
                 dict(
                     tensor=member,
@@ -206,10 +233,20 @@ class StreamingMerge:
                     error_estimate=worst_error,
                     seconds=round(time.perf_counter() - t0 + factor_s, 4),
                     grams=stats,
+                    **figures,
                 )
             )
             factor_s = 0.0  # the factorization is counted once, with the first layer of its group
         return report, kept
+
+
+def gram_groups(gram_files: list[GramFile], linear: dict[str, int]) -> dict[tuple[str, ...], list[str]]:
+    """{gram keys (one per expert): the weight names that read that input}, in checkpoint order."""
+    groups = {}
+    for module in linear:
+        key = tuple(g.key_of[module] for g in gram_files)
+        groups.setdefault(key, []).append(module + ".weight")
+    return groups
 
 
 def merge_tensors(
@@ -220,10 +257,7 @@ def merge_tensors(
     together, on one factorization), every other tensor by the weighted mean. Returns per-layer
     diagnostics."""
     infos = merge.experts[0].infos
-    groups = {}  # gram keys (one per expert) -> weight names, in checkpoint order
-    for module in linear:
-        key = tuple(g.key_of[module] for g in gram_files)
-        groups.setdefault(key, []).append(module + ".weight")
+    groups = gram_groups(gram_files, linear)
     group_of = {name: key for key, names in groups.items() for name in names}
     tokens = [int(g.metadata["num_tokens"]) if "num_tokens" in g.metadata else None for g in gram_files]
     done, report = set(), []
@@ -261,3 +295,37 @@ def summarize(report: list[dict]) -> str:
         + f"; max relative residual {max(r['residual'] for r in report):.2e}"
         + f"; max estimated relative error {max(r['error_estimate'] for r in report):.2e}"
     )
+
+
+def judge_tensors(
+    merged_files: dict[str, Path],
+    experts: list[Expert],
+    coefs: list[float],
+    gram_files: list[GramFile],
+    linear: dict[str, int],
+    device: torch.device,
+    sample_every: int = SAMPLE_EVERY,
+    block_mb: float = BLOCK_MB,
+) -> list[dict]:
+    """The output error figures of an existing merged model (merged_files: tensor name -> its
+    safetensors file) against the experts, for every linear layer in `linear`, on the same sampled
+    rows as a merge takes them. Returns one report row per weight: tensor, gram, output_error."""
+    infos, report = experts[0].infos, []
+    groups = gram_groups(gram_files, linear)
+    bar = tqdm(total=sum(len(v) for v in groups.values()), desc="judging", unit="layer")
+    for key, members in groups.items():
+        grams = [g.get(k).to(device, torch.float32) for g, k in zip(gram_files, key)]
+        for member in members:
+            num_rows = infos[member][0][0]
+            sampled, terms = sample_rows(num_rows, sample_every), []
+            for rows in row_blocks(infos[member][0], block_mb):
+                if not ((sampled >= rows[0]) & (sampled < rows[1])).any():
+                    continue
+                blocks = [read_tensor(e.files[member], member, rows).to(device) for e in experts]
+                merged = read_tensor(merged_files[member], member, rows).to(device)
+                terms.append(block_error_terms(grams, blocks, merged, coefs, sampled, rows))
+            report.append(dict(tensor=member, gram=key[0], output_error=layer_figures(torch.cat(terms, -1), num_rows)))
+            bar.update(1)
+        del grams
+    bar.close()
+    return report

@@ -5,8 +5,8 @@ import ast
 
 from conftest import ROOT
 
-STAGES = ["compute_gram", "merge_model", "evaluate"]  # demo.py runs them all, on purpose
-LIBRARY = ["regmeanpp", "merging", "regmean", "calibration", "tensor_io"]  # each may use those after it
+STAGES = ["compute_gram", "merge_model", "evaluate", "judge_merge"]  # demo.py runs them all, on purpose
+LIBRARY = ["regmeanpp", "merging", "merge_report", "regmean", "calibration", "tensor_io"]  # each may use those after it
 LOCAL = {*STAGES, "demo", *LIBRARY, "utils"}
 
 
