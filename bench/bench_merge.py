@@ -6,6 +6,8 @@
     python bench/bench_merge.py --repeat 3   # on a busy machine: alternate the methods, keep the fastest run
     python bench/bench_merge.py --layer-8b --device cuda   # one Llama-3-8B-shaped layer (+ lm_head) on a GPU
     python bench/bench_merge.py --pp-examples 0   # streaming and baseline only, without regmean++
+    python bench/bench_merge.py --figures-overhead --repeat 3   # regmean with and without the output error
+                                             # figures (merge_report.py), alternating: the wall time ratio
 
 For each depth it writes two experts (random bf16 weights, safetensors shards) and synthetic SPD
 grams for them, both as gram.safetensors (this project) and as the seed's gram.pkl (one tensor
@@ -71,7 +73,15 @@ def parse_args(argv=None):
     p.add_argument(
         "--pp-examples", type=int, default=32, help="calibration rows per expert for regmean++ (0: skip regmean++)"
     )
-    p.add_argument("--child", choices=["baseline", "streaming", "regmeanpp"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--figures-overhead",
+        action="store_true",
+        help="only regmean, with the output error figures and picture (default) and without "
+        "(--error-sample-every 0), alternating; prints the wall time ratio",
+    )
+    p.add_argument(
+        "--child", choices=["baseline", "streaming", "streaming-nofigures", "regmeanpp"], help=argparse.SUPPRESS
+    )
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -278,7 +288,7 @@ def regmeanpp(folder, alpha, num_examples):
     return json.loads((out / "merge_report.json").read_text())["figures"]
 
 
-def streaming(folder, alpha):
+def streaming(folder, alpha, figures=True):
     import merge_model
 
     out = merge_model.main(
@@ -297,6 +307,7 @@ def streaming(folder, alpha):
             "--overwrite",
             "--device",
             "cpu",
+            *([] if figures else ["--error-sample-every", "0"]),
         ]
     )
     return json.loads((out / "merge_report.json").read_text())["figures"]
@@ -308,7 +319,11 @@ def child(args):
     if args.child == "regmeanpp":
         figures = regmeanpp(folder, args.alpha, args.pp_examples)
     else:
-        figures = baseline(folder, args.alpha) if args.child == "baseline" else streaming(folder, args.alpha)
+        figures = (
+            baseline(folder, args.alpha)
+            if args.child == "baseline"
+            else streaming(folder, args.alpha, figures=args.child == "streaming")
+        )
     wall = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(
@@ -451,7 +466,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         prepare(folder, args, layers)
         methods = ["streaming", "baseline"]
-        if args.pp_examples:
+        if args.figures_overhead:
+            methods = ["streaming", "streaming-nofigures"]
+        elif args.pp_examples:
             prepare_calibration(folder, args.pp_examples)
             methods.append("regmeanpp")
         print(f"{layers} layers: inputs ready in {folder} ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -470,6 +487,18 @@ def main(argv=None):
         for k, runs in results.items()
     }
     lo, hi = min(args.depths), max(args.depths)
+    if args.figures_overhead:
+        print("\nregmean with the output error figures / without (fastest of each; target <= 1.10):")
+        for layers in args.depths:
+            on, off = results["streaming", layers], results["streaming-nofigures", layers]
+            f = on["figures"]
+            print(
+                f"{layers:3d} layers: wall {on['wall_s']:.2f}s / {off['wall_s']:.2f}s "
+                f"= {on['wall_s'] / off['wall_s']:.3f}"
+                f"; CPU {on['cpu_s'] / off['cpu_s']:.3f}; figures {f.get('figures_s', 0):.2f}s + picture "
+                f"{f.get('picture_s', 0):.2f}s inside the merge's {f['wall_s']:.2f}s"
+            )
+        return
     s, b, s_lo = results["streaming", hi], results["baseline", hi], results["streaming", lo]
     checks = [
         ("peak RSS, streaming / baseline", s["rss_gib"] / b["rss_gib"], 0.25, f"at {hi} layers"),
