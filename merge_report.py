@@ -41,11 +41,24 @@ KINDS = [
 LINESTYLES = {"q_proj": "-", "k_proj": "--", "v_proj": ":", "gate_proj": "-", "up_proj": "--"}
 
 
+def sample_step(num_rows: int, sample_every: int = SAMPLE_EVERY) -> int:
+    """Rows apart of the sampled rows of a layer: sample_every, fewer where that leaves under MIN_ROWS."""
+    return max(1, min(sample_every, num_rows // MIN_ROWS))
+
+
 def sample_rows(num_rows: int, sample_every: int = SAMPLE_EVERY) -> Tensor:
     """Indices of the output rows on which a layer's figures are taken: evenly spaced, every
-    sample_every-th (fewer apart where that leaves under MIN_ROWS rows)."""
-    step = max(1, min(sample_every, num_rows // MIN_ROWS))
+    sample_every-th (fewer apart where that leaves under MIN_ROWS rows), the first step // 2."""
+    step = sample_step(num_rows, sample_every)
     return torch.arange(step // 2, num_rows, step)
+
+
+def block_slice(rows: tuple[int, int], step: int) -> slice:
+    """The sampled rows (those of sample_rows) inside the block of rows (start, stop), as a slice
+    of the block: a view, no copy and no index tensor."""
+    start, stop = rows
+    first = step // 2 + max(0, -(-(start - step // 2) // step)) * step  # first sampled row >= start
+    return slice(first - start, stop - start, step)
 
 
 def layer_figures(terms: Tensor, num_rows: int) -> dict:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from merge_report import SAMPLE_EVERY, layer_figures, sample_rows
+from merge_report import SAMPLE_EVERY, block_slice, layer_figures, sample_step
 from regmean import RegMeanSystem, output_error_terms
 from tensor_io import ST_DTYPES, GramFile, ShardWriter, checkpoint_files, read_tensor, tensor_infos
 from utils import PRESETS, Timer, UserError, resolve_model_dir
@@ -130,17 +130,27 @@ def gram_stats(gram: Tensor, tokens: int | None) -> dict:
     )
 
 
-def block_error_terms(
-    grams: list[Tensor], blocks: list[Tensor], merged: Tensor, coefs: list[float], sampled: Tensor, rows: tuple
-) -> Tensor:
-    """regmean.output_error_terms of the sampled rows that fall in one block of rows (start, stop):
-    the merged rows as written (merged's dtype) and the weighted average rounded to that dtype, as
-    an `avg` merge would write it. grams: float32, on the blocks' device."""
-    idx = sampled[(sampled >= rows[0]) & (sampled < rows[1])] - rows[0]
-    idx = idx.to(blocks[0].device)
-    experts = [b[idx].float() for b in blocks]
-    average = sum(c * b for c, b in zip(coefs, experts)).to(merged.dtype)
-    return output_error_terms(merged[idx], average, experts, grams)
+def pick_rows(blocks: list[Tensor], merged: Tensor, rows: tuple[int, int], step: int) -> list[Tensor]:
+    """Copies of the sampled rows (merge_report.sample_rows) in one block of rows (start, stop): each
+    expert's, then the merged weight's as written."""
+    picked = block_slice(rows, step)
+    return [b[picked].clone() for b in [*blocks, merged]]
+
+
+def group_error_figures(
+    grams: list[Tensor], picks: dict[str, list[list[Tensor]]], num_rows: dict[str, int], coefs: list[float]
+) -> dict[str, dict]:
+    """The output error figures of the weights that read one input, from the rows pick_rows took
+    ({weight: one pick per block}) and the experts' full grams (float32, on the rows' device): one
+    product per expert for all of them. The average is rounded to the merged weight's dtype, as an
+    `avg` merge would write it. Returns {weight: merge_report.layer_figures}."""
+    names = list(picks)
+    columns = [torch.cat([pick[j] for name in names for pick in picks[name]]) for j in range(len(coefs) + 1)]
+    experts, merged = [c.float() for c in columns[:-1]], columns[-1]
+    average = sum(c * w for c, w in zip(coefs, experts)).to(merged.dtype)
+    terms = output_error_terms(merged, average, experts, grams)
+    sizes = [sum(len(pick[0]) for pick in picks[name]) for name in names]
+    return {name: layer_figures(t, num_rows[name]) for name, t in zip(names, terms.split(sizes, -1))}
 
 
 @dataclass
@@ -196,11 +206,11 @@ class StreamingMerge:
                 grams, self.alpha, self.coefs, self.device, num_rows=sum(infos[m][0][0] for m in members)
             )
         factor_s = time.perf_counter() - t0
-        report, kept = [], {}
+        report, kept, picks = [], {}, {}
         for member in members:
             t0 = time.perf_counter()
-            worst_residual, worst_error, blocks_out, terms = 0.0, 0.0, [], []
-            sampled = sample_rows(infos[member][0][0], self.sample_every) if self.sample_every else None
+            worst_residual, worst_error, blocks_out = 0.0, 0.0, []
+            step = sample_step(infos[member][0][0], self.sample_every) if self.sample_every else None
             for rows in row_blocks(infos[member][0], self.block_mb):
                 with self.timer("load"):
                     blocks = [
@@ -211,17 +221,14 @@ class StreamingMerge:
                     merged = merged.to(self.out_dtype)
                 with self.timer("write"):
                     self.writer.write(member, merged, rows[0])
-                if sampled is not None:
+                if step is not None:
                     with self.timer("figures"):
-                        terms.append(block_error_terms(system.grams, blocks, merged, self.coefs, sampled, rows))
+                        picks.setdefault(member, []).append(pick_rows(blocks, merged, rows, step))
                 worst_residual, worst_error = max(worst_residual, residual), max(worst_error, error)
                 if keep:
                     blocks_out.append(merged)
             if keep:
                 kept[member] = torch.cat(blocks_out)
-            figures = (
-                {} if sampled is None else dict(output_error=layer_figures(torch.cat(terms, -1), infos[member][0][0]))
-            )
             report.append(
                 dict(
                     tensor=member,
@@ -233,10 +240,14 @@ class StreamingMerge:
                     error_estimate=worst_error,
                     seconds=round(time.perf_counter() - t0 + factor_s, 4),
                     grams=stats,
-                    **figures,
                 )
             )
             factor_s = 0.0  # the factorization is counted once, with the first layer of its group
+        if picks:
+            with self.timer("figures"):
+                figures = group_error_figures(system.grams, picks, {m: infos[m][0][0] for m in members}, self.coefs)
+            for row in report:
+                row["output_error"] = figures[row["tensor"]]
         return report, kept
 
 
@@ -315,17 +326,18 @@ def judge_tensors(
     bar = tqdm(total=sum(len(v) for v in groups.values()), desc="judging", unit="layer")
     for key, members in groups.items():
         grams = [g.get(k).to(device, torch.float32) for g, k in zip(gram_files, key)]
+        picks = {}
         for member in members:
-            num_rows = infos[member][0][0]
-            sampled, terms = sample_rows(num_rows, sample_every), []
+            step = sample_step(infos[member][0][0], sample_every)
             for rows in row_blocks(infos[member][0], block_mb):
-                if not ((sampled >= rows[0]) & (sampled < rows[1])).any():
-                    continue
+                if block_slice(rows, step).start >= rows[1] - rows[0]:
+                    continue  # no sampled row in this block
                 blocks = [read_tensor(e.files[member], member, rows).to(device) for e in experts]
                 merged = read_tensor(merged_files[member], member, rows).to(device)
-                terms.append(block_error_terms(grams, blocks, merged, coefs, sampled, rows))
-            report.append(dict(tensor=member, gram=key[0], output_error=layer_figures(torch.cat(terms, -1), num_rows)))
+                picks.setdefault(member, []).append(pick_rows(blocks, merged, rows, step))
             bar.update(1)
+        figures = group_error_figures(grams, picks, {m: infos[m][0][0] for m in members}, coefs)
+        report += [dict(tensor=m, gram=key[0], output_error=figures[m]) for m in members]
         del grams
     bar.close()
     return report

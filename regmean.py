@@ -210,8 +210,9 @@ def output_error_terms(merged: Tensor, average: Tensor, expert_rows: list[Tensor
     expert i's inputs. The differences are formed before the product (no cancellation), and the
     three quadratic forms of one expert take one matrix product."""
     out = []
+    merged, average = merged.to(grams[0].dtype), average.to(grams[0].dtype)
     for w, g in zip(expert_rows, grams):
         w = w.to(g.dtype)
-        stacked = torch.cat([merged.to(g.dtype) - w, average.to(g.dtype) - w, w])
-        out.append(((stacked @ g) * stacked).sum(1).double().view(3, -1))
+        stacked = torch.cat([merged - w, average - w, w])
+        out.append(torch.linalg.vecdot(stacked @ g, stacked).double().view(3, -1))
     return torch.stack(out, 1)
