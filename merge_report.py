@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SAMPLE_EVERY = 64  # the figures are taken on every 64th output row of a layer (1: all rows)
+SAMPLE_EVERY = 256  # the figures are taken on every 256th output row of a layer (1: all rows)
 MIN_ROWS = 16  # ... and on at least this many rows per layer (all of them if it has fewer)
 
 # Module kinds of the picture: (title, last parts of the module names it holds)
