@@ -30,6 +30,14 @@ eigendecomposition where even that fails; never lstsq (whose default CPU driver 
 rank of ill-conditioned grams). merge_report.json holds the path, ridge, relative residual,
 estimated error and time of every linear layer.
 
+As it merges, regmean and regmean++ measure how much of each expert every linear layer keeps:
+eᵢ(W) = tr((W − Wᵢ) Gᵢ (W − Wᵢ)ᵀ) / tr(Wᵢ Gᵢ Wᵢᵀ), the relative error of the layer's output on
+expert i's own calibration inputs (full grams; for regmean++ the grams its solve used), for the
+merged weight and for the weighted average, on every --error-sample-every-th output row (with
+its sampling error). They go to merge_report.json (`output_error` of each layer, `output_errors`
+per expert), merge_report.png (over depth per module kind), the model card and the log.
+judge_merge.py computes the same for any merged folder.
+
 Each expert tensor is read from its safetensors file when needed (in blocks of rows when
 large), and each merged block goes straight to its place in the output shards, so memory
 stays flat in depth and vocabulary. The output folder (shards + index, config, generation
@@ -68,6 +76,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
+from merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
 from merging import (
     BLOCK_MB,
     StreamingMerge,
@@ -152,6 +161,7 @@ class MergeSettings:
     exclude: list[str] | None = None  # regexes: linear layers whose name matches are averaged, not solved
     allow_gram_mismatch: bool = False  # merge grams whose recorded model is not the expert at their position
     config: str | None = None  # the recipe file the settings were read from (options given override it)
+    error_sample_every: int = SAMPLE_EVERY  # output error figures on every Nth output row (0: none)
 
 
 def parse_args(argv=None) -> MergeSettings:
@@ -270,6 +280,12 @@ def parse_args(argv=None) -> MergeSettings:
         help="regmean: merge even when a gram file records another model than the expert at its position "
         "(refused by default)",
     )
+    p.add_argument(
+        "--error-sample-every",
+        type=int,
+        help="the output error figures are taken on every Nth output row of each linear layer (at least 16 rows "
+        f"a layer); 1: all rows (exact, slower); 0: no figures (default: {d.error_sample_every})",
+    )
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     settings = read_recipe(given["config"]) if "config" in given else {}
     settings.update(given)
@@ -291,6 +307,8 @@ def check_settings(s: MergeSettings) -> list[float]:
         raise UserError(f"--weights must be finite, >= 0 and not all 0, got {weights}")
     if not 0.0 <= s.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {s.alpha}")
+    if s.error_sample_every < 0:
+        raise UserError(f"--error-sample-every must be >= 0, got {s.error_sample_every}")
     if s.block_mb <= 0:
         raise UserError(f"--block-mb must be > 0, got {s.block_mb}")
     if s.method == "regmean++" and s.grams:
@@ -342,10 +360,11 @@ def gram_provenance(grams: GramFile) -> dict:
 
 
 def write_model_card(
-    out_dir, s: MergeSettings, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded
+    out_dir, s: MergeSettings, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded, errors=()
 ):
     """provenance: per expert, where its grams come from (a gram file's, or regmean++'s data); or [].
-    source: the expert the config and tokenizer come from; excluded: linear layers averaged (--exclude)."""
+    source: the expert the config and tokenizer come from; excluded: linear layers averaged (--exclude);
+    errors: the output error summary's lines."""
     tags = {"avg": [], "regmean": ["regmean"], "regmean++": ["regmean", "regmean-plus-plus"]}[s.method]
     grew = len({e.config.get("vocab_size") for e in experts}) > 1
     lines = [
@@ -394,6 +413,13 @@ def write_model_card(
     ]
     if summary:
         lines += [f"Solver: {summary}", ""]
+    if errors:
+        lines += [
+            *errors,
+            "",
+            "The figures of every layer are in merge_report.json, over depth in merge_report.png.",
+            "",
+        ]
     if excluded:
         patterns = ", ".join(f"`{p}`" for p in s.exclude)
         lines += [
@@ -412,6 +438,11 @@ def write_model_card(
         "",
     ]
     (out_dir / "README.md").write_text("\n".join(lines))
+
+
+def expert_labels(experts) -> list[str]:
+    """Short names of the experts for the summary and the picture: a preset's name, else the folder's."""
+    return [e.spec if e.spec in PRESETS else Path(e.spec).name for e in experts]
 
 
 def copy_side_files(src_dir, out_dir, out_dtype):
@@ -501,7 +532,9 @@ def main(argv=None):
     with atomic_dir(out_dir, overwrite=s.overwrite) as tmp:
         writer = ShardWriter(tmp, plan, s.max_shard_size)
         averaged = frozenset(m + ".weight" for m in excluded)
-        merge = StreamingMerge(experts, coefs, s.alpha, device, out_dtype, writer, timer, s.block_mb, averaged)
+        merge = StreamingMerge(
+            experts, coefs, s.alpha, device, out_dtype, writer, timer, s.block_mb, averaged, s.error_sample_every
+        )
         try:
             if pp:
                 states = HiddenStates(device, tmp / ".hidden-states" if spill else None)
@@ -514,6 +547,12 @@ def main(argv=None):
             writer.close()
         writer.finish()
         summary = summarize(report)
+        names = expert_labels(experts)
+        errors = error_summary(report, names)
+        error_lines = summary_lines(errors, s.method)
+        if errors:
+            with timer("picture"):
+                draw_picture(report, names, tmp / "merge_report.png", f"{s.method} (alpha {s.alpha}) -> {out_dir.name}")
         with timer("write"):
             copy_side_files(source.dir, tmp, out_dtype)
             calibration = [c.provenance for c in calib] if pp else None
@@ -525,7 +564,9 @@ def main(argv=None):
                 calibration,
                 dtype_name(forward_dtype) if pp else None,
             )
-            write_model_card(tmp, s, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded)
+            write_model_card(
+                tmp, s, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded, error_lines
+            )
             total_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in plan.values())
             figures = dict(
                 wall_s=round(timer.total(), 3),
@@ -553,12 +594,15 @@ def main(argv=None):
                 config_from=str(source.dir),
                 summary=summary,
                 tied=dict(tensors=tied, merged_by="mean") if tied else None,
+                output_errors=errors,
                 figures=figures,
                 layers=report,
             )
             (tmp / "merge_report.json").write_text(json.dumps(merge_report, indent=2) + "\n")
     if summary:
         print(f"{s.method}: {summary}")
+    if error_lines:
+        print("\n".join(error_lines))
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in timer.phases.items())
     rate = (
         f"{num_tokens / timer.phases.get('forward', 1e-9):.0f} calibration tokens/s in the forward passes; "

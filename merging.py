@@ -9,6 +9,10 @@ other, gram files against the experts they claim to describe (check_gram_models)
     experts = load_experts(["code", "math"])
     merge = StreamingMerge(experts, coefs, alpha, device, out_dtype, writer, timer, block_mb)
     report = merge_tensors(merge, gram_files, linear_modules(experts[0].infos, gram_files))
+    judged = judge_tensors(merged_files, experts, coefs, gram_files, linear, device)   # any merged folder
+
+Each linear layer's report row carries its output error figures (merge_report.py), taken on the
+solver's own float32 rows and grams as the merge runs.
 """
 
 import json
@@ -22,7 +26,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from regmean import RegMeanSystem
+from merge_report import SAMPLE_EVERY, block_slice, layer_figures, sample_step
+from regmean import RegMeanSystem, output_error_terms
 from tensor_io import (
     ST_DTYPES,
     GramFile,
@@ -276,10 +281,34 @@ def gram_stats(gram: Tensor, tokens: int | None) -> dict:
     )
 
 
+def pick_rows(blocks: list[Tensor], merged: Tensor, rows: tuple[int, int], step: int) -> list[Tensor]:
+    """Copies of the sampled rows (merge_report.sample_rows) in one block of rows (start, stop): each
+    expert's, then the merged weight's as written."""
+    picked = block_slice(rows, step)
+    return [b[picked].clone() for b in [*blocks, merged]]
+
+
+def group_error_figures(
+    grams: list[Tensor], picks: dict[str, list[list[Tensor]]], num_rows: dict[str, int], coefs: list[float]
+) -> dict[str, dict]:
+    """The output error figures of the weights that read one input, from the rows pick_rows took
+    ({weight: one pick per block}) and the experts' full grams (float32, on the rows' device): one
+    product per expert for all of them. The average is rounded to the merged weight's dtype, as an
+    `avg` merge would write it. Returns {weight: merge_report.layer_figures}."""
+    names = list(picks)
+    columns = [torch.cat([pick[j] for name in names for pick in picks[name]]) for j in range(len(coefs) + 1)]
+    experts, merged = [c.float() for c in columns[:-1]], columns[-1]
+    average = sum(c * w for c, w in zip(coefs, experts)).to(merged.dtype)
+    terms = output_error_terms(merged, average, experts, grams)
+    sizes = [sum(len(pick[0]) for pick in picks[name]) for name in names]
+    return {name: layer_figures(t, num_rows[name]) for name, t in zip(names, terms.split(sizes, -1))}
+
+
 @dataclass
 class StreamingMerge:
     """What every merged tensor needs: the experts and their normalized weights, alpha, where the
-    solves run, the output dtype, the shard writer, the phase timer and the row block size."""
+    solves run, the output dtype, the shard writer, the phase timer, the row block size, the linear
+    weights excluded from RegMean and the output error figures' row sampling (0: no figures)."""
 
     experts: list[Expert]
     coefs: list[float]
@@ -290,6 +319,7 @@ class StreamingMerge:
     timer: Timer
     block_mb: float = BLOCK_MB
     averaged: frozenset[str] = frozenset()  # linear weights excluded from RegMean (--exclude): the mean
+    sample_every: int = SAMPLE_EVERY
 
     def __post_init__(self):
         self.infos = merged_infos(self.experts)
@@ -356,10 +386,11 @@ class StreamingMerge:
                 grams, self.alpha, self.coefs, self.device, num_rows=sum(infos[m][0][0] for m in members)
             )
         factor_s = time.perf_counter() - t0
-        report = []
+        report, picks = [], {}
         for member in members:
             t0 = time.perf_counter()
             worst_residual, worst_error, blocks_out = 0.0, 0.0, []
+            step = sample_step(infos[member][0][0], self.sample_every) if self.sample_every else None
             for rows, have in self.blocks(member):
                 if len(have) < len(self.experts):  # tokens only some experts have: their rows' mean
                     merged = self.mean_block(member, rows, have)
@@ -373,6 +404,9 @@ class StreamingMerge:
                         merged, residual, error = system.solve(blocks)
                         merged = merged.to(self.out_dtype)
                     worst_residual, worst_error = max(worst_residual, residual), max(worst_error, error)
+                    if step is not None:  # rows every expert has: the output error figures' sample
+                        with self.timer("figures"):
+                            picks.setdefault(member, []).append(pick_rows(blocks, merged, rows, step))
                 with self.timer("write"):
                     self.writer.write(member, merged, rows[0])
                 if keep:
@@ -393,7 +427,21 @@ class StreamingMerge:
                 )
             )
             factor_s = 0.0  # the factorization is counted once, with the first layer of its group
+        if picks:
+            with self.timer("figures"):
+                figures = group_error_figures(system.grams, picks, {m: infos[m][0][0] for m in picks}, self.coefs)
+            for row in report:
+                row["output_error"] = figures[row["tensor"]]
         return report, kept
+
+
+def gram_groups(gram_files: list[GramFile], linear: dict[str, int]) -> dict[tuple[str, ...], list[str]]:
+    """{gram keys (one per expert): the weight names that read that input}, in checkpoint order."""
+    groups = {}
+    for module in linear:
+        key = tuple(g.key_of[module] for g in gram_files)
+        groups.setdefault(key, []).append(module + ".weight")
+    return groups
 
 
 def merge_tensors(
@@ -405,10 +453,7 @@ def merge_tensors(
     diagnostics."""
     infos = merge.infos
     linear = {m: n for m, n in linear.items() if m + ".weight" not in merge.averaged}  # excluded: the mean
-    groups = {}  # gram keys (one per expert) -> weight names, in checkpoint order
-    for module in linear:
-        key = tuple(g.key_of[module] for g in gram_files)
-        groups.setdefault(key, []).append(module + ".weight")
+    groups = gram_groups(gram_files, linear)
     group_of = {name: key for key, names in groups.items() for name in names}
     tokens = [int(g.metadata["num_tokens"]) if "num_tokens" in g.metadata else None for g in gram_files]
     done, report = set(), []
@@ -446,3 +491,38 @@ def summarize(report: list[dict]) -> str:
         + f"; max relative residual {max(r['residual'] for r in report):.2e}"
         + f"; max estimated relative error {max(r['error_estimate'] for r in report):.2e}"
     )
+
+
+def judge_tensors(
+    merged_files: dict[str, Path],
+    experts: list[Expert],
+    coefs: list[float],
+    gram_files: list[GramFile],
+    linear: dict[str, int],
+    device: torch.device,
+    sample_every: int = SAMPLE_EVERY,
+    block_mb: float = BLOCK_MB,
+) -> list[dict]:
+    """The output error figures of an existing merged model (merged_files: tensor name -> its
+    safetensors file) against the experts, for every linear layer in `linear`, on the same sampled
+    rows as a merge takes them. Returns one report row per weight: tensor, gram, output_error."""
+    infos, report = experts[0].infos, []
+    groups = gram_groups(gram_files, linear)
+    bar = tqdm(total=sum(len(v) for v in groups.values()), desc="judging", unit="layer")
+    for key, members in groups.items():
+        grams = [g.get(k).to(device, torch.float32) for g, k in zip(gram_files, key)]
+        picks = {}
+        for member in members:
+            step = sample_step(infos[member][0][0], sample_every)
+            for rows in row_blocks(infos[member][0], block_mb):
+                if block_slice(rows, step).start >= rows[1] - rows[0]:
+                    continue  # no sampled row in this block
+                blocks = [read_tensor(e.files[member], member, rows).to(device) for e in experts]
+                merged = read_tensor(merged_files[member], member, rows).to(device)
+                picks.setdefault(member, []).append(pick_rows(blocks, merged, rows, step))
+            bar.update(1)
+        figures = group_error_figures(grams, picks, {m: infos[m][0][0] for m in members}, coefs)
+        report += [dict(tensor=m, gram=key[0], output_error=figures[m]) for m in members]
+        del grams
+    bar.close()
+    return report

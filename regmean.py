@@ -196,3 +196,23 @@ def merge_weight(
     return merged, dict(
         residual=residual, error=error, path=system.path, ridge=system.ridge, probe_error=system.probe_error
     )
+
+
+def output_error_terms(merged: Tensor, average: Tensor, expert_rows: list[Tensor], grams: list[Tensor]) -> Tensor:
+    """How far a merged layer's output is from each expert's, on that expert's inputs, row by row.
+
+    merged, average: the same rows of the merged and of the weighted-average weight ([rows, in]);
+    expert_rows: those rows of each expert's weight; grams: each expert's full gram Gᵢ ([in, in],
+    the second moment of its inputs, without the α reduction). Returns float64 [3, N, rows]:
+    per output row r, (W_r − Wᵢ_r) Gᵢ (W_r − Wᵢ_r)ᵀ for W = merged (0) and W = average (1), and
+    Wᵢ_r Gᵢ Wᵢ_rᵀ (2). Summed over all rows these are tr((W − Wᵢ) Gᵢ (W − Wᵢ)ᵀ) = ‖Xᵢ(W − Wᵢ)ᵀ‖² / nᵢ
+    and tr(Wᵢ Gᵢ Wᵢᵀ); their ratio is the relative mean squared error of the layer's output on
+    expert i's inputs. The differences are formed before the product (no cancellation), and the
+    three quadratic forms of one expert take one matrix product."""
+    out = []
+    merged, average = merged.to(grams[0].dtype), average.to(grams[0].dtype)
+    for w, g in zip(expert_rows, grams):
+        w = w.to(g.dtype)
+        stacked = torch.cat([merged - w, average - w, w])
+        out.append(torch.linalg.vecdot(stacked @ g, stacked).double().view(3, -1))
+    return torch.stack(out, 1)

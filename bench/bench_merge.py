@@ -8,6 +8,8 @@
     python bench/bench_merge.py --pp-examples 0   # streaming and baseline only, without regmean++
     python bench/bench_merge.py --like-for-like --pp-examples 0   # + streaming writing float32, as the baseline does
     python bench/bench_merge.py --ill-conditioned --alpha 1.0 --like-for-like --pp-examples 0   # grams of cond ~1e7
+    python bench/bench_merge.py --figures-overhead --repeat 3   # regmean with and without the output error
+                                             # figures (merge_report.py), alternating: the wall time ratio
 
 For each depth it writes two experts (random bf16 weights, safetensors shards) and synthetic SPD
 grams for them, both as gram.safetensors (this project) and as the seed's gram.pkl (one tensor
@@ -80,7 +82,17 @@ def parse_args(argv=None):
     )
     p.add_argument("--like-for-like", action="store_true", help="also streaming with float32 output, as the baseline")
     p.add_argument("--ill-conditioned", action="store_true", help="grams with condition number ~1e7 (see above)")
-    p.add_argument("--child", choices=["baseline", "streaming", "streaming-f32", "regmeanpp"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--figures-overhead",
+        action="store_true",
+        help="only regmean, with the output error figures and picture (default) and without "
+        "(--error-sample-every 0), alternating; prints the wall time ratio",
+    )
+    p.add_argument(
+        "--child",
+        choices=["baseline", "streaming", "streaming-f32", "streaming-nofigures", "regmeanpp"],
+        help=argparse.SUPPRESS,
+    )
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -307,7 +319,7 @@ def regmeanpp(folder, alpha, num_examples):
     return json.loads((out / "merge_report.json").read_text())["figures"]
 
 
-def streaming(folder, alpha, dtype="auto"):
+def streaming(folder, alpha, dtype="auto", figures=True):
     import merge_model
 
     out = merge_model.main(
@@ -322,12 +334,13 @@ def streaming(folder, alpha, dtype="auto"):
             "--alpha",
             str(alpha),
             "--output-dir",
-            str(folder / f"out-streaming-{dtype}"),
+            str(folder / f"out-streaming-{dtype}{'' if figures else '-nofigures'}"),
             "--overwrite",
             "--device",
             "cpu",
             "--dtype",
             dtype,
+            *([] if figures else ["--error-sample-every", "0"]),
         ]
     )
     report = json.loads((out / "merge_report.json").read_text())
@@ -344,7 +357,8 @@ def child(args):
         if args.child == "baseline":
             figures = baseline(folder, args.alpha)
         else:
-            figures = streaming(folder, args.alpha, "float32" if args.child == "streaming-f32" else "auto")
+            dtype = "float32" if args.child == "streaming-f32" else "auto"
+            figures = streaming(folder, args.alpha, dtype, figures=args.child != "streaming-nofigures")
     wall = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(
@@ -492,7 +506,9 @@ def main(argv=None):
         methods = ["streaming", "baseline"] + (["streaming-f32"] if args.like_for_like else [])
         if args.ill_conditioned or layers == min(args.depths):
             print(f"{layers} layers: {condition_numbers(folder, args.alpha)}", flush=True)
-        if args.pp_examples:
+        if args.figures_overhead:
+            methods = ["streaming", "streaming-nofigures"]
+        elif args.pp_examples:
             prepare_calibration(folder, args.pp_examples)
             methods.append("regmeanpp")
         print(f"{layers} layers: inputs ready in {folder} ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -512,6 +528,18 @@ def main(argv=None):
         for k, runs in results.items()
     }
     lo, hi = min(args.depths), max(args.depths)
+    if args.figures_overhead:
+        print("\nregmean with the output error figures / without (fastest of each; target <= 1.10):")
+        for layers in args.depths:
+            on, off = results["streaming", layers], results["streaming-nofigures", layers]
+            f = on["figures"]
+            print(
+                f"{layers:3d} layers: wall {on['wall_s']:.2f}s / {off['wall_s']:.2f}s "
+                f"= {on['wall_s'] / off['wall_s']:.3f}"
+                f"; CPU {on['cpu_s'] / off['cpu_s']:.3f}; figures {f.get('figures_s', 0):.2f}s + picture "
+                f"{f.get('picture_s', 0):.2f}s inside the merge's {f['wall_s']:.2f}s"
+            )
+        return
     s, b, s_lo = results["streaming", hi], results["baseline", hi], results["streaming", lo]
     checks = [
         ("peak RSS, streaming / baseline", s["rss_gib"] / b["rss_gib"], 0.25, f"at {hi} layers"),

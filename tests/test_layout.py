@@ -5,10 +5,11 @@ import ast
 
 from conftest import ROOT
 
-STAGES = ["compute_gram", "merge_model", "evaluate"]  # demo.py runs them all, on purpose
+STAGES = ["compute_gram", "merge_model", "evaluate", "judge_merge"]  # demo.py runs them all, on purpose
 LIBRARY = [
     "regmeanpp",
     "merging",
+    "merge_report",
     "recipe",
     "finetune",
     "regmean",
