@@ -330,6 +330,26 @@ def is_built(root, names=("toy-code", "toy-math")):
     return all(f.is_file() for f in files)
 
 
+def retention_table(reports: dict) -> str:
+    """Markdown: per merge and expert, the median over linear layers of the output error eᵢ (merged vs the plain
+    average of the same experts), the worst layer, and the share of layers where the merge is below the average;
+    reports: {row label: merge_report.json or judge_report.json}."""
+    lines = [
+        "Output error per linear layer, tr((W − Wᵢ)Gᵢ(W − Wᵢ)ᵀ) / tr(WᵢGᵢWᵢᵀ): how far each merged layer's output is "
+        "from expert i's own on expert i's calibration inputs (0: kept exactly; RegMean++ on its own grams)\n",
+        "| Merge | expert | median (merged) | median (average) | worst layer (merged) | below the average |",
+        "| ---- | ---- | ---- | ---- | ---- | ---- |",
+    ]
+    for label, path in reports.items():
+        for e in json.loads(Path(path).read_text())["output_errors"]:
+            worst = e["merged_worst_layer"].removeprefix("model.").removesuffix(".weight")
+            lines.append(
+                f"| {label} | {e['expert']} | {e['merged_median']:.2e} | {e['average_median']:.2e} | "
+                f"{e['merged_worst']:.2e} ({worst}) | {100 * e['merged_below_average']:.0f}% |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- the flow
 TASKS = ["toy_code", "toy_math"]
 # Columns of the results table: (title, metric label, lm_eval task, result keys).
@@ -374,6 +394,7 @@ def main(argv=None):
     # imported here: the tests import this module for its toy-world pieces alone
     import compute_gram
     import evaluate
+    import judge_merge
     import merge_model
     import smollm2
 
@@ -469,9 +490,16 @@ def main(argv=None):
             "How far fine-tuning moved the experts: ‖W_expert − W_base‖ / ‖W_base‖ and "
             "‖W_code − W_math‖ / ‖W_base‖ over all tensors of a kind\n\n" + drift_table(drift)
         )
-    # Retention figures (issue 11, to come) go here: per merge, how closely it reproduces each expert's layer
-    # outputs on that expert's inputs, merged vs average, read from the merge folder's merge_report.json and
-    # appended to `sections`, next to the table whose rows they explain.
+    # How much of each expert every merge keeps, layer by layer: regmean and regmean++ write these figures as
+    # they merge (merge_report.json, merge_report.png); the average is judged on the stage-1 grams afterwards.
+    with timer("figures"):
+        judged = judge_merge.main(
+            [str(folders["Average"]), "--models", *map(str, experts.values()), "--grams", *map(str, grams.values())]
+        )
+        reports = {"Average": judged} | {
+            label: folders[label] / "merge_report.json" for label, (method, _) in MERGES.items() if method != "avg"
+        }
+        sections.append(retention_table(reports))
 
     # lm_eval runs as evaluate.py runs it, plus the chat template (the toy tasks are chat
     # turns) and the data folder of this demo.
