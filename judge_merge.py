@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
-from merging import judge_tensors, linear_modules, load_experts
+from merging import expert_labels, judge_tensors, linear_modules, load_experts
 from tensor_io import GramFile, checkpoint_files, tensor_infos
 from utils import PRESETS, Timer, UserError, choose_device, peak_memory, run_main
 
@@ -101,7 +101,7 @@ def main(argv=None):
                 f"{name} has shape {list(merged_infos[name][0])} in {merged_dir}, "
                 f"{list(experts[0].infos[name][0])} in the experts"
             )
-    names = [m if m in PRESETS else Path(m).name for m in s.models]
+    names = expert_labels(s.models)
     print(f"judging {merged_dir} against {', '.join(names)}: {len(linear)} linear layers on {device}")
 
     with timer("figures"):

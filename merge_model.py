@@ -81,6 +81,7 @@ from merging import (
     BLOCK_MB,
     StreamingMerge,
     check_gram_models,
+    expert_labels,
     linear_modules,
     linear_weight_names,
     load_experts,
@@ -92,13 +93,14 @@ from merging import (
     vocab_source,
     writer_dtype,
 )
-from recipe import card_section, read_recipe, recipe_of
+from model_card import copy_side_files, gram_provenance, write_model_card
+from recipe import read_recipe, recipe_of
 from regmeanpp import (
     CalibrationSettings,
     HiddenStates,
     calibration_sets,
     check_supported,
-    hidden_budget,
+    hidden_states_plan,
     merge_regmean_pp,
 )
 from tensor_io import ST_DTYPES, GramFile, ShardWriter
@@ -121,17 +123,6 @@ from utils import (
     peak_memory,
     run_main,
 )
-
-# Files copied from the last model listed (the seed saved its merge into the math model).
-COPIED_FILES = [
-    "generation_config.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template*",
-]
 
 
 @dataclass
@@ -329,137 +320,6 @@ def default_gram_paths(specs: list[str]) -> list[str]:
     return [PRESETS[spec]["gram_dir"] for spec in specs]
 
 
-def hidden_states_plan(s: MergeSettings, device, forward_dtype, hidden_size: int, num_tokens: int) -> dict:
-    """Where regmean++ keeps the hidden states: on the device, or on disk above the budget."""
-    hidden_gib = num_tokens * hidden_size * forward_dtype.itemsize / 2**30
-    budget = hidden_budget(device) if s.max_hidden_gb is None else s.max_hidden_gb
-    spill = hidden_gib > budget
-    return dict(
-        forward_dtype=dtype_name(forward_dtype),
-        max_hidden_gb=round(budget, 3),
-        hidden_states="disk" if spill else str(device),
-        hidden_gib=round(hidden_gib, 4),
-    )
-
-
-# ----------------------------------------------------------------------------- the output folder
-def gram_provenance(grams: GramFile) -> dict:
-    """Where a gram file comes from, for the model card and the report."""
-    keep = (
-        "model",
-        "dataset",
-        "split",
-        "num_examples",
-        "max_length",
-        "row_format",
-        "num_tokens",
-        "format",
-        "model_fingerprint",
-    )
-    return dict(file=str(grams.path), **{k: grams.metadata[k] for k in keep if k in grams.metadata})
-
-
-def write_model_card(
-    out_dir, s: MergeSettings, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded, errors=()
-):
-    """provenance: per expert, where its grams come from (a gram file's, or regmean++'s data); or [].
-    source: the expert the config and tokenizer come from; excluded: linear layers averaged (--exclude);
-    errors: the output error summary's lines."""
-    tags = {"avg": [], "regmean": ["regmean"], "regmean++": ["regmean", "regmean-plus-plus"]}[s.method]
-    grew = len({e.config.get("vocab_size") for e in experts}) > 1
-    lines = [
-        "---",
-        "base_model:",
-        *[f"- {e.model_id}" for e in experts],
-        "tags:",
-        "- merge",
-        *[f"- {t}" for t in tags],
-        "library_name: transformers",
-        "---",
-        "",
-        f"# {MERGE_METHODS[s.method][1]} merge of {len(experts)} experts",
-        "",
-    ]
-    solve = (
-        "(Σ cᵢ G̃ᵢ + λI) Wᵀ = Σ cᵢ G̃ᵢ Wᵢᵀ + λ W_avgᵀ with G̃ᵢ = α Gᵢ + (1 - α) diag(Gᵢ); "
-        "every other tensor is the weighted mean."
-    )
-    if s.method == "regmean":
-        lines += [
-            f"Method: RegMean (Jin et al., ICLR 2023) with alpha = {s.alpha}: each linear layer solves " + solve,
-            "",
-        ]
-    elif s.method == "regmean++":
-        lines += [
-            f"Method: RegMean++ (Nguyen et al., arXiv 2508.03121) with alpha = {s.alpha}: layer by layer, the gram Gᵢ "
-            "of a linear layer is taken on expert i's own layer run on the merged model's hidden states (the merged "
-            "layers before it, on expert i's calibration data); each linear layer then solves " + solve,
-            "",
-        ]
-    else:
-        lines += ["Method: the weighted mean of every tensor.", ""]
-    lines += [
-        f"| expert | weight | {'calibration data' if s.method == 'regmean++' else 'gram'} |",
-        "| --- | --- | --- |",
-    ]
-    for i, (e, c) in enumerate(zip(experts, coefs)):
-        gram = "-" if not provenance else ", ".join(f"{k}: {v}" for k, v in provenance[i].items())
-        lines.append(f"| {e.model_id} | {c:.4g} | {gram} |")
-    lines += [
-        "",
-        f"Output dtype: {dtype_name(out_dtype)}. Config, generation config and tokenizer from {source.model_id}"
-        + (" (the largest vocabulary; tokens only some experts have come from those)." if grew else "."),
-        "",
-    ]
-    if summary:
-        lines += [f"Solver: {summary}", ""]
-    if errors:
-        lines += [
-            *errors,
-            "",
-            "The figures of every layer are in merge_report.json, over depth in merge_report.png.",
-            "",
-        ]
-    if excluded:
-        patterns = ", ".join(f"`{p}`" for p in s.exclude)
-        lines += [
-            f"Excluded from {s.method} (the weighted mean instead), matching {patterns}: {', '.join(excluded)}.",
-            "",
-        ]
-    lines += card_section(recipe)
-    lines += [
-        "Command:",
-        "",
-        "```",
-        "python merge_model.py " + " ".join(argv),
-        "```",
-        "",
-        "Details per layer are in merge_report.json.",
-        "",
-    ]
-    (out_dir / "README.md").write_text("\n".join(lines))
-
-
-def expert_labels(experts) -> list[str]:
-    """Short names of the experts for the summary and the picture: a preset's name, else the folder's."""
-    return [e.spec if e.spec in PRESETS else Path(e.spec).name for e in experts]
-
-
-def copy_side_files(src_dir, out_dir, out_dtype):
-    """config.json (its dtype set to the output's) and the tokenizer files of src_dir (the last model listed, or
-    the one with the largest vocabulary)."""
-    config = json.loads((src_dir / "config.json").read_text())
-    name = dtype_name(out_dtype)
-    config["dtype"] = name
-    if "torch_dtype" in config:
-        config["torch_dtype"] = name
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for pattern in COPIED_FILES:
-        for f in src_dir.glob(pattern):
-            if f.is_file():
-                shutil.copyfile(f, out_dir / f.name)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     s = parse_args(argv)
@@ -520,7 +380,9 @@ def main(argv=None):
     if pp:
         forward_dtype = choose_dtype(s.forward_dtype, device)
         num_tokens = sum(c.num_tokens for c in calib)
-        extra_settings = hidden_states_plan(s, device, forward_dtype, experts[-1].config["hidden_size"], num_tokens)
+        extra_settings = hidden_states_plan(
+            s.max_hidden_gb, device, forward_dtype, experts[-1].config["hidden_size"], num_tokens
+        )
         spill = extra_settings["hidden_states"] == "disk"
         hidden_gib, budget = extra_settings["hidden_gib"], extra_settings["max_hidden_gb"]
         where = f"on disk (over the {budget:.3g} GiB budget)" if spill else f"on {device} (budget {budget:.3g} GiB)"
@@ -547,7 +409,7 @@ def main(argv=None):
             writer.close()
         writer.finish()
         summary = summarize(report)
-        names = expert_labels(experts)
+        names = expert_labels([e.spec for e in experts])
         errors = error_summary(report, names)
         error_lines = summary_lines(errors, s.method)
         if errors:

@@ -58,6 +58,11 @@ class Expert:
         return PRESETS[self.spec]["model"] if self.spec in PRESETS else self.spec
 
 
+def expert_labels(specs: list[str]) -> list[str]:
+    """Short names of the experts for summaries and pictures: a preset's name, else the folder's."""
+    return [spec if spec in PRESETS else Path(spec).name for spec in specs]
+
+
 def load_experts(specs: list[str]) -> list[Expert]:
     """Each model's folder, config and tensor layout, checked to share one architecture and the
     same tensor names and shapes."""

@@ -39,7 +39,7 @@ from calibration import (
 )
 from merging import Expert, StreamingMerge
 from tensor_io import read_tensor
-from utils import FORMATS, PRESETS, UserError
+from utils import FORMATS, PRESETS, UserError, dtype_name
 
 # model_type -> scale of the input embeddings (Gemma multiplies them by √hidden, in the model's dtype)
 SUPPORTED = {"llama": None, "mistral": None, "qwen2": None, "gemma": "sqrt_hidden"}
@@ -147,6 +147,21 @@ def hidden_budget(device: torch.device) -> float:
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return free / 2 / 2**30
+
+
+def hidden_states_plan(
+    max_hidden_gb: float | None, device: torch.device, forward_dtype: torch.dtype, hidden_size: int, num_tokens: int
+) -> dict:
+    """Where regmean++ keeps the hidden states: on the device, or on disk above the budget."""
+    hidden_gib = num_tokens * hidden_size * forward_dtype.itemsize / 2**30
+    budget = hidden_budget(device) if max_hidden_gb is None else max_hidden_gb
+    spill = hidden_gib > budget
+    return dict(
+        forward_dtype=dtype_name(forward_dtype),
+        max_hidden_gb=round(budget, 3),
+        hidden_states="disk" if spill else str(device),
+        hidden_gib=round(hidden_gib, 4),
+    )
 
 
 # ----------------------------------------------------------------------------- the model-specific steps

@@ -10,6 +10,7 @@ LIBRARY = [
     "regmeanpp",
     "merging",
     "merge_report",
+    "model_card",
     "recipe",
     "finetune",
     "regmean",
