@@ -312,7 +312,7 @@ def main(argv=None):
         "--dtype",
         choices=["auto", "bfloat16", "float16", "float32"],
         default="auto",
-        help="model dtype; auto: bfloat16 on cuda, float32 on cpu",
+        help="model dtype; auto: bfloat16 on cuda and on a cpu with native bfloat16 (avx512_bf16, AMX), else float32",
     )
     parser.add_argument(
         "--model-args",
