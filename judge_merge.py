@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
-from merging import expert_labels, judge_tensors, linear_modules, load_experts
+from merging import expert_labels, expert_weights, judge_tensors, linear_modules, load_experts, resolve_gram_paths
 from tensor_io import GramFile, checkpoint_files, tensor_infos
-from utils import PRESETS, Timer, UserError, choose_device, peak_memory, run_main
+from utils import Timer, UserError, choose_device, peak_memory, run_main
 
 
 @dataclass
@@ -69,21 +69,11 @@ def main(argv=None):
     merged_dir = Path(s.merged)
     if not merged_dir.is_dir():
         raise UserError(f"{merged_dir} is not a folder")
-    if len(s.models) < 2:
-        raise UserError(f"--models needs at least 2 models, got {len(s.models)}")
+    weights = expert_weights(s.models, s.weights)
     if s.sample_every < 1:
         raise UserError(f"--sample-every must be >= 1, got {s.sample_every}")
-    weights = s.weights or [1.0] * len(s.models)
-    if len(weights) != len(s.models) or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise UserError(f"--weights needs {len(s.models)} values >= 0, not all 0; got {weights}")
     coefs = [w / sum(weights) for w in weights]
-    if s.grams is None:
-        missing = [m for m in s.models if m not in PRESETS]
-        if missing:
-            raise UserError(f"no default grams for {missing[0]!r} (not a preset): pass --grams, one per model")
-    gram_paths = s.grams or [PRESETS[m]["gram_dir"] for m in s.models]
-    if len(gram_paths) != len(s.models):
-        raise UserError(f"--grams has {len(gram_paths)} files for {len(s.models)} models")
+    gram_paths = resolve_gram_paths(s.models, s.grams)
     out_dir = Path(s.output) if s.output else merged_dir
     device = choose_device(s.device)
     with timer("load"):

@@ -82,12 +82,14 @@ from merging import (
     StreamingMerge,
     check_gram_models,
     expert_labels,
+    expert_weights,
     linear_modules,
     linear_weight_names,
     load_experts,
     match_exclusions,
     merge_tensors,
     merged_infos,
+    resolve_gram_paths,
     summarize,
     tied_head,
     vocab_source,
@@ -109,7 +111,6 @@ from utils import (
     FORMATS,
     MERGE_METHODS,
     MERGES_DIR,
-    PRESETS,
     Timer,
     UserError,
     atomic_dir,
@@ -289,13 +290,7 @@ def parse_args(argv=None) -> MergeSettings:
 def check_settings(s: MergeSettings) -> list[float]:
     """Everything about the command line that can be wrong, before any file is read. Returns the
     per-expert weights."""
-    if len(s.models) < 2:
-        raise UserError(f"--models needs at least 2 models, got {len(s.models)}")
-    weights = s.weights or [1.0] * len(s.models)
-    if len(weights) != len(s.models):
-        raise UserError(f"--weights has {len(weights)} values for {len(s.models)} models")
-    if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
-        raise UserError(f"--weights must be finite, >= 0 and not all 0, got {weights}")
+    weights = expert_weights(s.models, s.weights)
     if not 0.0 <= s.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {s.alpha}")
     if s.error_sample_every < 0:
@@ -311,13 +306,6 @@ def check_settings(s: MergeSettings) -> list[float]:
         raise UserError("--exclude is for regmean and regmean++ (avg takes the mean of every tensor)")
     check_at_least_one(num_examples=s.num_examples, max_length=s.max_length, batch_size=s.batch_size)
     return weights
-
-
-def default_gram_paths(specs: list[str]) -> list[str]:
-    missing = [spec for spec in specs if spec not in PRESETS]
-    if missing:
-        raise UserError(f"no default grams for {missing[0]!r} (not a preset): pass --grams, one per model")
-    return [PRESETS[spec]["gram_dir"] for spec in specs]
 
 
 def main(argv=None):
@@ -337,9 +325,7 @@ def main(argv=None):
         source = vocab_source(experts)  # config and tokenizer: the last model, or the largest vocabulary
         gram_files, gram_paths, linear, calib, provenance, excluded = [], None, {}, None, [], []
         if s.method == "regmean":
-            gram_paths = [str(p) for p in s.grams or default_gram_paths(s.models)]
-            if len(gram_paths) != len(s.models):
-                raise UserError(f"--grams has {len(gram_paths)} files for {len(s.models)} models")
+            gram_paths = resolve_gram_paths(s.models, s.grams)
             gram_files = [GramFile(p) for p in gram_paths]
             for line in check_gram_models(experts, gram_files, s.allow_gram_mismatch):
                 print(line, file=sys.stderr)

@@ -58,6 +58,31 @@ class Expert:
         return PRESETS[self.spec]["model"] if self.spec in PRESETS else self.spec
 
 
+def expert_weights(specs: list[str], weights: list[float] | None) -> list[float]:
+    """The experts' weights as given (default: equal), checked: two experts or more, one weight each,
+    finite, >= 0 and not all 0."""
+    if len(specs) < 2:
+        raise UserError(f"--models needs at least 2 models, got {len(specs)}")
+    weights = weights or [1.0] * len(specs)
+    if len(weights) != len(specs):
+        raise UserError(f"--weights has {len(weights)} values for {len(specs)} models")
+    if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise UserError(f"--weights must be finite, >= 0 and not all 0, got {weights}")
+    return weights
+
+
+def resolve_gram_paths(specs: list[str], grams: list[str] | None) -> list[str]:
+    """One gram file or folder per expert: as given, or each preset's gram folder."""
+    if grams is None:
+        missing = [spec for spec in specs if spec not in PRESETS]
+        if missing:
+            raise UserError(f"no default grams for {missing[0]!r} (not a preset): pass --grams, one per model")
+        grams = [PRESETS[spec]["gram_dir"] for spec in specs]
+    if len(grams) != len(specs):
+        raise UserError(f"--grams has {len(grams)} files for {len(specs)} models")
+    return [str(g) for g in grams]
+
+
 def expert_labels(specs: list[str]) -> list[str]:
     """Short names of the experts for summaries and pictures: a preset's name, else the folder's."""
     return [spec if spec in PRESETS else Path(spec).name for spec in specs]
