@@ -41,3 +41,13 @@ def test_library_modules_import_only_below_them():
         assert local_imports(module) <= {*LIBRARY[i + 1 :], "utils"}, module
     assert local_imports("utils") == set()
     assert local_imports("regmean") == set()  # the math reads on its own
+
+
+def test_no_module_over_600_lines():
+    """The yardstick of the developers' guide, for the library, the scripts and the benchmarks alike."""
+    too_long = {}
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("bench/*.py")]:
+        lines = len(path.read_text().splitlines())
+        if lines > 600:
+            too_long[str(path.relative_to(ROOT))] = lines
+    assert not too_long, f"split these by topic: {too_long}"
