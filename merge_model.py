@@ -177,7 +177,7 @@ def parse_args(argv=None) -> MergeSettings:
     p.add_argument(
         "--config",
         help="a merge recipe (YAML: merge_method, models: [{model, grams, weight}], parameters: {alpha, exclude}, "
-        "dtype; see README), or a merged folder's README.md: its settings; the options given override them",
+        "dtype; see docs/merging.md), or a merged folder's README.md: its settings; the options given override them",
     )
     p.add_argument(
         "--models",

@@ -70,7 +70,7 @@ FORMATS = {
     "math": [("user", "question"), ("assistant", "answer")],
 }
 
-GRAM_FILE = "gram.safetensors"  # this project's gram format (see README)
+GRAM_FILE = "gram.safetensors"  # this project's gram format (see docs/grams.md)
 SEED_GRAM_FILE = "gram.pkl"  # the seed's published format, read only
 
 

@@ -6,7 +6,7 @@ RegMean merge of SmolLM2 with a perturbed copy of itself made from each gram set
     python bench/bench_bf16_accuracy.py --rows 64 --max-length 256
 
 Calibration text is real text with no download: the code expert's rows are chunks of this
-repository's Python files, the other's are paragraphs of its README. The second expert is
+repository's Python files, the other's are paragraphs of its README and docs/. The second expert is
 SmolLM2 with seeded noise (--noise x each tensor's std) on every linear weight. The grams are
 compute_gram.py's own (calibration.Gram, float32 sums) from forward passes in float64, float32
 and bfloat16 of the same weights (the bfloat16 model is the float32 one cast). The merge is
@@ -31,13 +31,14 @@ from regmean import merge_weight  # noqa: E402
 
 
 def calibration_rows(num_rows, seed=0):
-    """(code rows, math rows) of real text from this repository: code chunks and README paragraphs."""
+    """(code rows, math rows) of real text from this repository: code chunks and documentation paragraphs."""
     rng = random.Random(seed)
     chunks = []
     for path in sorted(ROOT.glob("*.py")):
         lines = path.read_text().splitlines()
         chunks += ["\n".join(lines[i : i + 12]) for i in range(0, len(lines), 12)]
-    paragraphs = [p.strip() for p in (ROOT / "README.md").read_text().split("\n\n") if len(p.strip()) > 80]
+    pages = [ROOT / "README.md", *sorted(ROOT.glob("docs/*.md"))]  # the README alone is too short since docs/
+    paragraphs = [p.strip() for page in pages for p in page.read_text().split("\n\n") if len(p.strip()) > 80]
     rng.shuffle(chunks)
     rng.shuffle(paragraphs)
     code = [
