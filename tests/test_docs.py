@@ -1,9 +1,11 @@
-"""Every command shown in README.md and docs/*.md is accepted as written, so the docs cannot drift from
-the code; and every link between the pages points to a file and a heading that exist.
+"""Every command shown in README.md, docs/*.md and the scripts' docstrings (their --help) is accepted as
+written, so the docs cannot drift from the code; and every link between the pages points to a file and a
+heading that exist.
 
-Which commands: the lines of the fenced blocks (``` with no language, or bash/sh/shell) that start, after
-any VAR=value prefixes, with `python`, `make`, `accelerate launch`, `torchrun` or `lm_eval`; a line ending
-in a backslash continues on the next. Everything else in a block (output, the layout tree, `pip`) is text.
+Which commands: the lines of the pages' fenced blocks (``` with no language, or bash/sh/shell), and of the
+docstrings of the scripts (*.py, bench/*.py), that start, after any VAR=value prefixes, with `python`,
+`make`, `accelerate launch`, `torchrun` or `lm_eval`; a line ending in a backslash continues on the next.
+Everything else (output, the layout tree, `pip`, prose) is text.
 
 How each is checked, without running anything:
 - `python SCRIPT.py ARGS` (a script of this repository, bench/ included): the script's own `main(ARGS)` is
@@ -22,6 +24,7 @@ the files a run produces.
 """
 
 import argparse
+import ast
 import contextlib
 import importlib
 import re
@@ -35,20 +38,16 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "bench"))  # the benchmarks import their neighbours by plain name
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SCRIPTS = [*sorted(ROOT.glob("*.py")), *sorted(ROOT.glob("bench/*.py"))]
 PROGRAMS = {"python", "make", "accelerate", "torchrun", "lm_eval"}
 SHELL_BLOCKS = {"", "bash", "sh", "shell"}
 
 
-def fenced_commands(page):
-    """(line number, words) of each command in the page's shell blocks."""
-    commands, language, pending, start = [], None, "", 0
-    for number, line in enumerate(page.read_text().splitlines(), 1):
+def commands_in(lines):
+    """(line number, words) of each command among (line number, text) lines."""
+    commands, pending, start = [], "", 0
+    for number, line in lines:
         stripped = line.strip()
-        if stripped.startswith("```"):
-            language = stripped[3:].strip() if language is None else None
-            continue
-        if language not in SHELL_BLOCKS:
-            continue
         if not pending:
             start = number
         if stripped.endswith("\\"):
@@ -61,10 +60,31 @@ def fenced_commands(page):
     return commands
 
 
+def fenced_commands(page):
+    """The commands of the page's shell blocks."""
+    lines, language = [], None
+    for number, line in enumerate(page.read_text().splitlines(), 1):
+        if line.strip().startswith("```"):
+            language = line.strip()[3:].strip() if language is None else None
+        elif language in SHELL_BLOCKS:
+            lines.append((number, line))
+    return commands_in(lines)
+
+
+def docstring_commands(script):
+    """The commands of a script's docstring, which its --help shows."""
+    docstring = ast.get_docstring(ast.parse(script.read_text())) or ""
+    return commands_in(enumerate(docstring.splitlines(), 1))
+
+
 COMMANDS = [
     pytest.param(words, id=f"{page.relative_to(ROOT)}:{number}")
     for page in PAGES
     for number, words in fenced_commands(page)
+] + [
+    pytest.param(words, id=f"{script.relative_to(ROOT)}:{number}")
+    for script in SCRIPTS
+    for number, words in docstring_commands(script)
 ]
 
 
@@ -150,9 +170,12 @@ def test_readme_starts_with_the_two_commands():
 
 
 def test_commands_were_found():
-    scripts = {words[1] for words in (c.values[0] for c in COMMANDS) if words[0] == "python"}
+    """The extraction finds what the pages show: a change of format that hid the commands would fail here."""
+    shown = [words for page in PAGES for _, words in fenced_commands(page)]
+    scripts = {words[1] for words in shown if words[0] == "python"}
     assert {"compute_gram.py", "merge_model.py", "evaluate.py", "judge_merge.py", "demo.py"} <= scripts
-    assert len(COMMANDS) >= 40
+    assert len(shown) >= 40 and {"accelerate", "torchrun", "lm_eval", "make"} <= {words[0] for words in shown}
+    assert all(docstring_commands(ROOT / f"{stage}.py") for stage in ("compute_gram", "merge_model", "evaluate"))
 
 
 def anchors(page):
