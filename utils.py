@@ -151,13 +151,31 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+# Set to 1 or 0, `auto` answers bfloat16 or float32 on any cpu, as a cpu with or without native bfloat16 would:
+# `make test` runs the dtype-sensitive tests both ways with it, whatever cpu CI was given.
+CPU_BF16_ENV = "REGMEAN_CPU_BF16"
+
+
+def cpu_bf16_choice() -> tuple[bool, str]:
+    """Whether `auto` takes bfloat16 on the cpu, and why: REGMEAN_CPU_BF16 where it is set
+    (1 or 0), else what cpu_bf16_support() finds. Read here only."""
+    forced = os.environ.get(CPU_BF16_ENV, "")
+    if forced == "":
+        return cpu_bf16_support()
+    if forced not in ("0", "1"):
+        raise UserError(f"{CPU_BF16_ENV} must be 1 or 0 (or unset), got {forced!r}")
+    _, why = cpu_bf16_support()
+    return forced == "1", f"{CPU_BF16_ENV}={forced} in the environment; this cpu: {why}"
+
+
 def auto_dtype(device: torch.device, bf16_support: tuple[bool, str] | None = None) -> tuple[torch.dtype, str]:
     """The compute dtype `--dtype auto` means on `device`, and why: bfloat16 on cuda and on a
-    cpu with native bfloat16, float32 on other cpus. Forward passes (grams, RegMean++, the
-    demo's training and evaluation) use it; sums of products stay float32 whatever it is."""
+    cpu with native bfloat16 (or REGMEAN_CPU_BF16=1), float32 on other cpus. Forward passes
+    (grams, RegMean++, the demo's training and evaluation) use it; sums of products stay
+    float32 whatever it is. `bf16_support` replaces cpu_bf16_choice(), for tests."""
     if device.type == "cuda":
         return torch.bfloat16, "cuda"
-    native, why = bf16_support or cpu_bf16_support()
+    native, why = bf16_support or cpu_bf16_choice()
     return (torch.bfloat16 if native else torch.float32), why
 
 

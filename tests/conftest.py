@@ -131,6 +131,8 @@ OPT_IN = {  # marker -> why its tests are left out unless `-m MARKER` asks for t
 def pytest_configure(config):
     for marker, why in OPT_IN.items():
         config.addinivalue_line("markers", f"{marker}: {why}")
+    # not opt-in: these run in every `pytest tests`, and `make test` runs them once more with `auto` flipped
+    config.addinivalue_line("markers", "dtype: leaves the dtype at auto; make test runs it as REGMEAN_CPU_BF16=1 and 0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,10 +1,11 @@
 """The compute dtype `--dtype auto` picks, and the float32 accuracy of the gram's XᵀX sums when the
 activations are bfloat16."""
 
+import pytest
 import torch
 
 from calibration import Gram
-from utils import auto_dtype, choose_dtype, cpu_bf16_support, cpu_flags, describe_dtype
+from utils import CPU_BF16_ENV, UserError, auto_dtype, choose_dtype, cpu_bf16_support, cpu_flags, describe_dtype
 
 
 def test_native_bf16_is_read_from_the_cpu_flags():
@@ -24,7 +25,8 @@ def test_auto_dtype_follows_the_hardware():
     assert choose_dtype("auto", cpu, default=torch.float16) == torch.float16
 
 
-def test_this_machine_is_judged_by_its_own_evidence():
+def test_this_machine_is_judged_by_its_own_evidence(monkeypatch):
+    monkeypatch.delenv(CPU_BF16_ENV, raising=False)  # `make test` sets it for its second pass
     native, why = cpu_bf16_support()
     probe = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     flags = cpu_flags() & {"avx512_bf16", "amx_bf16"}
@@ -32,6 +34,28 @@ def test_this_machine_is_judged_by_its_own_evidence():
     expected = torch.bfloat16 if native else torch.float32
     assert choose_dtype("auto", torch.device("cpu")) == expected
     assert describe_dtype("auto", expected, "cpu") == f"{str(expected)[6:]} (auto: {why})"
+
+
+def test_environment_makes_auto_answer_either_way(monkeypatch):
+    """REGMEAN_CPU_BF16=1|0 makes `auto` answer as a cpu with or without native bfloat16 would, whatever
+    this one has, and says so in the log line; cuda and explicit dtypes are left alone; other values
+    are refused in one line."""
+    cpu = torch.device("cpu")
+    _, evidence = cpu_bf16_support()
+    for value, expected in [("1", torch.bfloat16), ("0", torch.float32)]:
+        monkeypatch.setenv(CPU_BF16_ENV, value)
+        why = f"{CPU_BF16_ENV}={value} in the environment; this cpu: {evidence}"
+        assert auto_dtype(cpu) == (expected, why)
+        assert choose_dtype("auto", cpu) == expected
+        assert describe_dtype("auto", expected, "cpu") == f"{str(expected)[6:]} (auto: {why})"
+        assert choose_dtype("float32", cpu) == torch.float32 and choose_dtype("bfloat16", cpu) == torch.bfloat16
+        assert auto_dtype(torch.device("cuda"))[0] == torch.bfloat16
+    monkeypatch.setenv(CPU_BF16_ENV, "")  # set but empty: as if unset
+    assert auto_dtype(cpu)[1] == evidence
+    monkeypatch.setenv(CPU_BF16_ENV, "yes")
+    with pytest.raises(UserError, match=f"^{CPU_BF16_ENV} must be 1 or 0 \\(or unset\\), got 'yes'$"):
+        choose_dtype("auto", cpu)
+    assert choose_dtype("float32", cpu) == torch.float32  # read only when `auto` asks
 
 
 def test_gram_sums_bfloat16_activations_in_float32():

@@ -34,6 +34,8 @@ def run(model_dir, data, out_dir, *extra, preset="toy-code"):
             str(MAX_LENGTH),
             "--device",
             "cpu",
+            "--dtype",
+            "float32",  # the float64 comparisons hold float32's tolerances, on any cpu; a later --dtype wins
             *extra,
         ]
     )

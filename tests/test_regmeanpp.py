@@ -37,6 +37,8 @@ def run_pp(experts, calib_files, out, *extra):
         4,
         "--device",
         "cpu",
+        "--forward-dtype",
+        "float32",  # compared with float64 at float32's tolerances, on any cpu; a later --forward-dtype wins
         "--output-dir",
         out,
         *extra,
@@ -253,6 +255,8 @@ def regmean_with_gram_stage(experts, calib_files, tmp_path):
                     str(tmp_path / f"g-{kind}"),
                     "--device",
                     "cpu",
+                    "--dtype",
+                    "float32",  # as run_pp's forward passes
                 ]
             )
         )
