@@ -248,6 +248,73 @@ def test_canonical_solutions_pass_through_lm_eval_cli(tmp_path):
                 assert s["filtered_resps"] == [[doc["prompt"] + doc["canonical_solution"].removesuffix("\n")]]
 
 
+@pytest.mark.parametrize("add_bos_token", ["false", "tokenizer"])
+def test_hf_backend_prompts_carry_no_bos(tmp_path, experts, add_bos_token):
+    """evaluate.py's lm_eval command (hf backend) on a tiny model whose tokenizer adds BOS by default, through
+    the real lm_eval CLI with the backend's encoded batches logged (tests/logged_hf.py): the humaneval_instruct
+    context is the reference's byte for byte, and its tokens start with no BOS by default (the reference's
+    harness); --add-bos-token tokenizer leaves the tokenizer's BOS there (lm-eval 0.4.13's default)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(experts[0], folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer("x").input_ids[0] == tokenizer.bos_token_id  # this tokenizer adds BOS unless told not to
+    cpu = torch.device("cpu")
+    cmd = evaluate.lm_eval_command(
+        folder,
+        "hf",
+        cpu,
+        torch.float32,
+        ["humaneval_instruct"],
+        2,
+        "max_length=4096",  # lm_eval would cut the contexts to the tiny model's 512 positions, from the left
+        ["--gen_kwargs", "max_gen_toks=8"],
+        add_bos_token,
+    )
+    assert cmd[1:3] == ["-m", "lm_eval"] and cmd[cmd.index("--model") + 1] == "hf"
+    bos_arg = ",add_bos_token=False" if add_bos_token == "false" else ""
+    assert cmd[cmd.index("--model_args") + 1] == f"pretrained={folder},dtype=float32{bos_arg},max_length=4096"
+    register = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import logged_hf; logged_hf.main()"
+    cmd[1:3] = ["-c", register]
+    cmd[cmd.index("--model") + 1] = "hf_logged"
+    log = tmp_path / "ids.jsonl"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_ALLOW_CODE_EVAL="1", TOKEN_LOG=str(log), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples_file = next((folder / evaluate.RESULTS_DIR).glob("*/samples_humaneval_instruct_*.jsonl"))
+    samples = [json.loads(line) for line in samples_file.open()]
+    assert [s["doc"]["task_id"] for s in sorted(samples, key=lambda s: s["doc_id"])] == ["HumanEval/0", "HumanEval/1"]
+    contexts = {s["arguments"]["gen_args_0"]["arg_0"] for s in samples}
+    assert contexts == {reference_instruct_context(s["doc"]["prompt"]) for s in samples}
+    for s in samples:  # the reference's filter: the text before the last fence, after the prompt
+        r = s["resps"][0][0]
+        assert s["filtered_resps"] == [[s["doc"]["prompt"] + (r[: r.rfind("```")] if "```" in r else r)]]
+    encoded = [json.loads(line) for line in log.open()]
+    assert {e["text"] for e in encoded} == contexts
+    for e in encoded:
+        plain = tokenizer(e["text"], add_special_tokens=False).input_ids
+        assert plain[0] != tokenizer.bos_token_id
+        assert e["ids"] == (plain if add_bos_token == "false" else [tokenizer.bos_token_id] + plain)
+
+
+def test_model_args_that_evaluate_sets():
+    import torch
+
+    for kv in ["add_bos_token=True", "max_length=64, tokenizer=x"]:
+        with pytest.raises(UserError, match="^--model-args sets (add_bos_token|tokenizer): use --add-bos-token"):
+            evaluate.lm_eval_command("m", "hf", torch.device("cpu"), torch.float32, ["gsm8k"], None, kv, [])
+    cmd = evaluate.lm_eval_command(
+        "m", "vllm", torch.device("cuda"), torch.bfloat16, ["gsm8k"], None, "", [], "true", "meta-llama/Meta-Llama-3-8B"
+    )
+    args = cmd[cmd.index("--model_args") + 1]
+    assert (
+        args
+        == "pretrained=m,tensor_parallel_size=1,dtype=bfloat16,add_bos_token=True,tokenizer=meta-llama/Meta-Llama-3-8B"
+    )
+
+
 # ----------------------------------------------------------------------------- evaluate.py
 @pytest.fixture(scope="module")
 def lm_eval_run(tmp_path_factory, experts):
@@ -467,8 +534,9 @@ def test_smollm2_humaneval_instruct_end_to_end(smollm2_dir, tmp_path):
     assert out["n-samples"]["humaneval_instruct"]["effective"] == 3
     samples = [json.loads(line) for line in next((folder / evaluate.RESULTS_DIR).glob("*/samples_*.jsonl")).open()]
     assert sorted(s["doc"]["task_id"] for s in samples) == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
-    for s in samples:  # the filter kept the model's text up to a closing fence, after the prompt
-        assert s["filtered_resps"] == [[s["doc"]["prompt"] + s["resps"][0][0].split("```", 1)[0]]]
+    for s in samples:  # the filter kept the model's text up to its last fence, after the prompt
+        r = s["resps"][0][0]
+        assert s["filtered_resps"] == [[s["doc"]["prompt"] + (r[: r.rfind("```")] if "```" in r else r)]]
         assert s["pass@1"] in (0.0, 1.0)
     value = out["results"]["humaneval_instruct"]["pass@1,create_test"]
     assert value == pytest.approx(sum(s["pass@1"] for s in samples) / 3)
@@ -494,8 +562,10 @@ def test_seed_command():
         ["--batch_size", "auto"],
     )
     assert cmd[:3] == [sys.executable, "-m", "lm_eval"]
+    # the seed's command, with its harness's add_bos_token=False written out
     seed = (
-        "run --model vllm --model_args pretrained=runs/merges/regmean_0.1,tensor_parallel_size=1,dtype=bfloat16 "
+        "run --model vllm --model_args "
+        "pretrained=runs/merges/regmean_0.1,tensor_parallel_size=1,dtype=bfloat16,add_bos_token=False "
         "--tasks mathqa,gsm8k,humaneval_instruct,mbpp --output_path runs/merges/regmean_0.1/lm_eval_results_preds "
         "--log_samples --trust_remote_code --confirm_run_unsafe_code"
     ).split()
