@@ -51,7 +51,7 @@ def load_rows(dataset: str, split: str = SPLIT, num_examples: int | None = None)
 
 
 def format_rows(rows: list[dict], fmt: str, tokenizer) -> list[str]:
-    """Rows -> chat-template texts (the template renders the BOS token itself)."""
+    """Rows -> chat-template texts (with whatever BOS the template writes: tokenize_texts sets it right)."""
     turns = FORMATS[fmt]
     missing = {col for _, col in turns} - set(rows[0])
     if missing:
@@ -63,12 +63,31 @@ def format_rows(rows: list[dict], fmt: str, tokenizer) -> list[str]:
     return texts
 
 
+def bos_rule(tokenizer) -> str:
+    """The BOS rule of tokenize_texts, in words, for the gram file's provenance."""
+    if tokenizer.bos_token_id is None:
+        return "none: the tokenizer has no BOS token"
+    bos = f"{tokenizer.bos_token} (id {tokenizer.bos_token_id})"
+    return f"exactly one {bos} starts every row, whatever the chat template writes"
+
+
 def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Texts -> lists of token ids, truncated to max_length, with no special tokens added
-    (the chat template already wrote BOS; adding it again gives a double BOS)."""
+    """Texts -> lists of token ids, truncated to max_length, each starting with exactly one BOS
+    when the tokenizer has one (bos_rule). Chat templates differ: Llama-3's writes BOS, others
+    write none, and tokenizing with special tokens adds one more (the reference's rows began with
+    two). So no special tokens are added, the BOS tokens the text starts with are dropped, and
+    one is put in front."""
     check_at_least_one(max_length=max_length)
-    enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)
-    return enc["input_ids"]
+    # one token more than kept: room for the BOS put in front when the template wrote none
+    enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length + 1)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return [ids[:max_length] for ids in enc]
+    out = []
+    for ids in enc:
+        start = next((i for i, t in enumerate(ids) if t != bos), len(ids))
+        out.append(([bos] + ids[start:])[:max_length])
+    return out
 
 
 def calibration_tokens(

@@ -58,6 +58,7 @@ from calibration import (
     NUM_EXAMPLES,
     SPLIT,
     Gram,
+    bos_rule,
     calibration_tokens,
     check_one_row_per_token,
     collate,
@@ -475,6 +476,7 @@ def main(argv=None):
         model_fingerprint=model_fingerprint(checkpoint_files(model_dir)),
         config_sha256=config_fingerprint(json.loads((model_dir / "config.json").read_text())),
         data_sha256=fingerprint(token_ids),
+        bos=bos_rule(tokenizer),  # calibration.tokenize_texts: one BOS per row, whatever the template writes
     )
     # what must match for a checkpoint to resume (batch size and the number of processes fix
     # the batches each process runs; the data through data_sha256)

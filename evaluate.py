@@ -4,15 +4,18 @@
     python evaluate.py runs/merges/regmean_0.1 --tasks gsm8k --limit 100 --batch_size auto
     python evaluate.py --table runs/merges/avg runs/merges/regmean_0.1    # the table only
 
-For each folder this runs the seed's lm_eval command, plus `--include_path lm-eval-harness`
-(this repository's HumanEval override, see lm-eval-harness/README.md):
+For each folder this runs the seed's lm_eval command, with its harness's add_bos_token=False written
+out, plus `--include_path lm-eval-harness` (the reference's HumanEval-Instruct, see lm-eval-harness/README.md):
 
     HF_ALLOW_CODE_EVAL=1 lm_eval --model vllm \\
-        --model_args pretrained=DIR,tensor_parallel_size=1,dtype=bfloat16 \\
+        --model_args pretrained=DIR,tensor_parallel_size=1,dtype=bfloat16,add_bos_token=False \\
         --tasks mathqa,gsm8k,humaneval_instruct,mbpp --output_path DIR/lm_eval_results_preds \\
         --log_samples --trust_remote_code --confirm_run_unsafe_code --include_path lm-eval-harness
 
 vLLM is used when it is installed and a CUDA device is present, else lm-eval's `hf` backend.
+add_bos_token=False is the reference harness's default (lm-eval 0.4.13 leaves BOS to the tokenizer):
+--add-bos-token changes it. --tokenizer meta-llama/Meta-Llama-3-8B matches the reference's command
+exactly (its eos, <|end_of_text|>, is a stop string lm-eval adds); the default is the folder's own.
 Arguments evaluate.py does not know (--batch_size auto, --gen_kwargs ..., --num_fewshot ...),
 written after the folders, go to lm_eval unchanged. A task may also be a YAML file (lm_eval loads it by path).
 HumanEval and MBPP execute model-written code: read their safety notes before running.
@@ -56,6 +59,10 @@ from utils import (
 HARNESS_DIR = Path(__file__).resolve().parent / "lm-eval-harness"  # task overrides, always included
 RESULTS_DIR = "lm_eval_results_preds"  # lm_eval's --output_path inside each model folder
 SEED_TASKS = "mathqa,gsm8k,humaneval_instruct,mbpp"
+# The reference's harness (a snapshot of lm-eval labelled 0.4.8) tokenized every prompt without
+# special tokens unless add_bos_token=True (Gemma only); lm-eval 0.4.13 leaves it to the tokenizer,
+# and Llama-3's adds <|begin_of_text|>. false: the reference's prompts; true: always; tokenizer: 0.4.13's.
+ADD_BOS_TOKEN = "false"
 
 # (title, metric label, lm_eval task, result keys tried in order): the seed's table.
 SEED_COLUMNS = [
@@ -133,12 +140,22 @@ def choose_backend(name, device):
     return name
 
 
-def lm_eval_command(folder, backend, device, dtype, tasks, limit, model_args, passthrough):
-    """The seed's lm_eval command line for one folder (+ --include_path, + the hf backend's device)."""
+def lm_eval_command(
+    folder, backend, device, dtype, tasks, limit, model_args, passthrough, add_bos_token=ADD_BOS_TOKEN, tokenizer=None
+):
+    """The seed's lm_eval command line for one folder (+ --include_path, + the hf backend's device,
+    + add_bos_token as the reference's harness had it, + the tokenizer when one is named)."""
+    own = sorted({kv.split("=", 1)[0].strip() for kv in model_args.split(",")} & {"add_bos_token", "tokenizer"})
+    if own:
+        raise UserError(f"--model-args sets {', '.join(own)}: use --add-bos-token / --tokenizer instead")
     if backend == "vllm":
         args = f"pretrained={folder},tensor_parallel_size=1,dtype={dtype_name(dtype)}"
     else:
         args = f"pretrained={folder},dtype={dtype_name(dtype)}"
+    if add_bos_token != "tokenizer":  # "tokenizer": leave it to the tokenizer (lm-eval 0.4.13's default)
+        args += f",add_bos_token={add_bos_token == 'true'}"
+    if tokenizer:
+        args += f",tokenizer={tokenizer}"
     if model_args:
         args += "," + model_args
     cmd = [
@@ -321,6 +338,19 @@ def main(argv=None):
         default="",
         help="extra key=value,... appended to lm_eval --model_args (e.g. max_model_len=4096)",
     )
+    parser.add_argument(
+        "--add-bos-token",
+        choices=["false", "true", "tokenizer"],
+        default=ADD_BOS_TOKEN,
+        help="BOS before every prompt: false as in the reference's harness (its table was made so), "
+        "true, or tokenizer (its own default, as lm-eval 0.4.13 does)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer for lm_eval (a folder or hub id) instead of the model folder's own; the reference "
+        "used meta-llama/Meta-Llama-3-8B (gated on the hub)",
+    )
     args, passthrough = parser.parse_known_args(argv)
 
     t0 = time.perf_counter()
@@ -350,7 +380,18 @@ def main(argv=None):
 
     seconds = {}
     for folder in args.folders:
-        cmd = lm_eval_command(folder, backend, device, dtype, tasks, args.limit, args.model_args, passthrough)
+        cmd = lm_eval_command(
+            folder,
+            backend,
+            device,
+            dtype,
+            tasks,
+            args.limit,
+            args.model_args,
+            passthrough,
+            args.add_bos_token,
+            args.tokenizer,
+        )
         print(
             f"[{folder}] HF_ALLOW_CODE_EVAL=1 {' '.join(cmd[2:]).replace('lm_eval run', 'lm_eval', 1)}", file=sys.stderr
         )

@@ -146,6 +146,13 @@ def build_predictions(resps, docs):
 
 
 def build_predictions_instruct(resps, docs):
-    """Instruct task: the completion follows "```python\\n{prompt}\\n"; keep what comes before the
-    closing fence, if any."""
+    """humaneval_instruct (task version 2.0, the reference's): the completion follows
+    "```python\n{prompt}\n"; keep what comes before its *last* fence, if any."""
+    return [
+        [doc["prompt"] + (r[: r.rfind("```")] if "```" in r else r) for r in resp] for resp, doc in zip(resps, docs)
+    ]
+
+
+def build_predictions_instruct_v4(resps, docs):
+    """humaneval_instruct_v4 (upstream's version 4): keep what comes before the *first* fence, if any."""
     return [[doc["prompt"] + r.split("```", 1)[0] for r in resp] for resp, doc in zip(resps, docs)]

@@ -3,7 +3,7 @@ canonical solution, so a run through the real lm_eval CLI checks prompts, stops,
 scoring end to end. Problems named in `broken` get a body that must fail instead:
 
     python -c "import sys; sys.path.insert(0, 'tests'); import canonical_lm; canonical_lm.main()" run \\
-        --model canonical --model_args broken=3:10 --tasks humaneval,humaneval_instruct \\
+        --model canonical --model_args broken=3:10 --tasks humaneval,humaneval_instruct,humaneval_instruct_v4 \\
         --include_path lm-eval-harness --confirm_run_unsafe_code --output_path OUT --log_samples
 """
 
@@ -27,7 +27,7 @@ class CanonicalLM(LM):
     def answer(self, task: str, doc: dict) -> str:
         i = problem_number(doc)
         body = BROKEN_BODIES[i % 3] if i in self.broken else doc["canonical_solution"]
-        if task.endswith("_instruct"):
+        if "_instruct" in task:  # humaneval_instruct, humaneval_instruct_v4
             return body + "```\n\nThis function passes the tests."  # chat models close the fence and go on talking
         return body + "\n\ndef another_function():\n    pass\n"  # base models go on writing code
 
