@@ -89,11 +89,11 @@ def test_smollm2_layer_plan_equals_model_plan_and_float64(smollm2_dir, calib_fil
     """The real pretrained SmolLM2-135M-Instruct (30 layers, tied embeddings, ChatML without BOS)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    rows = [json.loads(line) for line in calib_files["code"].read_text().splitlines()][:3]
+    rows = [json.loads(line) for line in calib_files["code"].read_text().splitlines()][:2]
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    layers = gram(smollm2_dir, data, tmp_path / "layers", "--plan", "layers", "--max-length", 40)
-    model = gram(smollm2_dir, data, tmp_path / "model", "--plan", "model", "--max-length", 40)
+    layers = gram(smollm2_dir, data, tmp_path / "layers", "--plan", "layers", "--max-length", 24)
+    model = gram(smollm2_dir, data, tmp_path / "model", "--plan", "model", "--max-length", 24)
     assert_same_grams(layers, model, rtol=TOL)
 
     # float64 reference, one row at a time: every nn.Linear's input, lm_head's included
@@ -112,7 +112,7 @@ def test_smollm2_layer_plan_equals_model_plan_and_float64(smollm2_dir, calib_fil
         for row in rows:
             turns = [("system", "instruction"), ("user", "input"), ("assistant", "output")]
             text = tokenizer.apply_chat_template([{"role": r, "content": row[c]} for r, c in turns], tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:40]
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:24]
             ref_model(input_ids=torch.tensor([ids]))
             n += len(ids)
     assert_close_to(layers, {k: v / n for k, v in sums.items()})
