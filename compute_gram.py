@@ -6,6 +6,8 @@ XᵀX / n of the input of every linear layer (lm_head included), over non-paddin
     python compute_gram.py toy-code    # the demo's toy expert (after `python demo.py`)
     python compute_gram.py code --model DIR --dataset rows.jsonl --num-examples 500 \
         --output-dir runs/grams/mine --checkpoint-every 20
+    python compute_gram.py --model DIR --dataset rows.jsonl --format code   # your own expert, no preset
+    python compute_gram.py code --plan layers  # one decoder layer at a time (auto: when the model does not fit)
     accelerate launch --multi_gpu --num_processes 8 compute_gram.py code   # 8 GPUs, data parallel
     accelerate launch --multi_gpu --num_processes 2 compute_gram.py code --device-map auto  # 2 copies, half the GPUs
     accelerate launch --multi_gpu --num_processes 2 compute_gram.py toy-code --device cpu     # 2 cpu processes (gloo)
@@ -15,6 +17,11 @@ system/user/assistant; math: question/answer as user/assistant), truncated to
 --max-length tokens; the first --num-examples rows are used, unshuffled. Examples are
 batched by length so that little compute goes to padding, and the logits are never
 computed: lm_head's gram only needs its input.
+
+--plan model runs the whole expert with every accumulator on the device; --plan layers keeps the
+tokens' hidden states (device, host or disk) and runs one decoder layer at a time read from the
+safetensors files (layerwise.py): memory of one layer, whatever the depth. auto (the default) takes
+the whole model when weights + grams + a batch fit the free memory, and logs which and why.
 
 Linear layers that read the same tensor (q/k/v and gate/up in Llama, Mistral, Qwen2,
 Gemma) share one gram; that is found by watching one forward pass, not from names. The
@@ -500,8 +507,7 @@ def main(argv=None):
     resume = None  # a run to resume keeps its plan
     if args.checkpoint_every and (out_dir / PARTS_DIR).exists():
         resume = "layers"
-    elif args.checkpoint_every and checkpoint_path(out_dir, rank, num_processes).exists():
-        resume = "model"
+    resume = resume or ("model" if checkpoint_path(out_dir, rank, num_processes).exists() else None)
     length = max(map(len, token_ids))
     plan, why = choose_plan(
         args.plan, model_dir, files, device, dtype, args.batch_size, length, args.device_map, resume
@@ -555,25 +561,19 @@ def main(argv=None):
             lengths = [len(ids) for ids in token_ids]
             batches = split_batches(length_batches(lengths, args.batch_size), lengths, num_processes)[rank]
             adapter = DecoderAdapter(model_dir, tensor_infos(files), device, dtype, what="--plan layers")
-            grams, aliases, tokens_run, hidden = grams_by_layer(
+            grams, aliases, tokens_run = grams_by_layer(
                 adapter,
                 files,
                 token_ids,
                 batches,
                 out_dir,
                 settings,
-                all_reduce_grams,
+                lambda grams, tokens: meet() or all_reduce_grams(grams, tokens),  # a failed rank stops all here
                 resume=args.checkpoint_every > 0,
                 max_hidden_gb=args.max_hidden_gb,
                 is_main=state.is_main_process,
                 progress=state.is_main_process,
             )
-            if state.is_main_process:
-                print(
-                    f"hidden states: {hidden['hidden_gib']:.3g} GiB kept on {hidden['hidden_states']} "
-                    f"(budget {hidden['max_hidden_gb']:.3g} GiB)",
-                    file=sys.stderr,
-                )
             meet()
             tokens_run = sum(map(len, token_ids)) if tokens_run else 0  # every share ran through every layer
     num_tokens = sum(map(len, token_ids))

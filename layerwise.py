@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -362,7 +363,7 @@ def grams_by_layer(
     max_hidden_gb: float | None = None,
     is_main: bool = True,
     progress: bool = True,
-) -> tuple[FinishedGrams, dict[str, str], int, dict]:
+) -> tuple[FinishedGrams, dict[str, str], int]:
     """The grams of every distinct linear input of the model, one decoder layer at a time: the
     hidden states of this process's `batches` (lists of example indices) are kept (device, host or
     disk: hidden_states_plan), each layer is read from `files`, run on them with its inputs'
@@ -371,7 +372,8 @@ def grams_by_layer(
     all-reduce), and the main process writes them to OUTPUT_DIR/.gram-layers/, where a later run
     with resume=True and the same settings picks up after the last finished layer (the finished
     layers then only move the hidden states on). Returns (the grams, read from those files as they
-    are used, aliases, tokens run through the layers here, where the hidden states were kept)."""
+    are used, aliases, tokens run through the layers here); the main process logs where the hidden
+    states are kept."""
     parts_dir = out_dir / PARTS_DIR
     if not resume and is_main and parts_dir.exists():
         shutil.rmtree(parts_dir)  # a previous run's layers, not asked to resume from
@@ -399,7 +401,7 @@ def grams_by_layer(
     num_tokens = sum(len(index) for _, _, index in calib)
     plan = hidden_states_plan(max_hidden_gb, device, adapter.dtype, adapter.config.hidden_size, num_tokens, host=True)
     if done == len(part_paths):
-        return FinishedGrams(where), aliases, 0, plan
+        return FinishedGrams(where), aliases, 0
     if is_main:
         parts_dir.mkdir(parents=True, exist_ok=True)
     spill = out_dir / f".hidden-states-{os.getpid()}" if plan["hidden_states"] == "disk" else None
@@ -417,6 +419,12 @@ def grams_by_layer(
         where.update({k: path for k in grams})
         aliases.update(part_aliases)
 
+    if is_main:
+        print(
+            f"hidden states: {plan['hidden_gib']:.3g} GiB kept on {plan['hidden_states']} "
+            f"(budget {plan['max_hidden_gb']:.3g} GiB)",
+            file=sys.stderr,
+        )
     bar = tqdm(total=len(part_paths), initial=done, desc="gram (layers)", unit="layer", disable=not progress)
     try:
         embed = read_tensor(files[adapter.embed_name], adapter.embed_name)
@@ -456,7 +464,7 @@ def grams_by_layer(
         bar.close()
         if spill is not None:
             shutil.rmtree(spill, ignore_errors=True)
-    return FinishedGrams(where), aliases, num_tokens, plan
+    return FinishedGrams(where), aliases, num_tokens
 
 
 def whole_model_need(
