@@ -143,8 +143,10 @@ def time_v(cmd: list[str], log: Path) -> dict:
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
     tokens = re.search(r"(\d+) tokens in [\d.]+ s \((\d+) tokens/s\)", text)
     plan = re.search(r"plan: (\w+) \((.*)\)", text)
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", text).group(1)) for kind in ("User", "System"))
     return dict(
         wall_s=round(time.time() - start, 1),
+        cpu_s=round(cpu, 1),  # the machine is shared: cpu seconds say what the run itself cost
         peak_rss_gb=round(rss_kb * 1024 / 1e9, 3),
         peak_rss_gib=round(rss_kb / 2**20, 3),
         tokens=int(tokens.group(1)),
