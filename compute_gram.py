@@ -157,7 +157,7 @@ def parse_args(argv=None):
         "--checkpoint-every",
         type=int,
         default=0,
-        help="save partial sums every K batches (0: never) (default: %(default)s)",
+        help="save partial sums every K batches; --plan layers: each finished layer (0: never) (default: %(default)s)",
     )
     p.add_argument(
         "--device",
