@@ -508,10 +508,8 @@ def main(argv=None):
     if args.checkpoint_every and (out_dir / PARTS_DIR).exists():
         resume = "layers"
     resume = resume or ("model" if checkpoint_path(out_dir, rank, num_processes).exists() else None)
-    length = max(map(len, token_ids))
-    plan, why = choose_plan(
-        args.plan, model_dir, files, device, dtype, args.batch_size, length, args.device_map, resume
-    )
+    batch, length = min(args.batch_size, len(token_ids)), max(map(len, token_ids))  # the largest batch
+    plan, why = choose_plan(args.plan, model_dir, files, device, dtype, batch, length, args.device_map, resume)
     if state.is_main_process:
         where = f"{num_processes} processes" if num_processes > 1 else str(device)
         print(
