@@ -143,12 +143,14 @@ def time_v(cmd: list[str], log: Path) -> dict:
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
     tokens = re.search(r"(\d+) tokens in [\d.]+ s \((\d+) tokens/s\)", text)
     plan = re.search(r"plan: (\w+) \((.*)\)", text)
+    gpu = re.search(r"peak GPU ([\d.]+) GiB", text)  # compute_gram.py's own figure, on cuda
     cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", text).group(1)) for kind in ("User", "System"))
     return dict(
         wall_s=round(time.time() - start, 1),
         cpu_s=round(cpu, 1),  # the machine is shared: cpu seconds say what the run itself cost
         peak_rss_gb=round(rss_kb * 1024 / 1e9, 3),
         peak_rss_gib=round(rss_kb / 2**20, 3),
+        peak_gpu_gib=float(gpu.group(1)) if gpu else None,
         tokens=int(tokens.group(1)),
         tokens_per_s=int(tokens.group(2)),
         plan=plan.group(1),
@@ -176,13 +178,15 @@ def layer0_attention_error(model_dir: Path, rows: Path, gram_file: Path, num_exa
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-def run(model_dir: Path, work_dir: Path, num_examples: int, max_length: int, plan: str | None = None) -> dict:
+def run(
+    model_dir: Path, work_dir: Path, num_examples: int, max_length: int, plan: str | None = None, device: str = "cpu"
+) -> dict:
     """compute_gram.py on model_dir under /usr/bin/time -v, with the figures of the run."""
     work_dir.mkdir(parents=True, exist_ok=True)
     rows = write_rows(work_dir / "rows.jsonl", num_examples)
     out = work_dir / (f"grams-{plan}" if plan else "grams")
     cmd = [sys.executable, "compute_gram.py", "code", "--model", str(model_dir), "--dataset", str(rows)]
-    cmd += ["--num-examples", str(num_examples), "--max-length", str(max_length), "--device", "cpu"]
+    cmd += ["--num-examples", str(num_examples), "--max-length", str(max_length), "--device", device]
     cmd += ["--dtype", "float32", "--output-dir", str(out)] + (["--plan", plan] if plan else [])
     figures = time_v(cmd, work_dir / f"compute_gram{'-' + plan if plan else ''}.log")
     gram_file = out / "gram.safetensors"
@@ -203,12 +207,13 @@ def main(argv=None):
     r.add_argument("--num-examples", type=int, default=8)
     r.add_argument("--max-length", type=int, default=512)
     r.add_argument("--plan", choices=["model", "layers"], help="force a plan (default: none, auto chooses)")
+    r.add_argument("--device", default="cpu", help="cpu (the issue's measurement) or cuda (peak GPU memory too)")
     r.add_argument("--keep", action="store_true", help="keep the gram file (default: deleted once measured)")
     args = p.parse_args(argv)
     if args.what == "write-model":
         write_model(args.model_dir, args.tokenizer, num_hidden_layers=args.layers)
         return
-    figures = run(args.model_dir, args.work_dir, args.num_examples, args.max_length, args.plan)
+    figures = run(args.model_dir, args.work_dir, args.num_examples, args.max_length, args.plan, args.device)
     out = args.work_dir / (f"grams-{args.plan}" if args.plan else "grams")
     figures["layer0_attention_rel_err_vs_float64"] = layer0_attention_error(
         args.model_dir, args.work_dir / "rows.jsonl", out / "gram.safetensors", args.num_examples, args.max_length
