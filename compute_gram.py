@@ -6,6 +6,8 @@ XᵀX / n of the input of every linear layer (lm_head included), over non-paddin
     python compute_gram.py toy-code    # the demo's toy expert (after `python demo.py`)
     python compute_gram.py code --model DIR --dataset rows.jsonl --num-examples 500 \
         --output-dir runs/grams/mine --checkpoint-every 20
+    python compute_gram.py --model DIR --dataset rows.jsonl --format code   # your own expert, no preset
+    python compute_gram.py code --plan layers  # one decoder layer at a time (auto: when the model does not fit)
     accelerate launch --multi_gpu --num_processes 8 compute_gram.py code   # 8 GPUs, data parallel
     accelerate launch --multi_gpu --num_processes 2 compute_gram.py code --device-map auto  # 2 copies, half the GPUs
     accelerate launch --multi_gpu --num_processes 2 compute_gram.py toy-code --device cpu     # 2 cpu processes (gloo)
@@ -15,6 +17,11 @@ system/user/assistant; math: question/answer as user/assistant), truncated to
 --max-length tokens; the first --num-examples rows are used, unshuffled. Examples are
 batched by length so that little compute goes to padding, and the logits are never
 computed: lm_head's gram only needs its input.
+
+--plan model runs the whole expert with every accumulator on the device; --plan layers keeps the
+tokens' hidden states (device, host or disk) and runs one decoder layer at a time read from the
+safetensors files (layerwise.py): memory of one layer, whatever the depth. auto (the default) takes
+the whole model when weights + grams + a batch fit the free memory, and logs which and why.
 
 Linear layers that read the same tensor (q/k/v and gate/up in Llama, Mistral, Qwen2,
 Gemma) share one gram; that is found by watching one forward pass, not from names. The
@@ -44,6 +51,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from array import array
 from datetime import timedelta
@@ -67,7 +75,20 @@ from calibration import (
     load_tokenizer,
     split_batches,
 )
-from tensor_io import checkpoint_files, config_fingerprint, model_fingerprint, save_grams, write_safetensors
+from layerwise import (
+    PARTS_DIR,
+    DecoderAdapter,
+    choose_plan,
+    grams_by_layer,
+)
+from tensor_io import (
+    checkpoint_files,
+    config_fingerprint,
+    model_fingerprint,
+    save_grams,
+    tensor_infos,
+    write_safetensors,
+)
 from utils import (
     FORMATS,
     GRAM_FILE,
@@ -94,7 +115,12 @@ PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("preset", choices=sorted(PRESETS), help="expert + calibration data preset")
+    p.add_argument(
+        "preset",
+        nargs="?",
+        choices=sorted(PRESETS),
+        help="expert + calibration data preset (optional when --model, --dataset and --format are all given)",
+    )
     p.add_argument("--model", help="hub id or local folder (default: the preset's)")
     p.add_argument("--dataset", help="hub id or a .json/.jsonl/.parquet/.csv file (default: the preset's)")
     p.add_argument("--format", choices=sorted(FORMATS), help="row columns -> chat turns (default: the preset's)")
@@ -111,12 +137,28 @@ def parse_args(argv=None):
     p.add_argument(
         "--batch-size", type=int, default=BATCH_SIZE, help="examples per forward pass (default: %(default)s)"
     )
-    p.add_argument("--output-dir", help="folder for gram.safetensors (default: the preset's)")
+    p.add_argument(
+        "--output-dir", help="folder for gram.safetensors (default: the preset's, else runs/grams/MODEL_FOLDER_NAME)"
+    )
+    p.add_argument(
+        "--plan",
+        default="auto",
+        choices=["auto", "model", "layers"],
+        help="model: the whole expert on the device; layers: one decoder layer at a time on stored hidden states "
+        "(memory of one layer, whatever the depth); auto: the whole model when its weights, grams and one "
+        "batch fit the device's free memory, else layers (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-hidden-gb",
+        type=float,
+        help="--plan layers: hidden states above this many GiB leave the device for host memory (cuda), "
+        "else disk (default: half the free memory)",
+    )
     p.add_argument(
         "--checkpoint-every",
         type=int,
         default=0,
-        help="save partial sums every K batches (0: never) (default: %(default)s)",
+        help="save partial sums every K batches; --plan layers: each finished layer (0: never) (default: %(default)s)",
     )
     p.add_argument(
         "--device",
@@ -137,6 +179,13 @@ def parse_args(argv=None):
         "and on a cpu with native bfloat16, avx512_bf16 or AMX; float32 on other cpus) (default: %(default)s)",
     )
     args = p.parse_args(argv)
+    if args.preset is None:
+        missing = [flag for flag in ("model", "dataset", "format") if getattr(args, flag) is None]
+        if missing:
+            raise UserError(
+                f"give a preset ({', '.join(sorted(PRESETS))}) or your own expert with --model DIR --dataset FILE "
+                f"--format {{{','.join(sorted(FORMATS))}}} (missing: {', '.join('--' + m for m in missing)})"
+            )
     check_at_least_one(num_examples=args.num_examples, max_length=args.max_length, batch_size=args.batch_size)
     if args.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
@@ -434,11 +483,11 @@ def main(argv=None):
     from accelerate import PartialState
 
     args = parse_args(argv)
-    preset = PRESETS[args.preset]
+    preset = PRESETS.get(args.preset, {})
     model_spec = args.model or preset["model"]
     dataset = args.dataset or preset["dataset"]
     fmt = args.format or preset["format"]
-    out_dir = Path(args.output_dir or preset["gram_dir"])
+    out_dir = Path(args.output_dir or preset.get("gram_dir") or Path("runs/grams") / Path(model_spec).name)
     timer = Timer()
     device = choose_device(args.device)
     # Under `accelerate launch` (or torchrun) this joins the process group, gloo on cpu and
@@ -455,7 +504,13 @@ def main(argv=None):
     token_ids = calibration_tokens(tokenizer, dataset, fmt, args.split, args.num_examples, args.max_length)
     if out_dir.exists():
         check_no_foreign_checkpoints(out_dir, num_processes)
-    model = load_model(model_dir, device, dtype, args.device_map, max_memory)
+    files = checkpoint_files(model_dir)
+    resume = None  # a run to resume keeps its plan
+    if args.checkpoint_every and (out_dir / PARTS_DIR).exists():
+        resume = "layers"
+    resume = resume or ("model" if checkpoint_path(out_dir, rank, num_processes).exists() else None)
+    batch, length = min(args.batch_size, len(token_ids)), max(map(len, token_ids))  # the largest batch
+    plan, why = choose_plan(args.plan, model_dir, files, device, dtype, batch, length, args.device_map, resume)
     if state.is_main_process:
         where = f"{num_processes} processes" if num_processes > 1 else str(device)
         print(
@@ -463,6 +518,7 @@ def main(argv=None):
             f"on {where} in {describe_dtype(args.dtype, dtype, device)}",
             file=sys.stderr,
         )
+        print(f"plan: {plan} ({why})", file=sys.stderr)
 
     provenance = dict(
         model=model_spec,
@@ -473,7 +529,7 @@ def main(argv=None):
         row_format=fmt,  # not `format`: that metadata key holds the file's version
         dtype=dtype_name(dtype),
         # what binds the grams to this expert: merge_model.py checks them against each model it merges
-        model_fingerprint=model_fingerprint(checkpoint_files(model_dir)),
+        model_fingerprint=model_fingerprint(files),
         config_sha256=config_fingerprint(json.loads((model_dir / "config.json").read_text())),
         data_sha256=fingerprint(token_ids),
         bos=bos_rule(tokenizer),  # calibration.tokenize_texts: one BOS per row, whatever the template writes
@@ -484,30 +540,54 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = checkpoint_path(out_dir, rank, num_processes)
     with timer("gram"):
-        grams, aliases, tokens_run = compute_grams(
-            model,
-            token_ids,
-            args.batch_size,
-            checkpoint,
-            args.checkpoint_every,
-            settings,
-            progress=state.is_main_process,
-            rank=rank,
-            num_processes=num_processes,
-        )
-        del model
-        meet()  # every share is done, or one rank failed and all stop here
-        tokens_run = all_reduce_grams(grams, tokens_run)
+        if plan == "model":
+            model = load_model(model_dir, device, dtype, args.device_map, max_memory)
+            grams, aliases, tokens_run = compute_grams(
+                model,
+                token_ids,
+                args.batch_size,
+                checkpoint,
+                args.checkpoint_every,
+                settings,
+                progress=state.is_main_process,
+                rank=rank,
+                num_processes=num_processes,
+            )
+            del model
+            meet()  # every share is done, or one rank failed and all stop here
+            tokens_run = all_reduce_grams(grams, tokens_run)
+            grams = {key: gram.result() for key, gram in grams.items()}  # in place, each on its device
+        else:
+            lengths = [len(ids) for ids in token_ids]
+            batches = split_batches(length_batches(lengths, args.batch_size), lengths, num_processes)[rank]
+            adapter = DecoderAdapter(model_dir, tensor_infos(files), device, dtype, what="--plan layers")
+            grams, aliases, tokens_run = grams_by_layer(
+                adapter,
+                files,
+                token_ids,
+                batches,
+                out_dir,
+                settings,
+                lambda grams, tokens: meet() or all_reduce_grams(grams, tokens),  # a failed rank stops all here
+                resume=args.checkpoint_every > 0,
+                max_hidden_gb=args.max_hidden_gb,
+                is_main=state.is_main_process,
+                progress=state.is_main_process,
+            )
+            meet()
+            tokens_run = sum(map(len, token_ids)) if tokens_run else 0  # every share ran through every layer
     num_tokens = sum(map(len, token_ids))
     path = out_dir / GRAM_FILE
     if state.is_main_process:  # the one writer; the gram is streamed to disk one tensor at a time
-        save_grams(path, {key: gram.result() for key, gram in grams.items()}, aliases, num_tokens, provenance)
+        save_grams(path, grams, aliases, num_tokens, provenance)
         for r in range(num_processes):
             checkpoint_path(out_dir, r, num_processes).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
         print(f"wrote {path}: {len(grams)} grams ({len(aliases)} aliases), {num_tokens} tokens")
+        seconds = timer.phases["gram"]
         print(
-            f"wall {timer.total():.1f} s, {tokens_run} tokens in {timer.phases['gram']:.1f} s "
-            f"({tokens_run / timer.phases['gram']:.0f} tokens/s)"
+            f"wall {timer.total():.1f} s, {tokens_run} tokens in {seconds:.1f} s "
+            f"({tokens_run / seconds:.0f} tokens/s) by the {plan} plan"
             f"{f' over {num_processes} processes' if num_processes > 1 else ''}, {peak_memory(device)}"
         )
     del grams

@@ -76,6 +76,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
+from layerwise import HiddenStates, check_supported, hidden_states_plan
 from merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
 from merging import (
     BLOCK_MB,
@@ -97,14 +98,7 @@ from merging import (
 )
 from model_card import copy_side_files, gram_provenance, write_model_card
 from recipe import read_recipe, recipe_of
-from regmeanpp import (
-    CalibrationSettings,
-    HiddenStates,
-    calibration_sets,
-    check_supported,
-    hidden_states_plan,
-    merge_regmean_pp,
-)
+from regmeanpp import CalibrationSettings, calibration_sets, merge_regmean_pp
 from tensor_io import ST_DTYPES, GramFile, ShardWriter
 from utils import (
     DTYPES,

@@ -32,3 +32,38 @@ def test_decomposition_steps_compute_the_same_grams(experts):
     assert not torch.allclose(padded[key], want[key], rtol=1e-3)
     bf16 = build_cast(model, torch.bfloat16)
     assert bf16 is not model and torch.equal(bf16.lm_head.weight, model.lm_head.weight.bfloat16())
+
+
+def test_8b_bench_writer_and_its_float64_check(experts, tmp_path):
+    """bench_gram_8b.py at a tiny size: the writer's checkpoint loads as a Llama, compute_gram.py's layer-0
+    attention-input gram passes the benchmark's float64 check, and another gram fails it."""
+    import json
+
+    from bench_gram_8b import layer0_attention_error, write_model, write_rows
+    from transformers import AutoModelForCausalLM
+
+    from compute_gram import main
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    model_dir = write_model(tmp_path / "m", experts[0], num_key_value_heads=2, vocab_size=512, **small)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.num_hidden_layers == 2 and model.lm_head.weight.shape == (512, 64)
+    assert abs(model.model.layers[0].mlp.down_proj.weight.float().std().item() - 0.02) < 2e-3
+    assert json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    rows = write_rows(tmp_path / "rows.jsonl", 2)
+    argv = ["code", "--model", str(model_dir), "--dataset", str(rows), "--num-examples", "2", "--max-length", "64"]
+    path = main(
+        argv + ["--device", "cpu", "--dtype", "float32", "--plan", "layers", "--output-dir", str(tmp_path / "g")]
+    )
+    assert layer0_attention_error(model_dir, rows, path, 2, 64) < 1e-5
+    # the check can fail: layer 1's attention input is another matrix
+    from safetensors.torch import load_file, save_file
+
+    grams = load_file(path)
+    grams["model.layers.0.self_attn.q_proj"] = grams["model.layers.1.self_attn.q_proj"].clone()
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    save_file(grams, str(tmp_path / "wrong.safetensors"), meta)
+    assert layer0_attention_error(model_dir, rows, tmp_path / "wrong.safetensors", 2, 64) > 1e-2

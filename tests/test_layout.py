@@ -13,6 +13,7 @@ LIBRARY = [
     "model_card",
     "recipe",
     "finetune",
+    "layerwise",
     "regmean",
     "calibration",
     "tensor_io",

@@ -419,11 +419,11 @@ def tiny_gemma(vocab_size, seed=0):
 
 
 def test_gemma_embedding_is_scaled_as_the_model_scales_it(tokenizer, tmp_path):
-    import regmeanpp
+    import layerwise
     from merging import load_experts
 
     gemma = save_expert(tiny_gemma(len(tokenizer)), tmp_path / "g", tokenizer, 30)
-    adapter = regmeanpp.DecoderAdapter(
+    adapter = layerwise.DecoderAdapter(
         gemma, load_experts([str(gemma), str(gemma)])[0].infos, torch.device("cpu"), torch.float32
     )
     model = tiny_gemma(len(tokenizer))
