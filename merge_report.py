@@ -106,8 +106,9 @@ def short_name(tensor: str) -> str:
 def error_summary(layers: list[dict], names: list[str]) -> list[dict]:
     """Per expert, over the layers that have figures (report rows with an `output_error`): the
     median eᵢ of the merge and of the average, the merge's worst layer (and the average on it),
-    the average's worst layer, the share of layers where the merge is below the average, and the
-    largest relative sampling error of any figure."""
+    the average's worst layer, the shares of layers where the merge is below the average and where
+    it equals it, and the largest relative sampling error of any figure (its layer, and whether
+    it is the merge's figure or the average's)."""
     rows = [r for r in layers if r.get("output_error")]
     out = []
     for i, name in enumerate(names):
@@ -122,8 +123,14 @@ def error_summary(layers: list[dict], names: list[str]) -> list[dict]:
         average = torch.tensor([p[2] for p in pairs], dtype=torch.float64)
         worst, worst_avg = int(merged.argmax()), int(average.argmax())
         ses = [
-            e for r in rows for key in ("merged_se", "average_se") for e in [r["output_error"][key][i]] if e is not None
+            (e, r["tensor"], key)
+            for r in rows
+            for key in ("merged", "average")
+            for e in [r["output_error"][f"{key}_se"][i]]
+            if e is not None
         ]
+        se, se_layer, se_figure = max(ses, default=(0.0, None, None))
+        equal = (merged - average).abs() <= 1e-6 * average.abs()  # the merge is the average there (an avg merge)
         out.append(
             dict(
                 expert=name,
@@ -135,15 +142,19 @@ def error_summary(layers: list[dict], names: list[str]) -> list[dict]:
                 average_on_that_layer=average[worst].item(),
                 average_worst=average[worst_avg].item(),
                 average_worst_layer=pairs[worst_avg][0],
-                merged_below_average=(merged < average).double().mean().item(),
-                max_sampling_se=max(ses) if ses else 0.0,
+                merged_below_average=((merged < average) & ~equal).double().mean().item(),
+                merged_equal_average=equal.double().mean().item(),
+                max_sampling_se=se,
+                max_sampling_se_layer=se_layer,
+                max_sampling_se_figure=se_figure,
             )
         )
     return out
 
 
-def summary_lines(summary: list[dict], method: str = "merged") -> list[str]:
-    """The summary in a few lines, for the log and the model card."""
+def summary_lines(summary: list[dict], method: str = "merged", every: str = "--error-sample-every") -> list[str]:
+    """The summary in a few lines, for the log and the model card; `every` is the option that sets the
+    row sampling (merge_model.py's --error-sample-every, judge_merge.py's --sample-every)."""
     if not summary:
         return []
     lines = [
@@ -152,15 +163,36 @@ def summary_lines(summary: list[dict], method: str = "merged") -> list[str]:
     ]
     for s in summary:
         worst, avg_worst = short_name(s["merged_worst_layer"]), short_name(s["average_worst_layer"])
+        equal = s.get("merged_equal_average", 0.0)
+        if equal == 1.0:
+            lines.append(
+                f"- {s['expert']}: median {s['merged_median']:.3g}, worst {s['merged_worst']:.3g} at {worst}; "
+                f"the same figures as the weighted average on all {s['layers']} layers: this merge is the average "
+                "(as an avg merge is)"
+            )
+            continue
+        same = f", equal to it on {100 * equal:.0f}%" if equal > 0 else ""
         lines.append(
             f"- {s['expert']}: median {s['merged_median']:.3g} (average {s['average_median']:.3g}); "
             f"worst {s['merged_worst']:.3g} at {worst} (average {s['average_on_that_layer']:.3g} there; "
             f"its worst {s['average_worst']:.3g} at {avg_worst}); "
-            f"below the average on {100 * s['merged_below_average']:.0f}% of {s['layers']} layers"
+            f"below the average on {100 * s['merged_below_average']:.0f}%{same} of {s['layers']} layers"
         )
-    se = max(s["max_sampling_se"] for s in summary)
+    top = max(summary, key=lambda s: s["max_sampling_se"])
+    se = top["max_sampling_se"]
     if se > 0:
-        lines.append(f"(figures from sampled output rows; largest relative sampling error {se:.2g})")
+        figure = method if top.get("max_sampling_se_figure") == "merged" else "average's"
+        where = f"{short_name(top['max_sampling_se_layer'])} ({figure} figure, {top['expert']})"
+        if se <= 0.1:
+            verdict = f"small: every figure is good to about ±{se:.0%}"
+        else:
+            verdict = (
+                f"that figure is only good to about ±{se:.0%}, the medians over many layers are steadier; "
+                f"{every} 1 takes every row (exact figures, slower)"
+            )
+        lines.append(
+            f"(figures from sampled output rows; largest relative sampling error {se:.2g}, at {where}: {verdict})"
+        )
     return lines
 
 

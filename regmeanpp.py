@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from calibration import (
     BATCH_SIZE,
@@ -39,7 +38,7 @@ from calibration import (
 )
 from merging import Expert, StreamingMerge
 from tensor_io import read_tensor
-from utils import FORMATS, PRESETS, UserError, dtype_name
+from utils import FORMATS, PRESETS, Progress, UserError, dtype_name
 
 # model_type -> scale of the input embeddings (Gemma multiplies them by √hidden, in the model's dtype)
 SUPPORTED = {"llama": None, "mistral": None, "qwen2": None, "gemma": "sqrt_hidden"}
@@ -319,7 +318,7 @@ def merge_regmean_pp(
     del embed
 
     # 3. Per layer: grams on each expert's own layer, the RegMean solve, the hidden states moved on.
-    for l in tqdm(range(num_layers), desc="regmean++", unit="layer"):
+    for l in Progress(range(num_layers), desc="regmean++", unit="layer"):
         prefix = model.layer_prefix(l)
         grams, aliases = [], {}
         for i, e in enumerate(experts):
