@@ -317,18 +317,15 @@ def build_table(rows, columns=None, output_dir=None, mean_column=False, tasks=No
     (table_columns; `tasks` picks some). output_dir: default, the folders' common parent.
     mean_column adds "Mean", the mean of a row's scores (blank unless all are present)."""
     rows = [(label_for(r), r) if isinstance(r, (str, Path)) else tuple(r) for r in rows]
-    found = {}
-    for label, folder in rows:
-        results = read_results(folder)
-        if results[0]:
-            found[label, folder] = results
-        else:
-            warn(f"{folder} holds no lm_eval results ({Path(folder) / RESULTS_DIR}/*/results_*.json): left out")
+    found = {row: read_results(row[1]) for row in rows}
+    found = {row: results for row, results in found.items() if results[0]}
     if not found:
         raise UserError(
             f"no lm_eval result files in {', '.join(str(f) for _, f in rows)}: "
             f"run python evaluate.py {' '.join(str(f) for _, f in rows)} first"
         )
+    for _, folder in [row for row in rows if row not in found]:
+        warn(f"{folder} holds no lm_eval results ({Path(folder) / RESULTS_DIR}/*/results_*.json): left out")
     rows = list(found)
     columns = [tuple(c) for c in columns] if columns is not None else table_columns(list(found.values()), tasks)
     values = []

@@ -38,7 +38,9 @@ KINDS = [
     ("down_proj", ("down_proj",)),
     ("lm_head", ("lm_head",)),
 ]
+# modules that read one input, told apart by line style and marker (a legend's short handle hides the style alone)
 LINESTYLES = {"q_proj": "-", "k_proj": "--", "v_proj": ":", "gate_proj": "-", "up_proj": "--"}
+MARKERS = {"q_proj": "o", "k_proj": "x", "v_proj": "^", "gate_proj": "o", "up_proj": "x"}
 
 
 def sample_step(num_rows: int, sample_every: int = SAMPLE_EVERY) -> int:
@@ -209,7 +211,8 @@ def draw_picture(layers: list[dict], names: list[str], path: str | Path, title: 
     ratios = [0.6 if kind == "lm_head" else 1.0 for kind in kinds]
     height = 2.6 * sum(ratios) + 1.0
     fig = Figure(figsize=(11, height))  # margins set by hand: a layout engine would double the drawing time
-    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.5 / height, top=1 - 0.85 / height, wspace=0.06, hspace=0.5)
+    # the legends go right of the panels (inside, they cover lines): 2.2 inches kept for them
+    fig.subplots_adjust(left=0.08, right=0.8, bottom=0.5 / height, top=1 - 0.85 / height, wspace=0.06, hspace=0.5)
     axes = fig.subplots(len(kinds), 2, sharey="row", squeeze=False, gridspec_kw=dict(height_ratios=ratios))
     colors = [f"C{i}" for i in range(len(names))]
     for row, kind in enumerate(kinds):
@@ -222,8 +225,10 @@ def draw_picture(layers: list[dict], names: list[str], path: str | Path, title: 
                     values = [r["output_error"][key][i] for r in members]
                     ax.plot([name] * len(values), values, "o", color=colors[i], markersize=8)
                     positive |= any(v is not None and v > 0 for v in values)
+                ax.margins(x=0.4)  # the experts' names under the points stay apart
             else:
-                parts = sorted({r["tensor"].removesuffix(".weight").rsplit(".", 1)[-1] for r in members})
+                parts = {r["tensor"].removesuffix(".weight").rsplit(".", 1)[-1] for r in members}
+                parts = sorted(parts, key=lambda p: (list(MARKERS).index(p) if p in MARKERS else len(MARKERS), p))
                 for i, name in enumerate(names):
                     for part in parts:
                         pts = sorted(
@@ -236,7 +241,8 @@ def draw_picture(layers: list[dict], names: list[str], path: str | Path, title: 
                         if not pts:
                             continue
                         label = name if len(parts) == 1 else f"{name} {part}"
-                        ax.plot(*zip(*pts), LINESTYLES.get(part, "-"), color=colors[i], marker=".", label=label)
+                        style = dict(linestyle=LINESTYLES.get(part, "-"), marker=MARKERS.get(part, "."), markersize=4)
+                        ax.plot(*zip(*pts), color=colors[i], label=label, **style)
                         positive |= any(v > 0 for _, v in pts)
                 ax.set_xlabel("layer")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -246,8 +252,8 @@ def draw_picture(layers: list[dict], names: list[str], path: str | Path, title: 
             ax.set_title(f"{kind}: {method if key == 'merged' else 'weighted average'}", fontsize=10)
             if col == 0:
                 ax.set_ylabel("relative output error")
-        if kind != "lm_head":
-            axes[row][1].legend(fontsize=7, ncol=max(1, len(names)), loc="best")
+        if kind != "lm_head" and axes[row][1].get_legend_handles_labels()[0]:
+            axes[row][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.03, 1), borderaxespad=0, handlelength=3)
     fig.suptitle(
         f"{title}\nrelative output error eᵢ = tr((W−Wᵢ)Gᵢ(W−Wᵢ)ᵀ) / tr(WᵢGᵢWᵢᵀ) on each expert's own inputs "
         "(lower: more of expert i kept)",
