@@ -94,7 +94,15 @@ def check_at_least_one(**values: int) -> None:
 
 
 def run_main(main):
-    """Run a stage's main(); a UserError becomes one clear line on stderr and exit 2."""
+    """Run a stage's main(); a UserError becomes one clear line on stderr and exit 2. In a log (stderr
+    not a terminal) the libraries' progress bars are off too, as ours are (Progress)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers, datasets; lm_eval's children
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+        if "transformers" in sys.modules:  # it reads the setting once, at import
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         main()
     except UserError as e:
