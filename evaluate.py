@@ -230,8 +230,9 @@ def is_number(value):
 
 def task_column(task, metrics, shots):
     """A column for a task outside the seed's four: its first metric as lm_eval wrote it (e.g.
-    toy_code, "0-shot exact_match"); None when it has no number."""
-    key = next((k for k, v in metrics.items() if "_stderr" not in k and k != "alias" and is_number(v)), None)
+    toy_code, "0-shot exact_match"); None when it has none. Metrics are the "metric,filter" keys
+    (lm_eval also writes name, alias and sample_len beside them)."""
+    key = next((k for k, v in metrics.items() if "," in k and "_stderr," not in k and is_number(v)), None)
     if key is None:
         return None
     metric, _, filt = key.partition(",")
@@ -300,9 +301,9 @@ def plot(labels, ticks, values, path):
         ax.bar_label(bars, labels=["" if v is None else f"{v:.1f}" for v in row], fontsize=7)
     ax.set_xticks(range(len(ticks)), ticks)
     top = max((v for row in values for v in row if v is not None), default=0.0)
-    ax.set_ylim(0, max(1.0, top) * 1.25)  # headroom for the value labels and the legend
+    ax.set_ylim(0, max(1.0, top) * 1.1)  # headroom for the value labels
     ax.set_ylabel("score (%)")
-    ax.legend(fontsize=8, ncols=min(len(labels), 4), loc="upper center")
+    fig.legend(fontsize=8, loc="outside right upper")  # beside the axes: inside, it covered bars and ticks
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     write_atomic(path, buf.getvalue())
