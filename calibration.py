@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils import FORMATS, PRESETS, UserError, check_at_least_one, first_line
+from utils import FORMATS, PRESETS, UserError, check_at_least_one, did_you_mean, first_line
 
 # Calibration settings, declared once: compute_gram.py's and regmean++'s defaults.
 SPLIT = "train"  # split of hub datasets
@@ -29,7 +29,7 @@ def load_rows(dataset: str, split: str = SPLIT, num_examples: int | None = None)
     try:
         if path.suffix in (".json", ".jsonl", ".parquet", ".csv"):
             if not path.is_file():
-                raise UserError(f"dataset file {path} does not exist")
+                raise UserError(f"dataset file {path} does not exist{did_you_mean(path)}")
             if path.stat().st_size == 0:  # datasets fails on it with a bare StopIteration
                 raise UserError(f"dataset file {path} is empty: no rows")
             builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}[path.suffix]

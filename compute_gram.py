@@ -3,7 +3,7 @@ XᵀX / n of the input of every linear layer (lm_head included), over non-paddin
 
     python compute_gram.py code        # rombos Replete-Coder on code_bagel_hermes-2.5
     python compute_gram.py math        # MAmmoTH2-8B on WebInstructSub
-    python compute_gram.py toy-code    # the demo's toy expert (after `python demo.py`)
+    python compute_gram.py toy-code    # the demo's toy expert (after `python demo.py --toy`)
     python compute_gram.py code --model DIR --dataset rows.jsonl --num-examples 500 \
         --output-dir runs/grams/mine --checkpoint-every 20
     python compute_gram.py --model DIR --dataset rows.jsonl --format code   # your own expert, no preset
@@ -58,7 +58,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from calibration import (
     BATCH_SIZE,
@@ -93,6 +92,7 @@ from utils import (
     FORMATS,
     GRAM_FILE,
     PRESETS,
+    Progress,
     Timer,
     UserError,
     check_at_least_one,
@@ -310,7 +310,9 @@ def compute_grams(
     ]
     total_tokens = sum(lengths[i] for batch in batches for i in batch)
     done_tokens = sum(len(token_ids[i]) for batch in batches[:start] for i in batch)
-    bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="gram", disable=not progress)
+    bar = Progress(
+        total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="gram", disable=not progress
+    )
     tokens_run = 0  # counted here: a disabled bar counts nothing
     try:
         with torch.inference_mode():
@@ -351,7 +353,7 @@ def all_reduce_grams(grams, tokens_run):
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tokens_run
-    for gram in tqdm(grams.values(), desc="all-reduce", unit="gram", disable=dist.get_rank() != 0):
+    for gram in Progress(grams.values(), desc="all-reduce", unit="gram", disable=dist.get_rank() != 0):
         dist.all_reduce(gram.sum)
     first = next(iter(grams.values())).sum.device  # nccl reduces cuda tensors, gloo cpu ones
     counts = torch.tensor([g.num_rows for g in grams.values()] + [tokens_run], dtype=torch.int64, device=first)

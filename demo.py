@@ -343,9 +343,11 @@ def retention_table(reports: dict) -> str:
     for label, path in reports.items():
         for e in json.loads(Path(path).read_text())["output_errors"]:
             worst = e["merged_worst_layer"].removeprefix("model.").removesuffix(".weight")
+            below = f"{100 * e['merged_below_average']:.0f}%"
+            below = "– (it is the average)" if e.get("merged_equal_average") == 1 else below  # not a 0% failure
             lines.append(
                 f"| {label} | {e['expert']} | {e['merged_median']:.2e} | {e['average_median']:.2e} | "
-                f"{e['merged_worst']:.2e} ({worst}) | {100 * e['merged_below_average']:.0f}% |"
+                f"{e['merged_worst']:.2e} ({worst}) | {below} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -24,10 +24,16 @@ and run offline; gsm8k, mathqa and mbpp load their data from the Hugging Face hu
 
     HF_HUB_OFFLINE=1 python evaluate.py runs/models/SmolLM2-135M-Instruct --tasks humaneval_instruct
 
-The table (`--output`/results.md and results.png) has one row per folder and the seed's
-columns: GSM8k 5-shot exact match (strict-match), MathQA 0-shot acc_norm, HumanEval-Instruct
-0-shot pass@1, MBPP 3-shot pass@1, in percent with two decimals; a blank where a task was
-not run. Scores come from each folder's newest lm_eval result file per task.
+The table (results.md and results.png, written beside the folders, in their common parent, or in
+--output) has one row per folder and one column per task the folders hold: the seed's four first
+and in its order when present (GSM8k 5-shot exact match (strict-match), MathQA 0-shot acc_norm,
+HumanEval-Instruct 0-shot pass@1, MBPP 3-shot pass@1), then any other task by name with its first
+metric (e.g. the demo's toy_code and toy_math, exact match); in percent with two decimals, a blank
+where a folder lacks a task. With --table, --tasks picks the columns. Scores come from each folder's
+newest lm_eval result file per task; a folder without results is left out with a warning, and a
+table without a single score is an error.
+
+    python evaluate.py --table runs/demo/merges/*     # after `make demo`: -> runs/demo/merges/results.md
 """
 
 import argparse
@@ -45,10 +51,10 @@ import time
 from pathlib import Path
 
 from utils import (
-    MERGES_DIR,
     UserError,
     choose_device,
     choose_dtype,
+    did_you_mean,
     dtype_name,
     first_line,
     merge_label,
@@ -58,6 +64,7 @@ from utils import (
 
 HARNESS_DIR = Path(__file__).resolve().parent / "lm-eval-harness"  # task overrides, always included
 RESULTS_DIR = "lm_eval_results_preds"  # lm_eval's --output_path inside each model folder
+TABLE_FILES = ("results.md", "results.png")  # what the table writes
 SEED_TASKS = "mathqa,gsm8k,humaneval_instruct,mbpp"
 # The reference's harness (a snapshot of lm-eval labelled 0.4.8) tokenized every prompt without
 # special tokens unless add_bos_token=True (Gemma only); lm-eval 0.4.13 leaves it to the tokenizer,
@@ -85,7 +92,7 @@ def check_model_folder(folder):
     """A folder lm_eval can load: config.json and weights."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder")
+        raise UserError(f"{folder} is not a folder{did_you_mean(folder)}")
     has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
     if not (folder / "config.json").is_file() or not has_weights:
         raise UserError(f"{folder} holds no model (it needs config.json and .safetensors/.bin weights)")
@@ -212,27 +219,78 @@ def label_for(folder):
 
 
 def read_results(folder):
-    """{task: {metric key: value}} from folder/lm_eval_results_preds/*/results_*.json, each task
-    taken from the newest file holding it (file names carry lm_eval's timestamp)."""
+    """What a folder's lm_eval result files (folder/lm_eval_results_preds/*/results_*.json) hold:
+    {task: {metric key: value}}, {task: n-shot} and the subtasks of the groups run, each task taken
+    from the newest file holding it (file names carry lm_eval's timestamp). Empty without files."""
     files = sorted(Path(folder, RESULTS_DIR).glob("*/results_*.json"), key=lambda p: p.name)
-    if not files:
-        raise UserError(
-            f"{folder}: no lm_eval result files ({Path(folder) / RESULTS_DIR}/*/results_*.json); "
-            f"run python evaluate.py {folder} first"
-        )
-    results = {}
+    results, shots, subtasks = {}, {}, set()
     for file in files:
         try:
-            results.update(json.loads(file.read_text())["results"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            data = json.loads(file.read_text())
+            results.update(data["results"])
+            shots.update(data.get("n-shot") or {})
+            subtasks.update(t for group in (data.get("group_subtasks") or {}).values() for t in group)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{file}: not an lm_eval result file ({type(e).__name__}: {e})") from e
-    return results
+    return results, shots, subtasks
 
 
 def score(results, task, keys):
     """The first of `keys` found for `task`, in percent; None when the task was not run."""
     metrics = results.get(task, {})
-    return next((100 * float(metrics[k]) for k in keys if isinstance(metrics.get(k), (int, float))), None)
+    return next((100 * float(metrics[k]) for k in keys if is_number(metrics.get(k))), None)
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def task_column(task, metrics, shots):
+    """A column for a task outside the seed's four: its first metric as lm_eval wrote it (e.g.
+    toy_code, "0-shot exact_match"); None when it has none. Metrics are the "metric,filter" keys
+    (lm_eval also writes name, alias and sample_len beside them)."""
+    key = next((k for k, v in metrics.items() if "," in k and "_stderr," not in k and is_number(v)), None)
+    if key is None:
+        return None
+    metric, _, filt = key.partition(",")
+    label = metric if filt in ("", "none") else f"{metric} ({filt})"
+    if shots is not None:
+        label = f"{shots}-shot {label}"
+    return (task, label, task, [key])
+
+
+def table_columns(found, tasks=None):
+    """The columns of the tasks the folders hold: the seed's four first, in its order, when present,
+    then the others by name (a group's subtasks left out when the group is there). found: each
+    folder's read_results; tasks: only these, in this order (evaluate.py --tasks)."""
+    held, shots, subtasks = {}, {}, set()
+    for results, n_shot, subs in found:
+        for task, metrics in results.items():
+            held.setdefault(task, metrics)
+            shots.setdefault(task, n_shot.get(task))
+        subtasks |= subs
+    seed = {c[2]: c for c in SEED_COLUMNS}
+    if tasks is None:
+        tasks = [c[2] for c in SEED_COLUMNS if c[2] in held]
+        tasks += sorted(t for t in held if t not in seed and t not in subtasks)
+    columns = []
+    for task in tasks:
+        column = seed[task] if task in seed else task_column(task, held.get(task, {}), shots.get(task))
+        if column is None or not any(score(results, task, column[3]) is not None for results, _, _ in found):
+            warn(f"no folder holds a score of task {task!r}: no column for it")
+            continue
+        columns.append(column)
+    return columns
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def default_output(folders):
+    """Where the table goes without --output: beside what it read (the folders' common parent)."""
+    common = Path(os.path.commonpath([Path(f).resolve().parent for f in folders]))
+    return common.relative_to(Path.cwd()) if common.is_relative_to(Path.cwd()) else common
 
 
 def write_atomic(path, data):
@@ -260,29 +318,47 @@ def plot(labels, ticks, values, path):
         ax.bar_label(bars, labels=["" if v is None else f"{v:.1f}" for v in row], fontsize=7)
     ax.set_xticks(range(len(ticks)), ticks)
     top = max((v for row in values for v in row if v is not None), default=0.0)
-    ax.set_ylim(0, max(1.0, top) * 1.25)  # headroom for the value labels and the legend
+    ax.set_ylim(0, max(1.0, top) * 1.1)  # headroom for the value labels
     ax.set_ylabel("score (%)")
-    ax.legend(fontsize=8, ncols=min(len(labels), 4), loc="upper center")
+    fig.legend(fontsize=8, loc="outside right upper")  # beside the axes: inside, it covered bars and ticks
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     write_atomic(path, buf.getvalue())
 
 
-def build_table(rows, columns=SEED_COLUMNS, output_dir=MERGES_DIR, mean_column=False):
+def build_table(rows, columns=None, output_dir=None, mean_column=False, tasks=None):
     """Write output_dir/results.md and results.png; return the markdown.
 
     rows: [(label, folder)] (a bare folder gets label_for(folder)); scores are read from each
-    folder's lm_eval result files. columns: [(title, metric label, task, [result keys])].
+    folder's lm_eval result files, and a folder without any is left out with a warning.
+    columns: [(title, metric label, task, [result keys])]; default: the tasks the folders hold
+    (table_columns; `tasks` picks some). output_dir: default, the folders' common parent.
     mean_column adds "Mean", the mean of a row's scores (blank unless all are present)."""
     rows = [(label_for(r), r) if isinstance(r, (str, Path)) else tuple(r) for r in rows]
-    columns = [tuple(c) for c in columns]
+    found = {row: read_results(row[1]) for row in rows}
+    found = {row: results for row, results in found.items() if results[0]}
+    if not found:
+        raise UserError(
+            f"no lm_eval result files in {', '.join(str(f) for _, f in rows)}: "
+            f"run python evaluate.py {' '.join(str(f) for _, f in rows)} first"
+        )
+    for _, folder in [row for row in rows if row not in found]:
+        warn(f"{folder} holds no lm_eval results ({Path(folder) / RESULTS_DIR}/*/results_*.json): left out")
+    rows = list(found)
+    columns = [tuple(c) for c in columns] if columns is not None else table_columns(list(found.values()), tasks)
     values = []
-    for _, folder in rows:
-        results = read_results(folder)
-        row = [score(results, task, keys) for _, _, task, keys in columns]
+    for row in rows:
+        results = found[row][0]
+        cells = [score(results, task, keys) for _, _, task, keys in columns]
         if mean_column:
-            row.append(None if None in row else sum(row) / len(row))
-        values.append(row)
+            cells.append(None if None in cells else sum(cells) / len(cells))
+        values.append(cells)
+    if all(v is None for cells in values for v in cells):
+        held = sorted({t for results, _, _ in found.values() for t in results})
+        raise UserError(
+            f"no cell of the table can be filled: the folders hold scores of {', '.join(held)}, "
+            f"not of {', '.join(c[2] for c in columns) or 'the tasks asked for'}"
+        )
     titles = [c[0] for c in columns] + (["Mean"] if mean_column else [])
     metric_labels = [c[1] for c in columns] + ([""] if mean_column else [])
 
@@ -293,12 +369,38 @@ def build_table(rows, columns=SEED_COLUMNS, output_dir=MERGES_DIR, mean_column=F
     md += [line([label] + ["" if v is None else f"{v:.2f}" for v in row]) for (label, _), row in zip(rows, values)]
     markdown = "\n".join(md) + "\n"
 
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir) if output_dir is not None else default_output([f for _, f in rows])
     output_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(output_dir / "results.md", markdown.encode())
     ticks = [f"{title}\n{metric}" if metric else title for title, metric in zip(titles, metric_labels)]
     plot([label for label, _ in rows], ticks, values, output_dir / "results.png")
     return markdown
+
+
+def table_folders(paths):
+    """The folders --table reads: a path that is not there is an error (with a "did you mean"); a
+    file is skipped, quietly when it is a table this command wrote (`runs/merges/*` matches them)."""
+    folders = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            folders.append(path)
+        elif not path.exists():
+            raise UserError(f"{path} is not a folder{did_you_mean(path)}")
+        elif path.name not in TABLE_FILES:
+            warn(f"{path} is a file, not a model folder: skipped")
+    if not folders:
+        raise UserError(f"no folder among {' '.join(map(str, paths))}")
+    return folders
+
+
+def task_name(task):
+    """A --tasks entry as the result files name it: a task YAML file's `task`, else the name as given."""
+    task = task.strip()
+    if task.endswith(".yaml") and Path(task).is_file():
+        import yaml
+
+        return (yaml.safe_load(Path(task).read_text()) or {}).get("task", task)
+    return task
 
 
 # ----------------------------------------------------------------------------- main
@@ -319,11 +421,20 @@ def main(argv=None):
         default="auto",
         help="lm-eval model backend; auto: vllm when installed and on CUDA, else hf",
     )
-    parser.add_argument("--tasks", default=SEED_TASKS, help="comma-separated lm_eval task names or task YAML files")
+    parser.add_argument(
+        "--tasks",
+        default=None,
+        help=f"comma-separated lm_eval task names or task YAML files (default: {SEED_TASKS}; "
+        "with --table: the tasks the folders hold)",
+    )
     parser.add_argument(
         "--limit", type=float, default=None, help="lm_eval --limit: at most N examples per task (a fraction if < 1)"
     )
-    parser.add_argument("--output", default=MERGES_DIR, help="folder for results.md and results.png")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="folder for results.md and results.png (default: beside the folders, their common parent)",
+    )
     parser.add_argument("--device", default="auto", help="auto|cuda|cpu (the hf backend's device)")
     parser.add_argument(
         "--dtype",
@@ -357,10 +468,13 @@ def main(argv=None):
     if args.table:
         if passthrough:
             raise UserError(f"--table takes no lm_eval arguments, got {' '.join(passthrough)}")
-        markdown = build_table(args.folders, output_dir=args.output)
+        folders = table_folders(args.folders)
+        tasks = None if args.tasks is None else [task_name(t) for t in args.tasks.split(",") if t.strip()]
+        output = Path(args.output) if args.output else default_output(folders)
+        markdown = build_table(folders, output_dir=output, tasks=tasks)
         print(markdown, end="")
-        print(f"wrote {Path(args.output) / 'results.md'} and results.png in {time.perf_counter() - t0:.1f} s")
-        return Path(args.output) / "results.md"
+        print(f"wrote {output / 'results.md'} and results.png in {time.perf_counter() - t0:.1f} s")
+        return output / "results.md"
 
     managed = sorted({a.split("=", 1)[0] for a in passthrough} & MANAGED_OPTIONS)
     if managed:
@@ -370,7 +484,7 @@ def main(argv=None):
         )
     for folder in args.folders:
         check_model_folder(folder)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = [t.strip() for t in (args.tasks or SEED_TASKS).split(",") if t.strip()]
     if not tasks:
         raise UserError("--tasks is empty")
     device = choose_device(args.device)
@@ -399,7 +513,8 @@ def main(argv=None):
         run_lm_eval(cmd, folder)
         seconds[folder] = time.perf_counter() - start
 
-    markdown = build_table(args.folders, output_dir=args.output)
+    output = Path(args.output) if args.output else default_output(args.folders)
+    markdown = build_table(args.folders, output_dir=output)
     print(markdown, end="")
     samples = 0
     for folder in args.folders:
@@ -412,8 +527,8 @@ def main(argv=None):
         f"({', '.join(f'{Path(f).name} {s:.1f} s' for f, s in seconds.items())}); "
         f"{samples} samples, {samples / wall:.2f} samples/s; {peak_memory()} (lm_eval peak RSS {child_rss:.2f} GiB)"
     )
-    print(f"wrote {Path(args.output) / 'results.md'} and results.png")
-    return Path(args.output) / "results.md"
+    print(f"wrote {output / 'results.md'} and results.png")
+    return output / "results.md"
 
 
 if __name__ == "__main__":

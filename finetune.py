@@ -14,7 +14,7 @@ import torch
 
 from calibration import format_rows, tokenize_texts
 from tensor_io import checkpoint_files, read_tensor
-from utils import FORMATS
+from utils import FORMATS, Progress
 
 Example = tuple[list[int], list[int]]  # token ids, loss mask (1 where the token is a target)
 
@@ -62,8 +62,6 @@ def train(
     """AdamW with linear warm-up and cosine decay on right-padded batches drawn at random from `examples`.
     trainable(name) picks the parameters that train (default: all); autocast runs the forward pass in bfloat16
     (the weights and the optimizer stay float32). Returns the last loss and the number of tokens trained on."""
-    from tqdm import tqdm
-
     for name, p in model.named_parameters():
         p.requires_grad_(trainable is None or trainable(name))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -74,7 +72,7 @@ def train(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
     )
     model.train()
-    bar = tqdm(range(steps), desc=desc, leave=False)
+    bar = Progress(range(steps), desc=desc, leave=False)
     tokens = 0
     for _ in bar:
         batch = [examples[i] for i in torch.randint(len(examples), (batch_size,), generator=g).tolist()]

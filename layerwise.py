@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from calibration import Gram, LinearInputs, check_one_row_per_token, collate
 from tensor_io import read_tensor, tensor_infos, write_safetensors
-from utils import UserError, dtype_name
+from utils import Progress, UserError, dtype_name
 
 # model_type -> scale of the input embeddings (Gemma multiplies them by √hidden, in the model's dtype)
 SUPPORTED = {"llama": None, "mistral": None, "qwen2": None, "gemma": "sqrt_hidden"}
@@ -425,7 +424,7 @@ def grams_by_layer(
             f"(budget {plan['max_hidden_gb']:.3g} GiB)",
             file=sys.stderr,
         )
-    bar = tqdm(total=len(part_paths), initial=done, desc="gram (layers)", unit="layer", disable=not progress)
+    bar = Progress(total=len(part_paths), initial=done, desc="gram (layers)", unit="layer", disable=not progress)
     try:
         embed = read_tensor(files[adapter.embed_name], adapter.embed_name)
         for b, (input_ids, _, index) in enumerate(calib):

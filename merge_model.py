@@ -5,11 +5,11 @@ in bounded memory.
     python merge_model.py avg                  # code + math presets -> runs/merges/avg
     python merge_model.py regmean              # same, grams from runs/merges/{code,math}-llama3
                                                #   -> runs/merges/regmean_0.1
-    python merge_model.py regmean --models toy-code toy-math --alpha 1.0   # after `python demo.py`
+    python merge_model.py regmean --models toy-code toy-math --alpha 1.0   # after `python demo.py --toy`
     python merge_model.py regmean --models A B C --grams A/gram.safetensors B/gram.pkl C \
         --weights 1 1 2 --output-dir runs/merges/abc --dtype bfloat16 --overwrite
     python merge_model.py regmean++            # code + math presets on their data -> runs/merges/regmeanpp_0.1
-    python merge_model.py regmean++ --models toy-code toy-math          # after `python demo.py`
+    python merge_model.py regmean++ --models toy-code toy-math          # after `python demo.py --toy`
     python merge_model.py regmean++ --models A B --datasets a.jsonl b.jsonl --formats code math \
         --num-examples 2000 --max-length 256 --batch-size 16 --max-hidden-gb 20
     python merge_model.py --config recipe.yml --alpha 0.5    # a recipe (recipe.py); options given override it
@@ -81,7 +81,6 @@ from merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_line
 from merging import (
     BLOCK_MB,
     StreamingMerge,
-    check_gram_models,
     expert_labels,
     expert_weights,
     linear_modules,
@@ -90,6 +89,7 @@ from merging import (
     match_exclusions,
     merge_tensors,
     merged_infos,
+    open_gram_files,
     resolve_gram_paths,
     summarize,
     tied_head,
@@ -99,7 +99,7 @@ from merging import (
 from model_card import copy_side_files, gram_provenance, write_model_card
 from recipe import read_recipe, recipe_of
 from regmeanpp import CalibrationSettings, calibration_sets, merge_regmean_pp
-from tensor_io import ST_DTYPES, GramFile, ShardWriter
+from tensor_io import ST_DTYPES, ShardWriter
 from utils import (
     DTYPES,
     FORMATS,
@@ -148,6 +148,20 @@ class MergeSettings:
     allow_gram_mismatch: bool = False  # merge grams whose recorded model is not the expert at their position
     config: str | None = None  # the recipe file the settings were read from (options given override it)
     error_sample_every: int = SAMPLE_EVERY  # output error figures on every Nth output row (0: none)
+
+
+# The settings a method does not use: merge_report.json leaves them out rather than list values that played no part.
+PP_ONLY = ("datasets", "formats", "split", "num_examples", "max_length", "batch_size", "forward_dtype", "max_hidden_gb")
+UNUSED = {
+    "avg": (*PP_ONLY, "grams", "alpha", "exclude", "allow_gram_mismatch", "error_sample_every"),
+    "regmean": PP_ONLY,
+    "regmean++": ("grams", "allow_gram_mismatch"),
+}
+
+
+def used_settings(s: MergeSettings) -> dict:
+    """The settings of a merge that its method uses, for merge_report.json."""
+    return {k: v for k, v in asdict(s).items() if k not in UNUSED[s.method]}
 
 
 def parse_args(argv=None) -> MergeSettings:
@@ -320,9 +334,7 @@ def main(argv=None):
         gram_files, gram_paths, linear, calib, provenance, excluded = [], None, {}, None, [], []
         if s.method == "regmean":
             gram_paths = resolve_gram_paths(s.models, s.grams)
-            gram_files = [GramFile(p) for p in gram_paths]
-            for line in check_gram_models(experts, gram_files, s.allow_gram_mismatch):
-                print(line, file=sys.stderr)
+            gram_files = open_gram_files(experts, gram_paths, s.allow_gram_mismatch)
             linear = linear_modules(experts[0].infos, gram_files)
             provenance = [gram_provenance(g) for g in gram_files]
         elif pp:
@@ -407,7 +419,19 @@ def main(argv=None):
                 dtype_name(forward_dtype) if pp else None,
             )
             write_model_card(
-                tmp, s, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded, error_lines
+                tmp,
+                s,
+                experts,
+                provenance,
+                coefs,
+                out_dtype,
+                summary,
+                argv,
+                source,
+                recipe,
+                excluded,
+                error_lines,
+                card=out_dir / "README.md",
             )
             total_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in plan.values())
             figures = dict(
@@ -419,7 +443,7 @@ def main(argv=None):
             if pp:
                 figures.update(calibration_tokens=num_tokens, seconds_per_token=timer.total() / num_tokens)
             settings = dict(
-                asdict(s),
+                used_settings(s),
                 weights=weights,
                 output_dir=str(out_dir),
                 device=str(device),

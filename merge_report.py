@@ -38,7 +38,9 @@ KINDS = [
     ("down_proj", ("down_proj",)),
     ("lm_head", ("lm_head",)),
 ]
+# modules that read one input, told apart by line style and marker (a legend's short handle hides the style alone)
 LINESTYLES = {"q_proj": "-", "k_proj": "--", "v_proj": ":", "gate_proj": "-", "up_proj": "--"}
+MARKERS = {"q_proj": "o", "k_proj": "x", "v_proj": "^", "gate_proj": "o", "up_proj": "x"}
 
 
 def sample_step(num_rows: int, sample_every: int = SAMPLE_EVERY) -> int:
@@ -106,8 +108,9 @@ def short_name(tensor: str) -> str:
 def error_summary(layers: list[dict], names: list[str]) -> list[dict]:
     """Per expert, over the layers that have figures (report rows with an `output_error`): the
     median eᵢ of the merge and of the average, the merge's worst layer (and the average on it),
-    the average's worst layer, the share of layers where the merge is below the average, and the
-    largest relative sampling error of any figure."""
+    the average's worst layer, the shares of layers where the merge is below the average and where
+    it equals it, and the largest relative sampling error of any figure (its layer, and whether
+    it is the merge's figure or the average's)."""
     rows = [r for r in layers if r.get("output_error")]
     out = []
     for i, name in enumerate(names):
@@ -122,8 +125,14 @@ def error_summary(layers: list[dict], names: list[str]) -> list[dict]:
         average = torch.tensor([p[2] for p in pairs], dtype=torch.float64)
         worst, worst_avg = int(merged.argmax()), int(average.argmax())
         ses = [
-            e for r in rows for key in ("merged_se", "average_se") for e in [r["output_error"][key][i]] if e is not None
+            (e, r["tensor"], key)
+            for r in rows
+            for key in ("merged", "average")
+            for e in [r["output_error"][f"{key}_se"][i]]
+            if e is not None
         ]
+        se, se_layer, se_figure = max(ses, default=(0.0, None, None))
+        equal = (merged - average).abs() <= 1e-6 * average.abs()  # the merge is the average there (an avg merge)
         out.append(
             dict(
                 expert=name,
@@ -135,15 +144,19 @@ def error_summary(layers: list[dict], names: list[str]) -> list[dict]:
                 average_on_that_layer=average[worst].item(),
                 average_worst=average[worst_avg].item(),
                 average_worst_layer=pairs[worst_avg][0],
-                merged_below_average=(merged < average).double().mean().item(),
-                max_sampling_se=max(ses) if ses else 0.0,
+                merged_below_average=((merged < average) & ~equal).double().mean().item(),
+                merged_equal_average=equal.double().mean().item(),
+                max_sampling_se=se,
+                max_sampling_se_layer=se_layer,
+                max_sampling_se_figure=se_figure,
             )
         )
     return out
 
 
-def summary_lines(summary: list[dict], method: str = "merged") -> list[str]:
-    """The summary in a few lines, for the log and the model card."""
+def summary_lines(summary: list[dict], method: str = "merged", every: str = "--error-sample-every") -> list[str]:
+    """The summary in a few lines, for the log and the model card; `every` is the option that sets the
+    row sampling (merge_model.py's --error-sample-every, judge_merge.py's --sample-every)."""
     if not summary:
         return []
     lines = [
@@ -152,15 +165,36 @@ def summary_lines(summary: list[dict], method: str = "merged") -> list[str]:
     ]
     for s in summary:
         worst, avg_worst = short_name(s["merged_worst_layer"]), short_name(s["average_worst_layer"])
+        equal = s.get("merged_equal_average", 0.0)
+        if equal == 1.0:
+            lines.append(
+                f"- {s['expert']}: median {s['merged_median']:.3g}, worst {s['merged_worst']:.3g} at {worst}; "
+                f"the same figures as the weighted average on all {s['layers']} layers: this merge is the average "
+                "(as an avg merge is)"
+            )
+            continue
+        same = f", equal to it on {100 * equal:.0f}%" if equal > 0 else ""
         lines.append(
             f"- {s['expert']}: median {s['merged_median']:.3g} (average {s['average_median']:.3g}); "
             f"worst {s['merged_worst']:.3g} at {worst} (average {s['average_on_that_layer']:.3g} there; "
             f"its worst {s['average_worst']:.3g} at {avg_worst}); "
-            f"below the average on {100 * s['merged_below_average']:.0f}% of {s['layers']} layers"
+            f"below the average on {100 * s['merged_below_average']:.0f}%{same} of {s['layers']} layers"
         )
-    se = max(s["max_sampling_se"] for s in summary)
+    top = max(summary, key=lambda s: s["max_sampling_se"])
+    se = top["max_sampling_se"]
     if se > 0:
-        lines.append(f"(figures from sampled output rows; largest relative sampling error {se:.2g})")
+        figure = method if top.get("max_sampling_se_figure") == "merged" else "average's"
+        where = f"{short_name(top['max_sampling_se_layer'])} ({figure} figure, {top['expert']})"
+        if se <= 0.1:
+            verdict = f"small: every figure is good to about ±{se:.0%}"
+        else:
+            verdict = (
+                f"that figure is only good to about ±{se:.0%}, the medians over many layers are steadier; "
+                f"{every} 1 takes every row (exact figures, slower)"
+            )
+        lines.append(
+            f"(figures from sampled output rows; largest relative sampling error {se:.2g}, at {where}: {verdict})"
+        )
     return lines
 
 
@@ -177,7 +211,8 @@ def draw_picture(layers: list[dict], names: list[str], path: str | Path, title: 
     ratios = [0.6 if kind == "lm_head" else 1.0 for kind in kinds]
     height = 2.6 * sum(ratios) + 1.0
     fig = Figure(figsize=(11, height))  # margins set by hand: a layout engine would double the drawing time
-    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.5 / height, top=1 - 0.85 / height, wspace=0.06, hspace=0.5)
+    # the legends go right of the panels (inside, they cover lines): 2.2 inches kept for them
+    fig.subplots_adjust(left=0.08, right=0.8, bottom=0.5 / height, top=1 - 0.85 / height, wspace=0.06, hspace=0.5)
     axes = fig.subplots(len(kinds), 2, sharey="row", squeeze=False, gridspec_kw=dict(height_ratios=ratios))
     colors = [f"C{i}" for i in range(len(names))]
     for row, kind in enumerate(kinds):
@@ -190,8 +225,10 @@ def draw_picture(layers: list[dict], names: list[str], path: str | Path, title: 
                     values = [r["output_error"][key][i] for r in members]
                     ax.plot([name] * len(values), values, "o", color=colors[i], markersize=8)
                     positive |= any(v is not None and v > 0 for v in values)
+                ax.margins(x=0.4)  # the experts' names under the points stay apart
             else:
-                parts = sorted({r["tensor"].removesuffix(".weight").rsplit(".", 1)[-1] for r in members})
+                parts = {r["tensor"].removesuffix(".weight").rsplit(".", 1)[-1] for r in members}
+                parts = sorted(parts, key=lambda p: (list(MARKERS).index(p) if p in MARKERS else len(MARKERS), p))
                 for i, name in enumerate(names):
                     for part in parts:
                         pts = sorted(
@@ -204,7 +241,8 @@ def draw_picture(layers: list[dict], names: list[str], path: str | Path, title: 
                         if not pts:
                             continue
                         label = name if len(parts) == 1 else f"{name} {part}"
-                        ax.plot(*zip(*pts), LINESTYLES.get(part, "-"), color=colors[i], marker=".", label=label)
+                        style = dict(linestyle=LINESTYLES.get(part, "-"), marker=MARKERS.get(part, "."), markersize=4)
+                        ax.plot(*zip(*pts), color=colors[i], label=label, **style)
                         positive |= any(v > 0 for _, v in pts)
                 ax.set_xlabel("layer")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -214,8 +252,8 @@ def draw_picture(layers: list[dict], names: list[str], path: str | Path, title: 
             ax.set_title(f"{kind}: {method if key == 'merged' else 'weighted average'}", fontsize=10)
             if col == 0:
                 ax.set_ylabel("relative output error")
-        if kind != "lm_head":
-            axes[row][1].legend(fontsize=7, ncol=max(1, len(names)), loc="best")
+        if kind != "lm_head" and axes[row][1].get_legend_handles_labels()[0]:
+            axes[row][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.03, 1), borderaxespad=0, handlelength=3)
     fig.suptitle(
         f"{title}\nrelative output error eᵢ = tr((W−Wᵢ)Gᵢ(W−Wᵢ)ᵀ) / tr(WᵢGᵢWᵢᵀ) on each expert's own inputs "
         "(lower: more of expert i kept)",

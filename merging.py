@@ -18,13 +18,13 @@ solver's own float32 rows and grams as the merge runs.
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from merge_report import SAMPLE_EVERY, block_slice, layer_figures, sample_step
 from regmean import RegMeanSystem, output_error_terms
@@ -38,7 +38,7 @@ from tensor_io import (
     read_tensor,
     tensor_infos,
 )
-from utils import PRESETS, Timer, UserError, first_line, resolve_model_dir
+from utils import PRESETS, Progress, Timer, UserError, first_line, natural_key, resolve_model_dir
 
 BLOCK_MB = 64  # large tensors are merged in blocks of rows of about this many MB per expert, as float32
 
@@ -71,13 +71,22 @@ def expert_weights(specs: list[str], weights: list[float] | None) -> list[float]
     return weights
 
 
+def preset_of(spec: str) -> str | None:
+    """The preset a model is: by its name, or by its folder (runs/demo/smollm2-code is smollm2-code's)."""
+    if spec in PRESETS:
+        return spec
+    here = Path(spec).resolve()
+    return next((name for name, p in PRESETS.items() if Path(p["model"]).resolve() == here), None)
+
+
 def resolve_gram_paths(specs: list[str], grams: list[str] | None) -> list[str]:
-    """One gram file or folder per expert: as given, or each preset's gram folder."""
+    """One gram file or folder per expert: as given, or the gram folder of each expert's preset."""
     if grams is None:
-        missing = [spec for spec in specs if spec not in PRESETS]
+        presets = [preset_of(spec) for spec in specs]
+        missing = [spec for spec, preset in zip(specs, presets) if preset is None]
         if missing:
             raise UserError(f"no default grams for {missing[0]!r} (not a preset): pass --grams, one per model")
-        grams = [PRESETS[spec]["gram_dir"] for spec in specs]
+        grams = [PRESETS[preset]["gram_dir"] for preset in presets]
     if len(grams) != len(specs):
         raise UserError(f"--grams has {len(grams)} files for {len(specs)} models")
     return [str(g) for g in grams]
@@ -233,6 +242,16 @@ def check_gram_models(experts: list[Expert], gram_files: list[GramFile], allow: 
     return notes
 
 
+def open_gram_files(experts: list[Expert], paths: list[str], allow: bool = False) -> list[GramFile]:
+    """The experts' gram files, each checked to describe the expert at its position (check_gram_models:
+    a swap is refused and named unless `allow`), its notes on stderr. merge_model.py and judge_merge.py
+    both open their grams here, so that both refuse the same mistakes."""
+    gram_files = [GramFile(p) for p in paths]
+    for line in check_gram_models(experts, gram_files, allow):
+        print(line, file=sys.stderr)
+    return gram_files
+
+
 def linear_weight_names(config_dir: Path, infos: dict) -> list[str]:
     """The modules of the architecture that are nn.Linear and whose weight the checkpoint holds
     (a tied lm_head has none), read off a meta-device skeleton."""
@@ -256,7 +275,7 @@ def match_exclusions(patterns: list[str], modules: list[str]) -> list[str]:
         if not hits:
             raise UserError(f"--exclude {pattern!r} matches no linear layer (e.g. {modules[0]}, {modules[-1]})")
         found |= hits
-    return [m for m in modules if m in found]
+    return sorted(found, key=natural_key)  # layers.2 before layers.10
 
 
 def linear_modules(infos: dict, gram_files: list[GramFile]) -> dict[str, int]:
@@ -278,7 +297,7 @@ def linear_modules(infos: dict, gram_files: list[GramFile]) -> dict[str, int]:
                     f"{grams.path}: gram of {module} has shape {list(grams.shape(module))}, expected [{n}, {n}]"
                 )
         keys = sorted({grams.key_of[m] for m in linear})
-        for key in tqdm(keys, desc=f"checking {grams.path.name}", leave=False, disable=len(keys) < 50):
+        for key in Progress(keys, desc=f"checking {grams.path}", leave=False, disable=len(keys) < 50):
             if not torch.isfinite(grams.get(key)).all():
                 raise UserError(f"{grams.path}: gram {key} holds NaN or Inf")
     return linear
@@ -487,7 +506,7 @@ def merge_tensors(
     group_of = {name: key for key, names in groups.items() for name in names}
     tokens = [int(g.metadata["num_tokens"]) if "num_tokens" in g.metadata else None for g in gram_files]
     done, report = set(), []
-    bar = tqdm(total=len(infos), desc=desc, unit="tensor")
+    bar = Progress(total=len(infos), desc=desc, unit="tensor")
     for name in infos:
         if name in done:
             continue
@@ -538,7 +557,7 @@ def judge_tensors(
     rows as a merge takes them. Returns one report row per weight: tensor, gram, output_error."""
     infos, report = experts[0].infos, []
     groups = gram_groups(gram_files, linear)
-    bar = tqdm(total=sum(len(v) for v in groups.values()), desc="judging", unit="layer")
+    bar = Progress(total=sum(len(v) for v in groups.values()), desc="judging", unit="layer")
     for key, members in groups.items():
         grams = [g.get(k).to(device, torch.float32) for g, k in zip(gram_files, key)]
         picks = {}

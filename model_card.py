@@ -44,11 +44,12 @@ def gram_provenance(grams: GramFile) -> dict:
 
 
 def write_model_card(
-    out_dir, s, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded, errors=()
+    out_dir, s, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded, errors=(), card=None
 ):
     """provenance: per expert, where its grams come from (a gram file's, or regmean++'s data); or [].
     source: the expert the config and tokenizer come from; excluded: linear layers averaged (--exclude);
-    errors: the output error summary's lines."""
+    errors: the output error summary's lines; card: the card's final path, as the user names it
+    (out_dir is where it is written, a temporary folder)."""
     tags = {"avg": [], "regmean": ["regmean"], "regmean++": ["regmean", "regmean-plus-plus"]}[s.method]
     grew = len({e.config.get("vocab_size") for e in experts}) > 1
     lines = [
@@ -110,7 +111,7 @@ def write_model_card(
             f"Excluded from {s.method} (the weighted mean instead), matching {patterns}: {', '.join(excluded)}.",
             "",
         ]
-    lines += card_section(recipe)
+    lines += card_section(recipe, card or out_dir / "README.md")
     lines += [
         "Command:",
         "",

@@ -17,15 +17,16 @@ again from its own card: `python merge_model.py --config MERGED/README.md --outp
 
     settings = read_recipe("recipe.yml")   # {MergeSettings field: value}, checked
     recipe = recipe_of(asdict(merge_settings), weights, "bfloat16", gram_paths)  # a merge as run
-    lines = card_section(recipe)           # the model card's section, which read_recipe reads back
+    lines = card_section(recipe, "runs/merges/regmean_0.1/README.md")  # the card's section, read back
 """
 
 import re
+import shlex
 from pathlib import Path
 
 import yaml
 
-from utils import DTYPES, MERGE_METHODS, UserError, first_line
+from utils import DTYPES, MERGE_METHODS, UserError, did_you_mean, first_line, nth
 
 # recipe key of each model entry -> the merge setting holding one value per model
 MODEL_KEYS = {"model": "models", "grams": "grams", "weight": "weights", "dataset": "datasets", "format": "formats"}
@@ -81,10 +82,11 @@ def recipe_settings(recipe, source: str) -> dict:
     if models is not None:
         if not isinstance(models, list) or not all(isinstance(m, dict) and "model" in m for m in models):
             raise UserError(f"{source}: models must be a list of entries, each with a `model`")
+        where = [f"{source}: the {nth(i)} model ({m['model']})" for i, m in enumerate(models)]  # counted from 1
         for i, m in enumerate(models):
-            check_keys(f"{source}: models[{i}]", m, [*MODEL_KEYS, "parameters"])
+            check_keys(where[i], m, [*MODEL_KEYS, "parameters"])
             if "parameters" in m:  # mergekit writes a model's weight as `parameters: {weight: w}`
-                check_keys(f"{source}: models[{i}].parameters", m["parameters"] or {}, ["weight"])
+                check_keys(f"{where[i]}, parameters", m["parameters"] or {}, ["weight"])
                 models[i] = {k: v for k, v in m.items() if k != "parameters"} | (m["parameters"] or {})
         for key, setting in MODEL_KEYS.items():
             given = [m[key] for m in models if key in m]
@@ -92,7 +94,7 @@ def recipe_settings(recipe, source: str) -> dict:
                 raise UserError(f"{source}: `{key}` is given for {len(given)} of {len(models)} models (all or none)")
             if given:
                 kind = float if key == "weight" else str
-                out[setting] = [typed(f"{source}: models[{i}].{key}", v, kind) for i, v in enumerate(given)]
+                out[setting] = [typed(f"{where[i]}, {key}", v, kind) for i, v in enumerate(given)]
     parameters = recipe.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise UserError(f"{source}: parameters must be a mapping")
@@ -113,7 +115,7 @@ def read_recipe(path: str | Path) -> dict:
     if path.is_dir():
         path = path / "README.md"
     if not path.is_file():
-        raise UserError(f"--config {path} does not exist")
+        raise UserError(f"--config {path} does not exist{did_you_mean(path)}")
     text = path.read_text()
     if path.suffix == ".md":
         found = CARD_RECIPE.search(text)
@@ -163,13 +165,14 @@ def recipe_yaml(recipe: dict) -> str:
     return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False)
 
 
-def card_section(recipe: dict) -> list[str]:
-    """The model card's `## Recipe` section, which read_recipe finds again."""
+def card_section(recipe: dict, card: str | Path = "README.md") -> list[str]:
+    """The model card's `## Recipe` section, which read_recipe finds again; `card` is the card's path as the
+    merge was given it, so that the command shown runs from where the merge ran."""
     return [
         "## Recipe",
         "",
-        "`python merge_model.py --config README.md --output-dir DIR` makes this merge again (paths as given where "
-        "it ran):",
+        f"`python merge_model.py --config {shlex.quote(str(card))} --output-dir DIR` makes this merge again, run "
+        "from where this one ran (the paths below are as given there):",
         "",
         "```yaml",
         recipe_yaml(recipe).rstrip(),

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from calibration import (
     BATCH_SIZE,
@@ -33,7 +32,7 @@ from calibration import (
 )
 from layerwise import DecoderAdapter, HiddenStates, layer_grams
 from merging import Expert, StreamingMerge
-from utils import FORMATS, PRESETS, UserError
+from utils import FORMATS, PRESETS, Progress, UserError
 
 
 # ----------------------------------------------------------------------------- calibration data
@@ -126,7 +125,7 @@ def merge_regmean_pp(
     del embed
 
     # 3. Per layer: grams on each expert's own layer, the RegMean solve, the hidden states moved on.
-    for l in tqdm(range(num_layers), desc="regmean++", unit="layer"):
+    for l in Progress(range(num_layers), desc="regmean++", unit="layer"):
         prefix = model.layer_prefix(l)
         grams, aliases = [], {}
         for i, e in enumerate(experts):

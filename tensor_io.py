@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from utils import GRAM_FILE, SEED_GRAM_FILE, UserError, first_line
+from utils import GRAM_FILE, SEED_GRAM_FILE, UserError, did_you_mean, first_line
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, format section)
 SAFETENSORS_DTYPES = {
@@ -248,11 +248,12 @@ class GramFile:
     """
 
     def __init__(self, path: str | Path):
-        path = Path(path)
+        given, path = path, Path(path)
         if path.is_dir():
             path = path / GRAM_FILE if (path / GRAM_FILE).exists() else path / SEED_GRAM_FILE
         if not path.exists():
-            raise UserError(f"gram file {path} does not exist (run compute_gram.py first)")
+            hint = did_you_mean(given) or " (run compute_gram.py first)"
+            raise UserError(f"gram file {path} does not exist{hint}")
         self.path = path
         if path.suffix == ".safetensors":
             from safetensors import safe_open

@@ -7,6 +7,7 @@ evaluate.py, demo.py) are the entry points.
 
 import contextlib
 import os
+import re
 import resource
 import shutil
 import sys
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- presets
 # The seed's two experts and their calibration data; smollm2-* are built by `python demo.py`, toy-* by `--toy`.
@@ -92,7 +94,15 @@ def check_at_least_one(**values: int) -> None:
 
 
 def run_main(main):
-    """Run a stage's main(); a UserError becomes one clear line on stderr and exit 2."""
+    """Run a stage's main(); a UserError becomes one clear line on stderr and exit 2. In a log (stderr
+    not a terminal) the libraries' progress bars are off too, as ours are (Progress)."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers, datasets; lm_eval's children
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+        if "transformers" in sys.modules:  # it reads the setting once, at import
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         main()
     except UserError as e:
@@ -202,16 +212,95 @@ def resolve_model_dir(name_or_path):
     spec = PRESETS[name_or_path]["model"] if name_or_path in PRESETS else name_or_path
     if Path(spec).is_dir():
         return Path(spec)
+    hint = did_you_mean(spec, PRESETS)
     if Path(spec).exists() or spec.startswith((".", "/")) or spec.count("/") != 1:
-        raise UserError(f"model {spec!r} is neither a folder nor a hub id (owner/name)")
-    from huggingface_hub import snapshot_download
+        raise UserError(f"model {spec!r} is neither a folder nor a hub id (owner/name){hint}")
+    from huggingface_hub import constants, snapshot_download
 
     try:
         return Path(
             snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
         )
     except Exception as e:  # offline, missing repo, no access: one line, not a traceback
-        raise UserError(f"cannot get model {spec!r} from the hub: {first_line(e)}") from e
+        if constants.HF_HUB_OFFLINE:  # not in the local cache either
+            raise UserError(
+                f"model {spec!r}: no such folder here, and the hub is unreachable (HF_HUB_OFFLINE=1){hint}"
+            ) from e
+        raise UserError(f"cannot get model {spec!r} from the hub: {first_line(e)}{hint}") from e
+
+
+def did_you_mean(path, names=()) -> str:
+    """ "; did you mean runs/demo/merges/regmean_0.1?" for a path that is not there: each missing part
+    replaced by the closest name in its folder, when that leads to something that exists; `names`
+    (e.g. the presets) are tried first for a bare name. "" when nothing is close."""
+    import difflib
+
+    text = str(path)
+    if "/" not in text:
+        close = difflib.get_close_matches(text, list(names), n=1)
+        if close:
+            return f"; did you mean {close[0]}?"
+    p = Path(text)
+    here, parts = (Path(p.parts[0]), p.parts[1:]) if p.is_absolute() else (Path(), p.parts)
+    for i, part in enumerate(parts):
+        if not (here / part).exists():
+            try:
+                close = difflib.get_close_matches(part, sorted(c.name for c in here.iterdir()), n=1)
+            except OSError:
+                return ""
+            if not close:  # a folder left out (runs/smollm2-code for runs/demo/smollm2-code)?
+                rest = Path(*parts[i:])
+                found = sorted(here.glob(f"*/{rest}")) or sorted(here.glob(f"*/*/{rest}"))
+                return f"; did you mean {found[0]}?" if found else ""
+            part = close[0]
+        here = here / part
+    return f"; did you mean {here}?" if here != p and here.exists() else ""
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders numbers as numbers: layers.2 before layers.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth"]
+
+
+def nth(index: int) -> str:
+    """0 -> "first", 1 -> "second", ...: the 1-based place of a list entry in words."""
+    return ORDINALS[index] if index < len(ORDINALS) else f"{index + 1}th"
+
+
+# ----------------------------------------------------------------------------- progress
+class Progress(tqdm):
+    """A tqdm bar on a terminal; where stderr is not one (a redirected log) no bar, but one line when
+    it closes (desc: N unit in S s), unless leave=False (a transient sub-step). Every long loop
+    takes its bar from here: `for x in Progress(xs, desc="merge", unit="tensor")`."""
+
+    def __init__(self, iterable=None, *args, **kwargs):
+        self.quiet = not kwargs.get("disable") and not sys.stderr.isatty()
+        if self.quiet:
+            kwargs["disable"] = True
+        self.said = dict(
+            desc=kwargs.get("desc") or "done", unit=kwargs.get("unit", "it"), leave=kwargs.get("leave", True)
+        )
+        self.count, self.t0 = kwargs.get("initial", 0), time.perf_counter()
+        super().__init__(iterable, *args, **kwargs)
+
+    def __iter__(self):
+        for item in super().__iter__():
+            self.count += 1
+            yield item
+
+    def update(self, n=1):
+        self.count += n
+        return super().update(n)
+
+    def close(self):
+        if self.quiet and self.said["leave"]:
+            self.quiet = False  # once: close runs again at garbage collection
+            s = time.perf_counter() - self.t0
+            print(f"{self.said['desc']}: {self.count:g} {self.said['unit']} in {s:.1f} s", file=sys.stderr)
+        super().close()
 
 
 # ----------------------------------------------------------------------------- output folders

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import demo
+import evaluate
 
 
 def test_toy_rows_are_right_and_held_out_rows_never_trained_on():
@@ -75,3 +76,9 @@ def test_quick_demo_runs_the_whole_flow(tmp_path):
     assert "demo wall time" in results.read_text()
     assert (root / "results.png").stat().st_size > 1000
     assert demo.is_built(root)  # so the next run reuses the experts
+    # what a user types next (issue 25): the merges' table from their results, beside them
+    table = evaluate.main(["--table", *map(str, sorted((root / "merges").iterdir()))])
+    assert table == root / "merges" / "results.md"
+    md = table.read_text().splitlines()
+    assert md[0] == "| Method/Benchmark | toy_code | toy_math |" and len(md) == 3 + 4
+    assert [line.split("|")[2:4] for line in md[3:]] == [line.split("|")[2:4] for line in lines[5:]]
