@@ -450,6 +450,8 @@ class StreamingMerge:
                     path=system.path,
                     ridge=system.ridge,
                     probe_error=system.probe_error,
+                    cutoff=system.cutoff,
+                    unexcited=system.unexcited,
                     residual=worst_residual,
                     error_estimate=worst_error,
                     seconds=round(time.perf_counter() - t0 + factor_s, 4),
@@ -509,18 +511,32 @@ def merge_tensors(
 
 
 def summarize(report: list[dict]) -> str:
-    """One line on the solves of a merge: layers, paths taken, worst residual and error."""
+    """One line on the solves of a merge: layers, paths taken, directions left at the average, worst
+    residual and error."""
     if not report:
         return ""
     paths = {}
     for r in report:
         paths[r["path"]] = paths.get(r["path"], 0) + 1
+    short = [r for r in report if r.get("unexcited")]
     return (
         f"{len(report)} linear layers; paths "
         + ", ".join(f"{k} {v}" for k, v in sorted(paths.items()))
+        + f"; {sum(r['unexcited'] for r in short)} input directions left at the average in {len(short)} layers"
         + f"; max relative residual {max(r['residual'] for r in report):.2e}"
         + f"; max estimated relative error {max(r['error_estimate'] for r in report):.2e}"
     )
+
+
+def unexcited_lines(report: list[dict]) -> list[str]:
+    """One log line per linear layer with input directions the calibration data never excited (its
+    system's eigenvalues below the float32 cutoff): how many, of how many, were left at the average."""
+    return [
+        f"{r['tensor']}: {r['unexcited']} of {r['n']} input directions unexcited (eigenvalue below "
+        f"{r['cutoff']:.2e}), left at the average"
+        for r in report
+        if r.get("unexcited")
+    ]
 
 
 def judge_tensors(
