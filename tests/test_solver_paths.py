@@ -111,5 +111,7 @@ def test_bad_alpha_and_weights_are_refused_with_nothing_written(experts, args, n
     out = tmp_path / "m"
     grams = [str(tmp_path / "g0.safetensors"), str(tmp_path / "g1.safetensors")]  # refused before any file is read
     with pytest.raises(UserError, match=re.escape(needle)):
-        merge_model.main(["regmean", "--models", *map(str, experts), "--grams", *grams, *args, "--output-dir", str(out)])
+        merge_model.main(
+            ["regmean", "--models", *map(str, experts), "--grams", *grams, *args, "--output-dir", f"{out}"]
+        )
     assert list(tmp_path.iterdir()) == []

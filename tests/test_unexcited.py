@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
+from test_merge import activations, correction_error, grams_of, read_folder, resolved_gram, write_project_grams
 
 import compute_gram
 import merge_model
 from conftest import save_expert, tiny_config
 from demo import write_jsonl
-from test_merge import activations, grams_of, read_folder, write_project_grams
 
 HIDDEN, INTERMEDIATE = 128, 256  # more than the calibration tokens of all experts together
 MAX_LENGTH = 64
@@ -53,9 +53,9 @@ def check_merge(out, wide, which, coefs):
     (2) on the data, in every direction float32 grams resolve, the merged layer's outputs are those
     of the float64 minimum-norm solve (pinv), within FIT_TOLERANCE of its correction to the average.
     "Resolved" here: an eigen-direction u of the float64 Σ cᵢ Gᵢ whose eigenvalue is 100 times
-    above eps32 · (Σᵢ |uᵢ| sqrt(Aᵢᵢ))², how far float32 rounding can move it (the merge keeps
-    directions from 10 times up). Below that a float32 gram cannot tell data from rounding; the
-    correction's share there is printed. Returns the null dimensions."""
+    above eps32 · (Σᵢ |uᵢ| sqrt(Aᵢᵢ))², how far float32 rounding can move it (test_merge.resolved_gram;
+    the merge keeps directions from 30 times up). Below that a float32 gram cannot tell data from
+    rounding; the error on all directions is printed. Returns the null dimensions."""
     merged = read_folder(out)
     report = {r["tensor"]: r for r in json.loads((out / "merge_report.json").read_text())["layers"]}
     nulls = {}
@@ -74,21 +74,12 @@ def check_merge(out, wide, which, coefs):
         if null.shape[1]:
             assert bool((torch.diagonal(a) > 0).all()), f"{module}: a dead input feature, not a rotated null space"
             part = ((w - average) @ null).norm() / average.norm()
-            assert part <= NULL_TOLERANCE, f"{module}: {part:.2e} of the average in {null.shape[1]} unexcited directions"
+            assert part <= NULL_TOLERANCE, f"{module}: {part:.2e} of the average in {null.shape[1]} null directions"
             assert report[name]["unexcited"] >= null.shape[1] and report[name]["path"] == "eigh64", report[name]
-        evals, evecs = torch.linalg.eigh(a)
-        floor = torch.finfo(torch.float32).eps * (evecs.abs().T @ torch.diagonal(a).sqrt()) ** 2
-        resolved = evecs[:, evals > 100 * floor]
-
-        def energy(v):  # Σ cᵢ ‖Xᵢ vᵀ‖² / nᵢ on the resolved directions (they are A's eigenvectors)
-            return ((v @ resolved) ** 2 * evals[evals > 100 * floor]).sum()
-
-        correction = energy(ref - average)
-        assert correction > 1e-6 * energy(average), f"{module}: nothing to check"
-        fit = (energy(w - ref) / correction).sqrt().item()
+        fit = correction_error(w, ref, average, resolved_gram(a))
         assert fit <= FIT_TOLERANCE, f"{module}: output off float64's by {fit:.2e} of the correction"
-        full = ((evecs.T @ (ref - average).T) ** 2 * evals[:, None].clamp_min(0)).sum()
-        print(f"{module}: {null.shape[1]} null, {1 - correction / full:.1e} of the correction unresolved by float32")
+        every = correction_error(w, ref, average, a)
+        print(f"{module}: {null.shape[1]} null directions; against float64 on all directions {every:.1e}")
     assert sum(n > 0 for n in nulls.values()) >= 5, nulls  # most layers have unexcited directions
     return nulls
 
@@ -99,7 +90,8 @@ def test_unexcited_directions_keep_the_average(wide, which, weights, tmp_path, c
     grams = []
     for i in which:
         acts = wide["acts"][i]
-        grams.append(write_project_grams(tmp_path / f"g{i}.safetensors", grams_of(acts), len(next(iter(acts.values())))))
+        num_tokens = len(next(iter(acts.values())))
+        grams.append(write_project_grams(tmp_path / f"g{i}.safetensors", grams_of(acts), num_tokens))
     out = tmp_path / "m"
     merge_model.main(
         ["regmean", "--models", *[str(wide["experts"][i]) for i in which], "--grams", *map(str, grams)]
