@@ -87,6 +87,7 @@ from merging import (
     check_gram_models,
     expert_labels,
     expert_weights,
+    experts_dtype,
     linear_modules,
     linear_weight_names,
     load_experts,
@@ -110,7 +111,7 @@ from regmeanpp import (
     hidden_states_plan,
     merge_regmean_pp,
 )
-from tensor_io import ST_DTYPES, GramFile, ShardWriter
+from tensor_io import GramFile, ShardWriter
 from utils import (
     DTYPES,
     FORMATS,
@@ -256,7 +257,12 @@ def parse_args(argv=None) -> MergeSettings:
         "--device",
         help="auto, cuda or cpu: where the solves (and regmean++'s forward passes) run (default: auto)",
     )
-    p.add_argument("--dtype", choices=["auto", *DTYPES], help="output dtype (default: auto, the experts' dtype)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        help="output dtype (default: auto, the experts' dtype; where experts differ, the widest of theirs, and "
+        "float32 for bfloat16 with float16)",
+    )
     p.add_argument("--max-shard-size", help=f"size of the output shards (default: {d.max_shard_size})")
     p.add_argument(
         "--block-mb",
@@ -345,8 +351,7 @@ def main(argv=None):
             candidates = list(linear) if linear else linear_weight_names(source.dir, experts[0].infos)
             excluded = match_exclusions(s.exclude, candidates)
     infos = merged_infos(experts)
-    float_dtypes = [ST_DTYPES[d] for _, d in experts[-1].infos.values() if ST_DTYPES[d].is_floating_point]
-    out_dtype = choose_dtype(s.dtype, device, default=max(set(float_dtypes), key=float_dtypes.count))
+    out_dtype = choose_dtype(s.dtype, device, default=experts_dtype(experts))
     plan = {name: (shape, writer_dtype(out_dtype, st_dtype)) for name, (shape, st_dtype) in infos.items()}
     what = {
         "avg": "all by the mean",

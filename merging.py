@@ -185,6 +185,20 @@ def vocab_source(experts: list[Expert]) -> Expert:
     return [e for e in experts if (e.config.get("vocab_size") or 0) == size][-1]
 
 
+def experts_dtype(experts: list[Expert]) -> torch.dtype:
+    """The output dtype of `--dtype auto`: the experts' dtype (each expert's: that of most of its floating
+    tensors); where experts differ, the widest of them, and float32 for bfloat16 with float16 (neither holds
+    the other)."""
+    dtypes = set()
+    for e in experts:
+        floating = [ST_DTYPES[d] for _, d in e.infos.values() if ST_DTYPES[d].is_floating_point]
+        dtypes.add(max(set(floating), key=floating.count))
+    widest = max(dtypes, key=lambda d: d.itemsize)
+    if len(dtypes) > 1 and widest.itemsize <= 2:
+        return torch.float32
+    return widest
+
+
 def merged_infos(experts: list[Expert]) -> dict[str, tuple[tuple[int, ...], str]]:
     """{tensor name: (shape, safetensors dtype)} of the merge: the experts' own, but with the most
     rows where vocabularies differ."""
