@@ -20,15 +20,19 @@ For every linear layer y = x Wᵀ (W is out x in) whose input has a gram in ever
     G̃ᵢ = α Gᵢ + (1 - α) diag(Gᵢ)                       (α = --alpha; 1 is plain RegMean)
     (Σᵢ cᵢ G̃ᵢ + λI) Wᵀ = Σᵢ cᵢ G̃ᵢ Wᵢᵀ + λ W_avgᵀ        (cᵢ = normalized --weights)
 solved for the deviation from the weighted average W_avg by a Cholesky factorization shared
-by the layers that read the same input (q/k/v, gate/up). λ is a tiny ridge: input directions
-the data never excites keep the average. Every other tensor (embeddings, norms, biases,
+by the layers that read the same input (q/k/v, gate/up). Input directions the data never
+excites keep the average: those where the eigenvalue of Σᵢ cᵢ G̃ᵢ is below the float32 rounding
+floor of the grams, n · eps32 · λmax (pinv's default cutoff at float32 precision); λ is a tiny
+ridge toward the average. Every other tensor (embeddings, norms, biases,
 layers without grams) is the weighted mean; `avg` is the weighted mean of every tensor.
 
 The solve is float32 Cholesky where that is accurate (its error is measured on random probes
 per input), float64 Cholesky where the gram is too ill-conditioned for float32, and an
 eigendecomposition where even that fails; never lstsq (whose default CPU driver truncates the
-rank of ill-conditioned grams). merge_report.json holds the path, ridge, relative residual,
-estimated error and time of every linear layer.
+rank of ill-conditioned grams); a system singular within float32 precision always takes the
+eigendecomposition. merge_report.json holds the path, ridge, cutoff, the number of input
+directions left at the average (`unexcited`, also in the log), relative residual, estimated
+error and time of every linear layer.
 
 As it merges, regmean and regmean++ measure how much of each expert every linear layer keeps:
 eᵢ(W) = tr((W − Wᵢ) Gᵢ (W − Wᵢ)ᵀ) / tr(Wᵢ Gᵢ Wᵢᵀ), the relative error of the layer's output on
@@ -83,6 +87,7 @@ from merging import (
     StreamingMerge,
     expert_labels,
     expert_weights,
+    experts_dtype,
     linear_modules,
     linear_weight_names,
     load_experts,
@@ -93,13 +98,14 @@ from merging import (
     resolve_gram_paths,
     summarize,
     tied_head,
+    unexcited_lines,
     vocab_source,
     writer_dtype,
 )
 from model_card import copy_side_files, gram_provenance, write_model_card
 from recipe import read_recipe, recipe_of
 from regmeanpp import CalibrationSettings, calibration_sets, merge_regmean_pp
-from tensor_io import ST_DTYPES, ShardWriter
+from tensor_io import ShardWriter
 from utils import (
     DTYPES,
     FORMATS,
@@ -259,7 +265,12 @@ def parse_args(argv=None) -> MergeSettings:
         "--device",
         help="auto, cuda or cpu: where the solves (and regmean++'s forward passes) run (default: auto)",
     )
-    p.add_argument("--dtype", choices=["auto", *DTYPES], help="output dtype (default: auto, the experts' dtype)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        help="output dtype (default: auto, the experts' dtype; where experts differ, the widest of theirs, and "
+        "float32 for bfloat16 with float16)",
+    )
     p.add_argument("--max-shard-size", help=f"size of the output shards (default: {d.max_shard_size})")
     p.add_argument(
         "--block-mb",
@@ -346,8 +357,7 @@ def main(argv=None):
             candidates = list(linear) if linear else linear_weight_names(source.dir, experts[0].infos)
             excluded = match_exclusions(s.exclude, candidates)
     infos = merged_infos(experts)
-    float_dtypes = [ST_DTYPES[d] for _, d in experts[-1].infos.values() if ST_DTYPES[d].is_floating_point]
-    out_dtype = choose_dtype(s.dtype, device, default=max(set(float_dtypes), key=float_dtypes.count))
+    out_dtype = choose_dtype(s.dtype, device, default=experts_dtype(experts))
     plan = {name: (shape, writer_dtype(out_dtype, st_dtype)) for name, (shape, st_dtype) in infos.items()}
     what = {
         "avg": "all by the mean",
@@ -465,6 +475,8 @@ def main(argv=None):
                 layers=report,
             )
             (tmp / "merge_report.json").write_text(json.dumps(merge_report, indent=2) + "\n")
+    for line in unexcited_lines(report):
+        print(line)
     if summary:
         print(f"{s.method}: {summary}")
     if error_lines:

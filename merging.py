@@ -194,6 +194,20 @@ def vocab_source(experts: list[Expert]) -> Expert:
     return [e for e in experts if (e.config.get("vocab_size") or 0) == size][-1]
 
 
+def experts_dtype(experts: list[Expert]) -> torch.dtype:
+    """The output dtype of `--dtype auto`: the experts' dtype (each expert's: that of most of its floating
+    tensors); where experts differ, the widest of them, and float32 for bfloat16 with float16 (neither holds
+    the other)."""
+    dtypes = set()
+    for e in experts:
+        floating = [ST_DTYPES[d] for _, d in e.infos.values() if ST_DTYPES[d].is_floating_point]
+        dtypes.add(max(set(floating), key=floating.count))
+    widest = max(dtypes, key=lambda d: d.itemsize)
+    if len(dtypes) > 1 and widest.itemsize <= 2:
+        return torch.float32
+    return widest
+
+
 def merged_infos(experts: list[Expert]) -> dict[str, tuple[tuple[int, ...], str]]:
     """{tensor name: (shape, safetensors dtype)} of the merge: the experts' own, but with the most
     rows where vocabularies differ."""
@@ -469,6 +483,8 @@ class StreamingMerge:
                     path=system.path,
                     ridge=system.ridge,
                     probe_error=system.probe_error,
+                    cutoff=system.cutoff,
+                    unexcited=system.unexcited,
                     residual=worst_residual,
                     error_estimate=worst_error,
                     seconds=round(time.perf_counter() - t0 + factor_s, 4),
@@ -528,18 +544,32 @@ def merge_tensors(
 
 
 def summarize(report: list[dict]) -> str:
-    """One line on the solves of a merge: layers, paths taken, worst residual and error."""
+    """One line on the solves of a merge: layers, paths taken, directions left at the average, worst
+    residual and error."""
     if not report:
         return ""
     paths = {}
     for r in report:
         paths[r["path"]] = paths.get(r["path"], 0) + 1
+    short = [r for r in report if r.get("unexcited")]
     return (
         f"{len(report)} linear layers; paths "
         + ", ".join(f"{k} {v}" for k, v in sorted(paths.items()))
+        + f"; {sum(r['unexcited'] for r in short)} input directions left at the average in {len(short)} layers"
         + f"; max relative residual {max(r['residual'] for r in report):.2e}"
         + f"; max estimated relative error {max(r['error_estimate'] for r in report):.2e}"
     )
+
+
+def unexcited_lines(report: list[dict]) -> list[str]:
+    """One log line per linear layer with input directions the calibration data never excited (its
+    system's eigenvalues below the float32 cutoff): how many, of how many, were left at the average."""
+    return [
+        f"{r['tensor']}: {r['unexcited']} of {r['n']} input directions unexcited (eigenvalue below "
+        f"{r['cutoff']:.2e}), left at the average"
+        for r in report
+        if r.get("unexcited")
+    ]
 
 
 def judge_tensors(

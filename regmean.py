@@ -15,6 +15,22 @@ The solve is float32 Cholesky where that is accurate (its error is measured on r
 float64 Cholesky where the gram is too ill-conditioned for float32, and an eigendecomposition
 where even that fails; never lstsq (whose default CPU driver truncates the rank of
 ill-conditioned grams).
+
+"Never excited" is judged at the precision the grams were stored and summed in, float32: a
+float32 gram of data that never reaches a direction still has an eigenvalue of about
+±1e-9 · λmax there (rounding), which a float64 cutoff inverts into amplified noise. Each entry of
+a float32 gram is off by at most about eps32 · sqrt(Aᵢᵢ Aⱼⱼ), so the curvature uᵀAu of a unit
+direction u is known to within its floor eps32 · (Σᵢ |uᵢ| sqrt(Aᵢᵢ))², at most n · eps32 · λmax
+(pinv's default cutoff, at float32's eps): the floor grows with the width as pinv's does, but
+follows the size of the inputs a direction is made of, so that small but excited inputs beside a
+massive activation are kept. Eigen-directions of A whose eigenvalue is below DOUBT (30) times
+their floor keep the average: near the floor an eigenvalue is known but its direction is not
+(rounding turns it by about floor / gap, and the continuous spectra of real activations have no
+gap there), and a turned direction would carry its deviation into the unexcited ones (the
+unexcited part of a tiny model's merge, at margins 3, 10 and 30: 3.7e-3, 1.6e-3 and 2.1e-4 of the
+average's norm). A Cholesky path is kept only when no curvature near the floor shows (the pivots
+against DOUBT · eps32 · Aᵢᵢ, inverse iteration on the factor against DOUBT x the floor of the
+directions it finds); otherwise the layer goes to the eigendecomposition.
 """
 
 from dataclasses import dataclass, field
@@ -28,6 +44,15 @@ RESIDUAL_LIMIT = 1e-3  # relative residual of a solve (on sampled rows) above wh
 NUM_PROBES = 8  # random right-hand sides used to estimate a float32 factorization's error
 NUM_RESIDUAL_COLUMNS = 64  # output rows on which each solve's residual is measured
 PATHS = ("average", "cholesky32", "cholesky64", "eigh64")  # the solvers, each more robust than the one before
+EPS32 = torch.finfo(torch.float32).eps  # the precision grams are stored and summed in
+DOUBT = 30.0  # a direction counts as excited when its curvature is above DOUBT x its precision floor (see above)
+NUM_ITERATIONS = 12  # inverse iterations of the smallest-curvature check
+
+
+def precision_floor(directions: Tensor, diagonal: Tensor) -> Tensor:
+    """eps32 · (Σᵢ |uᵢ| sqrt(Aᵢᵢ))² for each unit column u of `directions` ([n, k]): how far the
+    float32 rounding of A's entries can move the curvature uᵀAu (float64 [k])."""
+    return EPS32 * (directions.abs().double().T @ diagonal.double().clamp_min(0).sqrt()).square()
 
 
 def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
@@ -54,7 +79,10 @@ class RegMeanSystem:
     maps: list[Tensor] | None = None  # Mᵢ = A⁻¹ Δᵢ (float32 path, when many rows are to come)
     chol: Tensor | None = None  # Cholesky factor of A: float32 or float64 as the path says
     a64: Tensor | None = None  # A in float64 (float64 paths)
-    eig: tuple[Tensor, Tensor] | None = None  # positive eigenvalues of A and their vectors (eigh64)
+    eig: tuple[Tensor, Tensor] | None = None  # eigenvalues of A above their precision floor and their vectors (eigh64)
+    cutoff: float = 0.0  # the largest DOUBT x precision floor of a direction left at the average (0: none)
+    unexcited: int = 0  # input directions left at the average (eigenvalue below their precision floor)
+    margin: float | None = None  # Cholesky paths: the smallest curvature found over its precision floor
 
     @property
     def n(self) -> int:
@@ -88,7 +116,7 @@ class RegMeanSystem:
         scale = torch.diagonal(a).mean().item()
         system = cls(grams=grams, coefs=list(coefs), alpha=alpha, ridge=RIDGE * scale if scale > 0 else 1.0)
         if scale <= 0:  # the data never reached this input: the average everywhere
-            system.path = "average"
+            system.path, system.unexcited = "average", n
             return system
         a.diagonal().add_(system.ridge)
         l32, info = torch.linalg.cholesky_ex(a)
@@ -103,6 +131,10 @@ class RegMeanSystem:
         z = torch.randn(n, NUM_PROBES, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
         z_solved = torch.cholesky_solve(system.apply_a(z).float(), l32).double()
         system.chol, system.probe_error = l32, ((z_solved - z).norm() / z.norm()).item()
+        if system.singular_within_precision():
+            system.path = "cholesky64"  # skip float64 Cholesky: A is as singular in float64
+            system.upgrade()
+            return system
         if num_rows is not None and num_rows > n:
             system.maps = [torch.cholesky_solve(d, l32) for d in system.deltas]
         return system
@@ -121,9 +153,36 @@ class RegMeanSystem:
             out += c * (self.alpha * gx + (1 - self.alpha) * torch.diagonal(g).to(x.dtype)[:, None] * x)
         return out
 
+    def singular_within_precision(self) -> bool:
+        """Whether A, factored by Cholesky, is singular within the grams' float32 precision, or too
+        near it to tell: a pivot below DOUBT · eps32 · Aᵢᵢ (a pivot is the curvature of a direction
+        with uᵢ = 1, whose floor is at least eps32 · Aᵢᵢ), or one of NUM_PROBES random directions
+        after NUM_ITERATIONS inverse iterations on the factor (which pulls them toward the smallest
+        eigenvalues) with a curvature below DOUBT x its precision floor. A few triangular solves,
+        far below the factorization's cost."""
+        diagonal = self.a64.diagonal() if self.a64 is not None else self.apply_a_diagonal()
+        pivots = self.chol.diagonal().double().square()
+        start = torch.randn(self.n, NUM_PROBES, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        y = start.to(self.chol.device, self.chol.dtype)
+        for _ in range(NUM_ITERATIONS):
+            y = torch.cholesky_solve(y, self.chol)
+            y = y / y.norm(dim=0).clamp_min(1e-300)
+        y = y.double()
+        curvature = torch.linalg.vecdot(y, self.apply_a(y), dim=0)
+        self.margin = min(
+            (pivots / (EPS32 * diagonal.double())).min().item(),
+            (curvature / precision_floor(y, diagonal)).min().item(),
+        )
+        return not self.margin > DOUBT
+
+    def apply_a_diagonal(self) -> Tensor:
+        """The diagonal of A (float64), from the float32 grams."""
+        return sum(c * g.diagonal().double() for g, c in zip(self.grams, self.coefs)) + self.ridge
+
     def upgrade(self) -> None:
-        """Move to the next, more robust solver: float64 Cholesky of A formed in float64, then an
-        eigendecomposition (directions without positive curvature keep the average)."""
+        """Move to the next, more robust solver: float64 Cholesky of A formed in float64 (kept only
+        when A is not singular within float32 precision), then an eigendecomposition (directions
+        whose eigenvalue is below their precision floor keep the average)."""
         self.chol, self.maps = None, None
         if self.a64 is None:  # float64 Δᵢ and A, exact from the float32 grams
             reduced = [reduce_off_diagonal(g.double(), self.alpha) for g in self.grams]
@@ -135,10 +194,14 @@ class RegMeanSystem:
             l64, info = torch.linalg.cholesky_ex(self.a64)
             if info.item() == 0:
                 self.path, self.chol = "cholesky64", l64
-                return
+                if not self.singular_within_precision():
+                    return
+                self.chol = None
         evals, evecs = torch.linalg.eigh(self.a64)
-        keep = evals > evals.max().clamp_min(0) * 1e-10
-        self.path, self.eig = "eigh64", (evals[keep], evecs[:, keep])
+        floors = DOUBT * precision_floor(evecs, self.a64.diagonal())
+        keep = evals > floors
+        self.cutoff = floors[~keep].max().item() if not keep.all() else 0.0
+        self.path, self.eig, self.unexcited = "eigh64", (evals[keep], evecs[:, keep]), int((~keep).sum())
 
     def solve(self, expert_rows: list[Tensor]) -> tuple[Tensor, float, float]:
         """Merged rows (float32 [rows, in]) of one layer from each expert's rows of W (float32, on
@@ -190,11 +253,17 @@ def merge_weight(
 ) -> tuple[Tensor, dict]:
     """The RegMean merge of one linear weight: the experts' weights ([out, in]), their grams
     ([in, in]), alpha and normalized weights -> merged weight (float32) and diagnostics
-    (residual, error, path, ridge, probe_error)."""
+    (residual, error, path, ridge, probe_error, cutoff, unexcited: directions left at the average)."""
     system = RegMeanSystem.factor(grams, alpha, coefs, device, num_rows=expert_weights[0].shape[0])
     merged, residual, error = system.solve([w.to(device, torch.float32) for w in expert_weights])
     return merged, dict(
-        residual=residual, error=error, path=system.path, ridge=system.ridge, probe_error=system.probe_error
+        residual=residual,
+        error=error,
+        path=system.path,
+        ridge=system.ridge,
+        probe_error=system.probe_error,
+        cutoff=system.cutoff,
+        unexcited=system.unexcited,
     )
 
 

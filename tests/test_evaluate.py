@@ -157,7 +157,8 @@ def test_metric_runs_programs_in_subprocesses(tmp_path):
     loop = "def double(x):\n    while True:\n        pass"
     destructive = f"import os\nos.remove({str(keep)!r})\ndef double(x):\n    return 2 * x"
     reads_stdin = "def double(x):\n    return 2 * int(input())"
-    res = hu.pass_at_k([test, test], [[good, wrong, loop], [destructive, reads_stdin, good]], k=[1, 2, 3], timeout=0.5)
+    # 5 s: the endless loop costs its timeout, but a good program that starts slowly on a loaded machine must pass
+    res = hu.pass_at_k([test, test], [[good, wrong, loop], [destructive, reads_stdin, good]], k=[1, 2, 3], timeout=5)
     # per reference: 1 of 3 passes -> pass@1 = 1/3, pass@2 = 1 - C(2,2)/C(3,2) = 2/3, pass@3 = 1
     assert res == pytest.approx({"pass@1": 1 / 3, "pass@2": 2 / 3, "pass@3": 1.0})
     assert keep.read_text() == "x"  # os.remove was disabled in the child

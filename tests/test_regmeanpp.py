@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from test_merge import assert_correction_close, off_by_one_percent, read_folder, rel
+from test_merge import assert_correction_close, off_by_one_percent, read_folder, rel, resolved_gram
 
 import compute_gram
 import merge_model
@@ -169,8 +169,10 @@ def check_against_reference(merged, ref, ref_grams, expert_tensors, alpha, tol):
         reduced = sum(alpha * g + (1 - alpha) * torch.diag(torch.diag(g)) for g in ref_grams[name[: -len(".weight")]])
         if torch.linalg.cond(reduced) < 1e6:
             assert_correction_close(w, ref[name], ws, [0.5, 0.5], tol, name)
-        else:  # see below: checked in the norm of the layer's outputs, loosely
-            assert_correction_close(w, ref[name], ws, [0.5, 0.5], NEARLY_SINGULAR_TOLERANCE, name, gram=reduced)
+        else:  # see below: checked in the norm of the layer's outputs, loosely, on the directions float32 resolves
+            # (regmean.py leaves those below the grams' float32 precision at the average)
+            gram = resolved_gram(reduced)
+            assert_correction_close(w, ref[name], ws, [0.5, 0.5], NEARLY_SINGULAR_TOLERANCE, name, gram=gram)
     return linear
 
 
@@ -201,7 +203,7 @@ def test_regmeanpp_matches_float64_reference(experts, calib_files, reference_pp,
     assert [r["tensor"] for r in report["layers"]] and {r["tensor"] for r in report["layers"]} == set(linear)
     tokens = [p["num_tokens"] for p in report["grams"]]
     for r in report["layers"]:
-        assert r["residual"] < 1e-3 and r["path"] in ("cholesky32", "cholesky64")
+        assert r["residual"] < 1e-3 and r["path"] in ("cholesky32", "cholesky64", "eigh64" if r["unexcited"] else "")
         assert [g["tokens"] for g in r["grams"]] == tokens and all(
             g["mean_diag"] > 0 and g["cond_lower_bound"] >= 1 for g in r["grams"]
         )

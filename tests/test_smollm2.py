@@ -178,23 +178,31 @@ def test_regmean_with_a_second_expert_matches_closed_form(smollm2_dir, second_ex
     )
     experts, merged = [weights(smollm2_dir), weights(second_expert)], weights(out)
     gram_files = [GramFile(smol_gram), GramFile(expert_gram)]
-    # (layer 0 sees the same inputs in both experts, the embeddings being equal: there RegMean is the average)
-    for name in [
-        "model.layers.1.self_attn.q_proj",
-        "model.layers.13.self_attn.o_proj",
-        "model.layers.29.mlp.down_proj",
-    ]:
-        reduced = []
-        for grams in gram_files:
-            gram = grams.get(name).double()
-            reduced.append(alpha * gram + (1 - alpha) * torch.diag(gram.diagonal()))
+    linear = [n[: -len(".weight")] for n in merged if n.endswith("_proj.weight")]
+    assert len(linear) == 30 * 7  # every linear layer (lm_head is tied: the mean, checked below)
+    checked, errors = 0, {}
+    for name in linear:
+        grams = [g.get(name).double() for g in gram_files]
         ws = [e[name + ".weight"] for e in experts]
-        want = torch.linalg.solve(sum(reduced), sum(g @ w.T for g, w in zip(reduced, ws))).T
         average = sum(ws) / 2
+        if torch.equal(grams[0], grams[1]):  # the same inputs in both experts (layer 0's q/k/v, gate/up): the average
+            assert (merged[name + ".weight"] - average).abs().max() <= 1e-6 * average.abs().max(), name
+            continue
+        reduced = [alpha * g + (1 - alpha) * torch.diag(g.diagonal()) for g in grams]
+        want = torch.linalg.solve(sum(reduced), sum(g @ w.T for g, w in zip(reduced, ws))).T
         correction, want_correction = merged[name + ".weight"] - average, want - average
-        assert want_correction.norm() >= 0.01 * (ws[0] - ws[1]).norm(), name  # a correction worth checking
-        # the merge's own change to the average is checked, not the weight: a 1% error in it fails
-        err = (correction - want_correction).norm() / want_correction.norm()
-        assert err <= 1e-3, (name, err.item())
+        # the merge's own change to the average is checked, not the weight: a 1% error in it fails; where that
+        # change is under 1% of the experts' difference (layer 0), the error is bounded by 1e-3 of that 1%
+        scale = max(want_correction.norm(), 0.01 * (ws[0] - ws[1]).norm())
+        errors[name] = ((correction - want_correction).norm() / scale).item()
+        checked += bool(want_correction.norm() >= 0.01 * (ws[0] - ws[1]).norm())
+    assert checked >= 30 * 7 - 10, checked  # nearly every layer has a correction worth checking
+    # Measured: 1e-5 to 2e-3 (float32 Cholesky; its random probes estimate the error of the whole weight, and
+    # the correction is 0.2-0.8% of it): 5e-3 still fails a correction 1% off, on any of the 210 layers.
+    worst = max(errors, key=errors.get)
+    print(
+        f"correction errors: worst {errors[worst]:.1e} ({worst}), {sum(e > 1e-3 for e in errors.values())} above 1e-3"
+    )
+    assert errors[worst] <= 5e-3, (worst, errors[worst])
     for name in ["model.embed_tokens.weight", "model.norm.weight"]:  # the tied matrix and norms: the plain mean
         assert torch.allclose(merged[name], (experts[0][name] + experts[1][name]) / 2, rtol=0, atol=1e-6), name
