@@ -48,12 +48,18 @@ def run_pp(experts, calib_files, out, *extra):
 
 # ----------------------------------------------------------------------------- the float64 reference
 def closed_form(weights, grams, alpha):
-    """(Σ G̃ᵢ)⁻¹ Σ G̃ᵢ Wᵢᵀ with G̃ = α G + (1 - α) diag(G), equal weights, float64."""
+    """(Σ G̃ᵢ)⁻¹ Σ G̃ᵢ Wᵢᵀ with G̃ = α G + (1 - α) diag(G), equal weights, float64, on the directions the
+    data excites at float32 precision (DESIGN: an eigen-direction u of A = Σ G̃ᵢ whose eigenvalue is below
+    30 eps32 (Σⱼ |uⱼ| √Aⱼⱼ)², how far float32 rounding of A's entries moves uᵀAu, keeps the average)."""
     a, b = 0, 0
     for w, g in zip(weights, grams):
         g = alpha * g + (1 - alpha) * torch.diag(torch.diag(g))
         a, b = a + g, b + g @ w.T
-    return torch.linalg.solve(a, b).T
+    average = sum(weights) / len(weights)
+    evals, evecs = torch.linalg.eigh(a)
+    floor = 30 * torch.finfo(torch.float32).eps * (evecs.abs().T @ torch.diag(a).sqrt()) ** 2
+    v = evecs[:, evals > floor]
+    return average + (v @ torch.diag(1 / evals[evals > floor]) @ v.T @ (b - a @ average.T)).T
 
 
 def input_grams(model, modules, token_ids):
