@@ -158,6 +158,8 @@ class Gram:
     def sum(self, value: torch.Tensor) -> None:
         """The block rows, flat (as `sum` is read), or a full [dim, dim] square, whose upper block
         triangle is taken."""
+        if getattr(self, "_sum", None) is not None:  # a value read back (a checkpoint) goes where the sum was
+            value = value.to(self._sum.device, torch.float32)
         if value.dim() == 2:
             value = torch.cat([value[s:e, s:].reshape(-1) for s, e in zip(self.edges[:-1], self.edges[1:])])
         if value.shape != (sum(self.sizes),):
@@ -191,7 +193,7 @@ class Gram:
     def result(self) -> torch.Tensor:
         """ΣXᵀX / num_rows as a full symmetric float32 matrix on the gram's device. The running
         sum is released (call it once, at the end)."""
-        n, scale = self.dim, 1 / max(self.num_rows, 1)
+        n = self.dim
         full = torch.empty(n, n, dtype=torch.float32, device=self.sum.device)
         for block, start, end in zip(self.rows, self.edges[:-1], self.edges[1:]):
             h = end - start
@@ -200,7 +202,7 @@ class Gram:
             full[start:end, end:] = block[:, h:]
             full[end:, start:end] = block[:, h:].T
         self._sum = self.rows = None
-        return full.mul_(scale)
+        return full.div_(max(self.num_rows, 1))
 
     def packed(self) -> torch.Tensor:
         """ΣXᵀX / num_rows as its packed upper triangle (row i's columns i.., rows one after

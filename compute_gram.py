@@ -193,7 +193,7 @@ def load_checkpoint(path, grams, settings):
             )
         num_rows = json.loads(meta["num_rows"])
         for key, gram in grams.items():
-            gram.sum.copy_(f.get_tensor(key))
+            gram.sum = f.get_tensor(key)  # its block rows (a full square from an older checkpoint is cut)
             gram.num_rows = num_rows[key]
     return int(meta["batches_done"])
 
@@ -499,7 +499,7 @@ def main(argv=None):
     num_tokens = sum(map(len, token_ids))
     path = out_dir / GRAM_FILE
     if state.is_main_process:  # the one writer; the gram is streamed to disk one tensor at a time
-        save_grams(path, {key: gram.result() for key, gram in grams.items()}, aliases, num_tokens, provenance)
+        save_grams(path, {key: gram.packed() for key, gram in grams.items()}, aliases, num_tokens, provenance)
         for r in range(num_processes):
             checkpoint_path(out_dir, r, num_processes).unlink(missing_ok=True)
         print(f"wrote {path}: {len(grams)} grams ({len(aliases)} aliases), {num_tokens} tokens")

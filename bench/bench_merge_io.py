@@ -89,7 +89,7 @@ def prepare(folder: Path, args) -> list[Path]:
             config.save_pretrained(expert)
             write_weights(expert, config, "5GB", seed=i)
             (expert / "done").touch()
-        gram_file = expert / f"gram-{args.format}.safetensors"
+        gram_file = folder / f"gram{i}-{args.format}.safetensors"  # beside, not in, the expert's folder
         if not gram_file.exists():
             with torch.device("meta"):
                 from transformers import AutoModelForCausalLM
@@ -120,7 +120,7 @@ def main(argv=None):
     args = parse_args(argv)
     folder = Path(args.output) / f"h{args.hidden}-i{args.intermediate}-l{args.layers}-v{args.vocab}"
     experts = prepare(folder, args)
-    grams = [e / f"gram-{args.format}.safetensors" for e in experts]
+    grams = [folder / f"gram{i}-{args.format}.safetensors" for i in range(len(experts))]
     gram_bytes = sum(g.stat().st_size for g in grams)
     weight_bytes = sum(f.stat().st_size for e in experts for f in e.glob("model*.safetensors"))
 
