@@ -182,6 +182,8 @@ class ShardWriter:
 # depend on how an accumulator cut its blocks. regmean-gram-v1 files hold full [n, n] squares.
 GRAM_FORMAT = "regmean-gram-v2"
 READ_CHUNK = 64 * 2**20  # bytes per read when a packed gram is unpacked
+MIRROR_ROWS = 256  # rows per stripe when the lower triangle is mirrored from the upper one
+MIRROR_UPPER = torch.ones(MIRROR_ROWS, MIRROR_ROWS, dtype=torch.bool).triu()
 
 
 def packed_offsets(dim: int) -> list[int]:
@@ -196,6 +198,12 @@ def packed_dim(length: int) -> int:
     if n * (n + 1) // 2 != length:
         raise ValueError(f"{length} values are no packed triangle")
     return n
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t. A sum is one fast pass and is finite whenever every value is (but for
+    an overflow, which the exact check below then settles)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def save_grams(
@@ -306,38 +314,50 @@ class GramFile:
         key = self.key_of[module]
         if self.seed is not None:
             gram, nbytes = self.seed.get(key)
+        elif len(self.entries[key][1]) == 1:
+            return self._read_packed(key)  # checked as it is read
         else:
-            gram, nbytes = self._read(key)
+            gram, nbytes = self._read_square(key)
         self.bytes_read += nbytes
         if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
             raise UserError(f"{self.path}: gram {key} has shape {list(gram.shape)}, not a square")
-        if not torch.isfinite(gram).all():
+        if not all_finite(gram):
             raise UserError(f"{self.path}: gram {key} holds NaN or Inf")
         return gram
 
-    def _read(self, key: str) -> tuple[torch.Tensor, int]:
+    def _read_square(self, key: str) -> tuple[torch.Tensor, int]:
+        """A v1 gram: the full square as stored."""
         dtype_name, shape, offset = self.entries[key]
         dtype = ST_DTYPES[dtype_name]
+        nbytes = math.prod(shape) * dtype.itemsize
         with open(self.path, "rb", buffering=0) as f:
-            if len(shape) != 1:  # v1: the full square as stored
-                nbytes = math.prod(shape) * dtype.itemsize
-                return read_exactly(f, offset, nbytes).view(dtype).reshape(shape).to(torch.float32), nbytes
-            n = packed_dim(shape[0])
-            rows, full = packed_offsets(n), torch.empty(n, n, dtype=torch.float32)
-            step, a = max(1, READ_CHUNK // dtype.itemsize // n), 0
-            while a < n:  # packed rows, a chunk at a time, into the upper triangle
+            return read_exactly(f, offset, nbytes).view(dtype).reshape(shape).to(torch.float32), nbytes
+
+    def _read_packed(self, key: str) -> torch.Tensor:
+        """A v2 gram: packed rows read a chunk at a time into the upper triangle, each chunk checked
+        finite, and mirrored into the lower one a stripe of rows at a time."""
+        dtype_name, (length,), offset = self.entries[key]
+        dtype, n = ST_DTYPES[dtype_name], packed_dim(length)
+        rows, full = packed_offsets(n), torch.empty(n, n, dtype=torch.float32)
+        flat = full.view(-1)
+        step, a = max(1, READ_CHUNK // dtype.itemsize // n), 0
+        with open(self.path, "rb", buffering=0) as f:
+            while a < n:
                 b = min(a + step, n)
                 chunk = read_exactly(f, offset + rows[a] * dtype.itemsize, (rows[b] - rows[a]) * dtype.itemsize)
+                self.bytes_read += chunk.numel()
                 chunk = chunk.view(dtype).to(torch.float32)
-                for i in range(a, b):
-                    full[i, i:] = chunk[rows[i] - rows[a] : rows[i + 1] - rows[a]]
+                if not all_finite(chunk):
+                    raise UserError(f"{self.path}: gram {key} holds NaN or Inf")
+                for i in range(a, b):  # row i's columns i.. (flat views: the cheapest copy per row)
+                    flat[i * n + i : (i + 1) * n].copy_(chunk[rows[i] - rows[a] : rows[i + 1] - rows[a]])
+                for start in range(a, b, MIRROR_ROWS):  # stripes small enough for the cache
+                    end = min(start + MIRROR_ROWS, b)
+                    diagonal, upper = full[start:end, start:end], MIRROR_UPPER[: end - start, : end - start]
+                    diagonal.copy_(torch.where(upper, diagonal, diagonal.T))
+                    full[end:, start:end].copy_(full[start:end, end:].T)
                 a = b
-        for start in range(0, n, 512):  # the lower triangle mirrors the upper, a stripe of rows at a time
-            end = min(start + 512, n)
-            tile = full[start:end, start:end]
-            tile.copy_(tile.triu() + tile.triu(1).T)
-            full[end:, start:end] = full[start:end, end:].T
-        return full, shape[0] * dtype.itemsize
+        return full
 
 
 # ----------------------------------------------------------------------------- fingerprints
