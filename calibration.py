@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensor_io import packed_offsets
+from tensor_io import mirror_upper, packed_offsets
 from utils import FORMATS, PRESETS, UserError, check_at_least_one, first_line
 
 # Calibration settings, declared once: compute_gram.py's and regmean++'s defaults.
@@ -195,13 +195,10 @@ class Gram:
         sum is released (call it once, at the end)."""
         n = self.dim
         full = torch.empty(n, n, dtype=torch.float32, device=self.sum.device)
-        for block, start, end in zip(self.rows, self.edges[:-1], self.edges[1:]):
-            h = end - start
-            diagonal = block[:, :h]
-            full[start:end, start:end] = diagonal.triu() + diagonal.triu(1).T
-            full[start:end, end:] = block[:, h:]
-            full[end:, start:end] = block[:, h:].T
+        for block, start in zip(self.rows, self.edges[:-1]):
+            full[start:, start:][: block.shape[0]].copy_(block)
         self._sum = self.rows = None
+        mirror_upper(full)  # the lower triangle from the upper one, as GramFile reads packed files
         return full.div_(max(self.num_rows, 1))
 
     def packed(self) -> torch.Tensor:
@@ -218,7 +215,7 @@ class Gram:
                 src, dst, length = base + (i - start) * (width + 1), offsets[i], n - i
                 if src != dst:
                     row = flat[src : src + length]
-                    flat[dst : dst + length] = row.clone() if src < dst + length else row
+                    flat[dst : dst + length].copy_(row.clone() if src < dst + length else row)
             base += size
         packed = flat[: offsets[n]]
         self._sum = self.rows = None

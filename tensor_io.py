@@ -192,6 +192,17 @@ def packed_offsets(dim: int) -> list[int]:
     return [i * dim - i * (i - 1) // 2 for i in range(dim + 1)]
 
 
+def mirror_upper(full: torch.Tensor, start: int = 0, stop: int | None = None) -> None:
+    """Make the square `full` symmetric from its upper triangle, in place, for the columns
+    start..stop of its lower triangle (default: all), in stripes small enough for the cache."""
+    stop = full.shape[0] if stop is None else stop
+    for a in range(start, stop, MIRROR_ROWS):
+        b = min(a + MIRROR_ROWS, stop)
+        diagonal, upper = full[a:b, a:b], MIRROR_UPPER[: b - a, : b - a].to(full.device)
+        diagonal.copy_(torch.where(upper, diagonal, diagonal.T))
+        full[b:, a:b].copy_(full[a:b, b:].T)
+
+
 def packed_dim(length: int) -> int:
     """n such that n(n+1)/2 == length (ValueError if there is none)."""
     n = (math.isqrt(8 * length + 1) - 1) // 2
@@ -351,11 +362,7 @@ class GramFile:
                     raise UserError(f"{self.path}: gram {key} holds NaN or Inf")
                 for i in range(a, b):  # row i's columns i.. (flat views: the cheapest copy per row)
                     flat[i * n + i : (i + 1) * n].copy_(chunk[rows[i] - rows[a] : rows[i + 1] - rows[a]])
-                for start in range(a, b, MIRROR_ROWS):  # stripes small enough for the cache
-                    end = min(start + MIRROR_ROWS, b)
-                    diagonal, upper = full[start:end, start:end], MIRROR_UPPER[: end - start, : end - start]
-                    diagonal.copy_(torch.where(upper, diagonal, diagonal.T))
-                    full[end:, start:end].copy_(full[start:end, end:].T)
+                mirror_upper(full, a, b)
                 a = b
         return full
 
