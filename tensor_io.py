@@ -317,7 +317,12 @@ class GramFile:
         if self.seed is not None:
             return self.seed.shape(key)
         shape = self.entries[key][1]
-        return (packed_dim(shape[0]),) * 2 if len(shape) == 1 else shape
+        if len(shape) != 1:
+            return shape
+        try:
+            return (packed_dim(shape[0]),) * 2
+        except ValueError as e:
+            raise UserError(f"{self.path}: gram {key} has {shape[0]} values, not a packed triangle") from e
 
     def get(self, module: str) -> torch.Tensor:
         """The gram of `module`'s input: full, symmetric, float32, on the cpu. A gram holding NaN
