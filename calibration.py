@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tensor_io import mirror_upper, packed_offsets
 from utils import FORMATS, PRESETS, UserError, check_at_least_one, did_you_mean, first_line
 
 # Calibration settings, declared once: compute_gram.py's and regmean++'s defaults.
@@ -151,17 +152,40 @@ def collate(token_ids: list[list[int]], batch: list[int], pad_id: int = 0) -> tu
 class Gram:
     """Running ΣXᵀX, float32 on `device`, and the number of rows fed to `add`.
 
-    XᵀX is symmetric, so only its upper block-triangle is computed: the columns are cut
-    into B blocks and block row i gets X[:, i]ᵀ X[:, i:] with one addmm_, (B+1)/2B of the
-    full product's flops. `result()` mirrors the upper triangle once, at the end.
+    XᵀX is symmetric, so only its upper block-triangle is computed and stored: the columns are
+    cut into B blocks and block row i, X[:, i]ᵀ X[:, i:], is kept and updated with one addmm_,
+    (B+1)/2B of the full square's flops and memory (9/16 at B = 8). `sum` is one flat float32
+    buffer holding the block rows one after another (so that it can be all-reduced, checkpointed
+    and added as one tensor). `packed()` turns it, in place, into the packed upper triangle that
+    gram.safetensors stores; `result()` gives the full symmetric matrix.
     """
 
     def __init__(self, dim: int, device: torch.device | str, blocks: int | None = None):
-        self.sum = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+        self.dim = dim
         self.num_rows = 0
         # Narrow blocks make slow GEMMs: about 256 columns or more each, at most 8 blocks.
         blocks = blocks or min(8, max(1, dim // 256))
         self.edges = [round(i * dim / blocks) for i in range(blocks + 1)]
+        self.sizes = [(end - start) * (dim - start) for start, end in zip(self.edges[:-1], self.edges[1:])]
+        self.sum = torch.zeros(sum(self.sizes), dtype=torch.float32, device=device)
+
+    @property
+    def sum(self) -> torch.Tensor:
+        return self._sum
+
+    @sum.setter
+    def sum(self, value: torch.Tensor) -> None:
+        """The block rows, flat (as `sum` is read), or a full [dim, dim] square, whose upper block
+        triangle is taken."""
+        if getattr(self, "_sum", None) is not None:  # a value read back (a checkpoint) goes where the sum was
+            value = value.to(self._sum.device, torch.float32)
+        if value.dim() == 2:
+            value = torch.cat([value[s:e, s:].reshape(-1) for s, e in zip(self.edges[:-1], self.edges[1:])])
+        if value.shape != (sum(self.sizes),):
+            raise ValueError(f"a gram of width {self.dim} holds {sum(self.sizes)} values, got {list(value.shape)}")
+        self._sum = value
+        views = value.split(self.sizes)
+        self.rows = [v.view(e - s, self.dim - s) for v, s, e in zip(views, self.edges[:-1], self.edges[1:])]
 
     def add(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """x: [..., dim], on any device (it is moved to the gram's). rows: which rows of
@@ -179,17 +203,42 @@ class Gram:
         allowed = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
         try:
-            for start, end in zip(self.edges[:-1], self.edges[1:]):
-                self.sum[start:end, start:].addmm_(x[:, start:end].T, x[:, start:])
+            for block, start, end in zip(self.rows, self.edges[:-1], self.edges[1:]):
+                block.addmm_(x[:, start:end].T, x[:, start:])
         finally:
             torch.backends.cuda.matmul.allow_tf32 = allowed
         self.num_rows += x.shape[0]
 
     def result(self) -> torch.Tensor:
-        """ΣXᵀX / num_rows as a full symmetric float32 matrix, made in place on the gram's
-        device (the running sum becomes the result: call it once, at the end)."""
-        upper = self.sum.triu_()
-        return upper.add_(upper.triu(1).T).div_(max(self.num_rows, 1))
+        """ΣXᵀX / num_rows as a full symmetric float32 matrix on the gram's device. The running
+        sum is released (call it once, at the end)."""
+        n = self.dim
+        full = torch.empty(n, n, dtype=torch.float32, device=self.sum.device)
+        for block, start in zip(self.rows, self.edges[:-1]):
+            full[start:, start:][: block.shape[0]].copy_(block)
+        self._sum = self.rows = None
+        mirror_upper(full)  # the lower triangle from the upper one, as GramFile reads packed files
+        return full.div_(max(self.num_rows, 1))
+
+    def packed(self) -> torch.Tensor:
+        """ΣXᵀX / num_rows as its packed upper triangle (row i's columns i.., rows one after
+        another: dim(dim+1)/2 values, see packed_offsets), made in place in the running sum
+        (call it once, at the end): no second copy of the gram is ever allocated."""
+        flat, n = self.sum.div_(max(self.num_rows, 1)), self.dim
+        offsets, base = packed_offsets(n), 0
+        for start, end, size in zip(self.edges[:-1], self.edges[1:], self.sizes):
+            width = n - start
+            for i in range(start, end):
+                # Row i's upper part moves forward (never back: the packed layout is the denser),
+                # through a copy where source and destination overlap.
+                src, dst, length = base + (i - start) * (width + 1), offsets[i], n - i
+                if src != dst:
+                    row = flat[src : src + length]
+                    flat[dst : dst + length].copy_(row.clone() if src < dst + length else row)
+            base += size
+        packed = flat[: offsets[n]]
+        self._sum = self.rows = None
+        return packed
 
 
 def check_one_row_per_token(name: str, x: torch.Tensor, total: int) -> None:

@@ -243,7 +243,7 @@ def load_checkpoint(path, grams, settings):
             )
         num_rows = json.loads(meta["num_rows"])
         for key, gram in grams.items():
-            gram.sum.copy_(f.get_tensor(key))
+            gram.sum = f.get_tensor(key)  # its block rows (a full square from an older checkpoint is cut)
             gram.num_rows = num_rows[key]
     return int(meta["batches_done"])
 
@@ -558,7 +558,7 @@ def main(argv=None):
             del model
             meet()  # every share is done, or one rank failed and all stop here
             tokens_run = all_reduce_grams(grams, tokens_run)
-            grams = {key: gram.result() for key, gram in grams.items()}  # in place, each on its device
+            grams = {key: gram.packed() for key, gram in grams.items()}  # in place, each on its device
         else:
             lengths = [len(ids) for ids in token_ids]
             batches = split_batches(length_batches(lengths, args.batch_size), lengths, num_processes)[rank]

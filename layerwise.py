@@ -414,7 +414,7 @@ def grams_by_layer(
         reduce(grams, 0)
         if is_main:
             meta = dict(settings=json.dumps(settings, sort_keys=True), aliases=json.dumps(part_aliases))
-            write_safetensors(path, {k: g.result() for k, g in grams.items()}, meta)
+            write_safetensors(path, {k: g.packed() for k, g in grams.items()}, meta)
         where.update({k: path for k in grams})
         aliases.update(part_aliases)
 

@@ -1,13 +1,10 @@
 """safetensors I/O: tensor reads and headers of checkpoints, files written one tensor at a time,
-the shard writer of the merged model, and the gram files (this project's gram.safetensors and the
-seed's gram.pkl, read through a restricted unpickler)."""
+the shard writer of the merged model, and the gram files (this project's gram.safetensors, and the
+seed's gram.pkl through seed_pickle.py)."""
 
-import io
 import json
 import math
 import os
-import pickle
-import sys
 from pathlib import Path
 
 import torch
@@ -178,69 +175,102 @@ class ShardWriter:
 
 
 # ----------------------------------------------------------------------------- gram files
+# gram.safetensors, format regmean-gram-v2: each gram is stored as its packed upper triangle, a flat
+# float32 tensor of n(n+1)/2 values, row i's columns i..n-1 one row after another. Packed rather
+# than as the accumulator's block rows: exactly half the square (an 8B expert's 16.4 GB against
+# 18.5 GB for 8 block rows, which also hold the diagonal blocks whole), and the layout does not
+# depend on how an accumulator cut its blocks. regmean-gram-v1 files hold full [n, n] squares.
+GRAM_FORMAT = "regmean-gram-v2"
+READ_CHUNK = 64 * 2**20  # bytes per read when a packed gram is unpacked
+MIRROR_ROWS = 256  # rows per stripe when the lower triangle is mirrored from the upper one
+MIRROR_UPPER = torch.ones(MIRROR_ROWS, MIRROR_ROWS, dtype=torch.bool).triu()
+
+
+def packed_offsets(dim: int) -> list[int]:
+    """Where each row starts in a packed upper triangle: row i holds columns i..dim-1 and starts at
+    i·dim - i(i-1)/2; the last entry is the packed length dim(dim+1)/2."""
+    return [i * dim - i * (i - 1) // 2 for i in range(dim + 1)]
+
+
+def mirror_upper(full: torch.Tensor, start: int = 0, stop: int | None = None) -> None:
+    """Make the square `full` symmetric from its upper triangle, in place, for the columns
+    start..stop of its lower triangle (default: all), in stripes small enough for the cache."""
+    stop = full.shape[0] if stop is None else stop
+    for a in range(start, stop, MIRROR_ROWS):
+        b = min(a + MIRROR_ROWS, stop)
+        diagonal, upper = full[a:b, a:b], MIRROR_UPPER[: b - a, : b - a].to(full.device)
+        diagonal.copy_(torch.where(upper, diagonal, diagonal.T))
+        full[b:, a:b].copy_(full[a:b, b:].T)
+
+
+def packed_dim(length: int) -> int:
+    """n such that n(n+1)/2 == length (ValueError if there is none)."""
+    n = (math.isqrt(8 * length + 1) - 1) // 2
+    if n * (n + 1) // 2 != length:
+        raise ValueError(f"{length} values are no packed triangle")
+    return n
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t. A sum is one fast pass and is finite whenever every value is (but for
+    an overflow, which the exact check below then settles)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def save_grams(
     path: str | Path, grams: dict[str, torch.Tensor], aliases: dict[str, str], num_tokens: int, provenance: dict
 ) -> None:
-    """Write gram.safetensors atomically: `grams` {stored key: [in, in] sum / num_tokens} on
-    any device(s), `aliases` {other module: stored key}, provenance {str: str}. The grams are
-    streamed to disk one at a time as float32 (a Llama-3-8B's 32 GB never sit in host memory
-    at once), and nothing appears under `path` until the file is complete."""
+    """Write gram.safetensors atomically: `grams` {stored key: sum / num_tokens}, each either a
+    [in, in] matrix (only its upper triangle is read) or already packed (Gram.packed()), on any
+    device(s); `aliases` {other module: stored key}, provenance {str: str}. The grams are streamed
+    to disk one at a time, packed float32, and nothing appears under `path` until the file is
+    complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {k: str(v) for k, v in provenance.items()}
-    metadata.update(
-        num_tokens=str(int(num_tokens)), aliases=json.dumps(aliases, sort_keys=True), format="regmean-gram-v1"
-    )
-    write_safetensors(path, grams, metadata, dtype=torch.float32)
-
-
-class _TensorsOnlyUnpickler(pickle.Unpickler):
-    """Admits what a pickled {name: tensor} dict needs and nothing else: a pickle that names
-    any other callable (os.system, eval, ...) is refused before anything runs."""
-
-    ALLOWED = {
-        ("collections", "OrderedDict"),
-        ("torch._utils", "_rebuild_tensor_v2"),
-        ("torch._utils", "_rebuild_tensor"),
-        ("torch._utils", "_rebuild_parameter"),
-        ("torch", "FloatStorage"),
-        ("torch", "BFloat16Storage"),
-        ("torch", "HalfStorage"),
-        ("torch", "DoubleStorage"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) == ("torch.storage", "_load_from_bytes"):
-            # Plain-pickled tensors carry their storage as a nested torch.save blob; load it
-            # with torch's own weights-only unpickler instead of the unrestricted default.
-            return lambda b: torch.load(io.BytesIO(b), weights_only=True, map_location="cpu")
-        if (module, name) in self.ALLOWED:
-            return getattr(sys.modules[module] if module in sys.modules else __import__(module, fromlist=[name]), name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a gram pickle holds tensors only")
-
-
-def load_seed_pickle(path: str | Path) -> dict[str, torch.Tensor]:
-    """The seed's gram.pkl ({module: float32 [in, in]}) through the restricted unpickler.
-    A torch.save zip archive under that name goes through torch.load(weights_only=True)."""
+    metadata.update(num_tokens=str(int(num_tokens)), aliases=json.dumps(aliases, sort_keys=True), format=GRAM_FORMAT)
+    dims = {k: g.shape[0] if g.dim() == 2 else packed_dim(g.numel()) for k, g in grams.items()}
+    for key, g in grams.items():
+        if g.dim() == 2 and g.shape[1] != g.shape[0]:
+            raise ValueError(f"gram {key} is not square: {list(g.shape)}")
+    head, _ = safetensors_header({k: ((n * (n + 1) // 2,), torch.float32) for k, n in dims.items()}, metadata)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-            f.seek(0)
-            obj = (
-                torch.load(f, weights_only=True, map_location="cpu")
-                if head == b"PK\x03\x04"
-                else _TensorsOnlyUnpickler(f).load()
-            )
-    except (pickle.UnpicklingError, RuntimeError, EOFError, TypeError, ValueError) as e:  # malformed: one line
-        raise UserError(f"{path}: not a gram pickle ({first_line(e)})") from e
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{path}: expected a dict of module name -> tensor")
-    return obj
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for n, g in zip(dims.values(), grams.values()):  # values(): a lazy mapping may free each as it goes
+                if g.dim() == 1:
+                    chunks = [g]
+                else:  # a square: its rows' upper parts, a few MB at a time
+                    step = max(1, READ_CHUNK // 4 // n)
+                    chunks = (torch.cat([g[i, i:] for i in range(a, min(a + step, n))]) for a in range(0, n, step))
+                for chunk in chunks:
+                    host = chunk.detach().to("cpu", torch.float32).contiguous()
+                    f.write(host.view(torch.uint8).numpy().data)
+                    del host
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_exactly(f, offset: int, nbytes: int) -> torch.Tensor:
+    """nbytes from byte `offset` of an unbuffered binary file, straight into a new uint8 tensor."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view, done = memoryview(buf.numpy()), 0
+    f.seek(offset)
+    while done < nbytes:
+        got = f.readinto(view[done:])
+        if not got:
+            raise UserError(f"{f.name}: the file ends early (truncated?)")
+        done += got
+    return buf
 
 
 class GramFile:
-    """Read access to one expert's grams, whatever the format: `gram.safetensors` (lazy, one
-    tensor per `get`, shared inputs stored once) or the seed's `gram.pkl` (loaded whole).
+    """Read access to one expert's grams, whatever the format, one gram per `get`: gram.safetensors
+    (v2 packed upper triangles or v1 full squares; shared inputs stored once) or the reference
+    release's gram.pkl (see seed_pickle.py). `get` always returns the full symmetric float32
+    [in, in] matrix, checked finite; `bytes_read` counts the file bytes its reads took.
 
         grams = GramFile("runs/merges/code-llama3")   # a folder or a file
         grams.modules()          # every linear module with a gram, aliases included
@@ -254,20 +284,26 @@ class GramFile:
         if not path.exists():
             hint = did_you_mean(given) or " (run compute_gram.py first)"
             raise UserError(f"gram file {path} does not exist{hint}")
-        self.path = path
+        self.path, self.bytes_read = path, 0
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(path, "pt") as f:
-                self.metadata = f.metadata() or {}
-                keys = list(f.keys())
-            aliases = json.loads(self.metadata.get("aliases", "{}"))
-            self.key_of = {k: k for k in keys} | aliases
-            self._tensors = None
+            with open(path, "rb") as f:
+                try:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(size))
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise UserError(f"{path}: not a safetensors file ({first_line(e)})") from e
+            self.metadata = header.pop("__metadata__", None) or {}
+            self.entries = {
+                k: (v["dtype"], tuple(v["shape"]), 8 + size + v["data_offsets"][0]) for k, v in header.items()
+            }
+            self.key_of = {k: k for k in self.entries} | json.loads(self.metadata.get("aliases", "{}"))
+            self.seed = None
         else:
-            self._tensors = load_seed_pickle(path)
+            from seed_pickle import SeedPickle
+
+            self.seed = SeedPickle(path)
             self.metadata = {"format": "seed-pickle"}
-            self.key_of = {k: k for k in self._tensors}
+            self.key_of = {k: k for k in self.seed.keys()}
 
     def modules(self) -> list[str]:
         return list(self.key_of)
@@ -275,19 +311,65 @@ class GramFile:
     def __contains__(self, module: str) -> bool:
         return module in self.key_of
 
-    def get(self, module: str) -> torch.Tensor:
-        key = self.key_of[module]
-        if self._tensors is not None:
-            return self._tensors[key].to(torch.float32)
-        return read_tensor(self.path, key).to(torch.float32)
-
     def shape(self, module: str) -> tuple[int, ...]:
-        if self._tensors is not None:
-            return tuple(self._tensors[self.key_of[module]].shape)
-        from safetensors import safe_open
+        """The gram's [in, in] shape (without reading it)."""
+        key = self.key_of[module]
+        if self.seed is not None:
+            return self.seed.shape(key)
+        shape = self.entries[key][1]
+        if len(shape) != 1:
+            return shape
+        try:
+            return (packed_dim(shape[0]),) * 2
+        except ValueError as e:
+            raise UserError(f"{self.path}: gram {key} has {shape[0]} values, not a packed triangle") from e
 
-        with safe_open(self.path, "pt") as f:
-            return tuple(f.get_slice(self.key_of[module]).get_shape())
+    def get(self, module: str) -> torch.Tensor:
+        """The gram of `module`'s input: full, symmetric, float32, on the cpu. A gram holding NaN
+        or Inf is refused (UserError), so that a merge checks each gram as it reads it."""
+        key = self.key_of[module]
+        if self.seed is not None:
+            gram, nbytes = self.seed.get(key)
+        elif len(self.entries[key][1]) == 1:
+            return self._read_packed(key)  # checked as it is read
+        else:
+            gram, nbytes = self._read_square(key)
+        self.bytes_read += nbytes
+        if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+            raise UserError(f"{self.path}: gram {key} has shape {list(gram.shape)}, not a square")
+        if not all_finite(gram):
+            raise UserError(f"{self.path}: gram {key} holds NaN or Inf")
+        return gram
+
+    def _read_square(self, key: str) -> tuple[torch.Tensor, int]:
+        """A v1 gram: the full square as stored."""
+        dtype_name, shape, offset = self.entries[key]
+        dtype = ST_DTYPES[dtype_name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        with open(self.path, "rb", buffering=0) as f:
+            return read_exactly(f, offset, nbytes).view(dtype).reshape(shape).to(torch.float32), nbytes
+
+    def _read_packed(self, key: str) -> torch.Tensor:
+        """A v2 gram: packed rows read a chunk at a time into the upper triangle, each chunk checked
+        finite, and mirrored into the lower one a stripe of rows at a time."""
+        dtype_name, (length,), offset = self.entries[key]
+        dtype, n = ST_DTYPES[dtype_name], packed_dim(length)
+        rows, full = packed_offsets(n), torch.empty(n, n, dtype=torch.float32)
+        flat = full.view(-1)
+        step, a = max(1, READ_CHUNK // dtype.itemsize // n), 0
+        with open(self.path, "rb", buffering=0) as f:
+            while a < n:
+                b = min(a + step, n)
+                chunk = read_exactly(f, offset + rows[a] * dtype.itemsize, (rows[b] - rows[a]) * dtype.itemsize)
+                self.bytes_read += chunk.numel()
+                chunk = chunk.view(dtype).to(torch.float32)
+                if not all_finite(chunk):
+                    raise UserError(f"{self.path}: gram {key} holds NaN or Inf")
+                for i in range(a, b):  # row i's columns i.. (flat views: the cheapest copy per row)
+                    flat[i * n + i : (i + 1) * n].copy_(chunk[rows[i] - rows[a] : rows[i + 1] - rows[a]])
+                mirror_upper(full, a, b)
+                a = b
+        return full
 
 
 # ----------------------------------------------------------------------------- fingerprints

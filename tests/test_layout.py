@@ -17,6 +17,7 @@ LIBRARY = [
     "regmean",
     "calibration",
     "tensor_io",
+    "seed_pickle",
 ]  # each may use those after it
 LOCAL = {*STAGES, "demo", *LIBRARY, "utils"}
 

@@ -410,7 +410,7 @@ def test_bfloat16_experts_end_to_end(base_model, tokenizer, calib_files, tmp_pat
         provenance = (
             f"file: {g}, model: {e}, dataset: {calib_files[kind]}, split: train, num_examples: {rows}, "
             f"max_length: 64, row_format: {kind}, num_tokens: {GramFile(g).metadata['num_tokens']}, "
-            f"format: regmean-gram-v1, model_fingerprint: {GramFile(g).metadata['model_fingerprint']}"
+            f"format: regmean-gram-v2, model_fingerprint: {GramFile(g).metadata['model_fingerprint']}"
         )
         assert f"\n| {e} | 0.5 | {provenance} |\n" in card
     assert "Output dtype: bfloat16." in card
