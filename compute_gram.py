@@ -36,13 +36,11 @@ Any number of processes gives the single-process gram up to float rounding. With
 --device-map each process spreads its copy of the expert over its share of the node's
 GPUs (accelerate's big-model loading), and each layer's grams live on that layer's GPU.
 
-With --checkpoint-every K the partial sums are saved every K batches to
-OUTPUT_DIR/.gram-checkpoint.safetensors (one file per process when there are several:
-.gram-checkpoint.rankR-of-N.safetensors); running the same command again after an
-interruption continues from there (a checkpoint made with other settings, data or number
-of processes is refused, with a message saying so). The checkpoints are deleted once
-gram.safetensors is written. The gram file and the checkpoints are streamed to disk one
-tensor at a time, so host memory never holds all the grams at once.
+With --checkpoint-every K the whole-model plan saves its partial sums every K batches to
+OUTPUT_DIR/.gram-checkpoint[.rankR-of-N].safetensors, the layer plan each finished layer's grams;
+the same command run again after an interruption continues from there (a checkpoint made with
+other settings, data or number of processes is refused, saying so); they are deleted once
+gram.safetensors is written. Grams are streamed to disk one tensor at a time.
 """
 
 import argparse

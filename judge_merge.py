@@ -33,16 +33,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from experts import expert_labels, expert_weights, linear_modules, load_experts, open_gram_files, resolve_gram_paths
 from merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
-from merging import (
-    expert_labels,
-    expert_weights,
-    judge_tensors,
-    linear_modules,
-    load_experts,
-    open_gram_files,
-    resolve_gram_paths,
-)
+from merging import judge_tensors
 from recipe import CARD_RECIPE, read_recipe
 from tensor_io import checkpoint_files, tensor_infos
 from utils import Timer, UserError, choose_device, did_you_mean, peak_memory, run_main

@@ -80,11 +80,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
-from layerwise import HiddenStates, check_supported, hidden_states_plan
-from merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
-from merging import (
-    BLOCK_MB,
-    StreamingMerge,
+from experts import (
     expert_labels,
     expert_weights,
     experts_dtype,
@@ -92,16 +88,15 @@ from merging import (
     linear_weight_names,
     load_experts,
     match_exclusions,
-    merge_tensors,
     merged_infos,
     open_gram_files,
     resolve_gram_paths,
-    summarize,
     tied_head,
-    unexcited_lines,
     vocab_source,
-    writer_dtype,
 )
+from layerwise import HiddenStates, check_supported, hidden_states_plan
+from merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
+from merging import BLOCK_MB, StreamingMerge, merge_tensors, summarize, unexcited_lines, writer_dtype
 from model_card import copy_side_files, gram_provenance, write_model_card
 from recipe import read_recipe, recipe_of
 from regmeanpp import CalibrationSettings, calibration_sets, merge_regmean_pp

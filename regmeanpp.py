@@ -30,8 +30,9 @@ from calibration import (
     length_batches,
     load_tokenizer,
 )
+from experts import Expert
 from layerwise import DecoderAdapter, HiddenStates, layer_grams
-from merging import Expert, StreamingMerge
+from merging import StreamingMerge
 from utils import FORMATS, PRESETS, Progress, UserError
 
 

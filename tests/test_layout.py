@@ -9,6 +9,7 @@ STAGES = ["compute_gram", "merge_model", "evaluate", "judge_merge"]  # demo.py r
 LIBRARY = [
     "regmeanpp",
     "merging",
+    "experts",
     "merge_report",
     "model_card",
     "recipe",

@@ -428,7 +428,7 @@ def tiny_gemma(vocab_size, seed=0):
 
 def test_gemma_embedding_is_scaled_as_the_model_scales_it(tokenizer, tmp_path):
     import layerwise
-    from merging import load_experts
+    from experts import load_experts
 
     gemma = save_expert(tiny_gemma(len(tokenizer)), tmp_path / "g", tokenizer, 30)
     adapter = layerwise.DecoderAdapter(
