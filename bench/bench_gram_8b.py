@@ -1,26 +1,22 @@
-r"""compute_gram.py at the real size: a randomly initialized Llama-3-8B-shaped expert, its grams with no
---plan (auto must pick the layer plan on a 24 GiB machine), and the figures of the run.
+r"""compute_gram.py at the real size: a randomly initialized Llama-3-8B-shaped expert (written by
+bench/make_llama3_8b_shaped.py), its grams with no --plan (auto must pick the layer plan on a 24 GiB
+machine), and the figures of the run.
 
-    python bench/bench_gram_8b.py write-model /work/big/llama3-8b-shaped --tokenizer runs/models/SmolLM2-135M-Instruct
+    python bench/make_llama3_8b_shaped.py --output-dir /work/big/llama3-8b-shaped
     python bench/bench_gram_8b.py run /work/big/llama3-8b-shaped --work-dir /work/big/gram-8b \
         --num-examples 8 --max-length 512
-    python bench/bench_gram_8b.py model-peak --work-dir /work/big/gram-2l   # whole-model plan, 2 layers, for the ratio
-
-`write-model` writes the expert one tensor at a time (the writer holds one tensor, at most 1 GB for the
-embeddings): hidden 4096, intermediate 14336, 32 layers, 32 heads over 8 key/value heads, vocabulary 128256,
-bfloat16 safetensors shards with an index, weights N(0, 0.02²) and norms 1 (Hugging Face's initialization).
-A Llama-3 tokenizer cannot be fetched here, so the folder takes a local tokenizer (e.g. SmolLM2's, 49152
-tokens, ChatML): every id it makes is a valid row of the 128256-row embedding.
+    python bench/make_llama3_8b_shaped.py --num-layers 2 --output-dir /work/big/llama3-2l-shaped
+    python bench/bench_gram_8b.py run /work/big/llama3-2l-shaped --work-dir /work/big/gram-2l --plan model   # the ratio
 
 `run` writes rows.jsonl (8 long code rows, the `code` preset's columns), runs
 `/usr/bin/time -v compute_gram.py code --model M --dataset rows.jsonl ... --device cpu --dtype float32`,
-and reports wall time, tokens/s, peak resident memory, the gram file's size, and layer 0's attention-input
-gram against a float64 computation of it (embeddings -> input_layernorm -> XᵀX / n, written plainly here).
+and reports wall time, tokens/s, peak resident memory (and peak GPU memory with --device cuda), the gram
+file's size, and layer 0's attention-input gram against a float64 computation of it (embeddings ->
+input_layernorm -> XᵀX / n, written plainly here).
 """
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -33,89 +29,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from tensor_io import safetensors_header  # noqa: E402
-
-SHAPE = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-)
-SHARD_BYTES = 5 * 2**30
-
-
-def llama_config(**overrides) -> dict:
-    """config.json of a Llama-3-8B-shaped model (overrides: e.g. fewer layers)."""
-    from transformers import LlamaConfig
-
-    settings = dict(
-        SHAPE,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    settings.update(overrides)
-    config = LlamaConfig(**settings)
-    config.dtype = torch.bfloat16
-    return config
-
-
-def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
-    """The checkpoint's tensor names and shapes, read off a meta-device model (no memory)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
-def write_model(out_dir: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
-    """A random Llama-3-8B-shaped checkpoint in bfloat16 shards, one tensor in memory at a time."""
-    from transformers import AutoTokenizer
-
-    config = llama_config(**overrides)
-    shapes = tensor_shapes(config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards, current, size = [], [], 0  # consecutive names, about SHARD_BYTES each
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * 2
-        if current and size + nbytes > SHARD_BYTES:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    shards.append(current)
-    g = torch.Generator().manual_seed(seed)
-    weight_map = {}
-    for s, names in enumerate(shards):
-        filename = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
-        head, _ = safetensors_header({n: (shapes[n], torch.bfloat16) for n in names}, {"format": "pt"})
-        with open(out_dir / filename, "wb") as f:
-            f.write(head)
-            for n in names:
-                if n.endswith("norm.weight"):
-                    t = torch.ones(shapes[n], dtype=torch.bfloat16)
-                else:
-                    t = torch.empty(shapes[n], dtype=torch.float32).normal_(0, 0.02, generator=g).to(torch.bfloat16)
-                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-                weight_map[n] = filename
-                del t
-        print(f"wrote {filename}: {len(names)} tensors", flush=True)
-    total = sum(math.prod(s) * 2 for s in shapes.values())
-    index = dict(metadata=dict(total_size=total), weight_map=weight_map)
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config.save_pretrained(out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.save_pretrained(out_dir)
-    if len(tokenizer) > config.vocab_size:
-        raise SystemExit(f"the tokenizer has {len(tokenizer)} tokens, more than the {config.vocab_size} embeddings")
-    return out_dir
 
 
 def write_rows(path: Path, n: int) -> Path:
@@ -203,10 +116,6 @@ def run(
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
-    w = sub.add_parser("write-model", help="write the random 8B-shaped expert")
-    w.add_argument("model_dir", type=Path)
-    w.add_argument("--tokenizer", type=Path, default=ROOT / "runs/models/SmolLM2-135M-Instruct")
-    w.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
     r = sub.add_parser("run", help="compute_gram.py on it (no --plan: auto chooses), with the figures")
     r.add_argument("model_dir", type=Path)
     r.add_argument("--work-dir", type=Path, required=True)
@@ -216,9 +125,6 @@ def main(argv=None):
     r.add_argument("--device", default="cpu", help="cpu (the issue's measurement) or cuda (peak GPU memory too)")
     r.add_argument("--keep", action="store_true", help="keep the gram file (default: deleted once measured)")
     args = p.parse_args(argv)
-    if args.what == "write-model":
-        write_model(args.model_dir, args.tokenizer, num_hidden_layers=args.layers)
-        return
     figures = run(args.model_dir, args.work_dir, args.num_examples, args.max_length, args.plan, args.device)
     out = args.work_dir / (f"grams-{args.plan}" if args.plan else "grams")
     figures["layer0_attention_rel_err_vs_float64"] = layer0_attention_error(

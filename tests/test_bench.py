@@ -35,21 +35,26 @@ def test_decomposition_steps_compute_the_same_grams(experts):
 
 
 def test_8b_bench_writer_and_its_float64_check(experts, tmp_path):
-    """bench_gram_8b.py at a tiny size: the writer's checkpoint loads as a Llama, compute_gram.py's layer-0
-    attention-input gram passes the benchmark's float64 check, and another gram fails it."""
-    import json
+    """bench_gram_8b.py at a tiny size: make_llama3_8b_shaped.py's writer loads as a Llama, compute_gram.py's
+    layer-0 attention-input gram passes the benchmark's float64 check, and another gram fails it."""
 
-    from bench_gram_8b import layer0_attention_error, write_model, write_rows
-    from transformers import AutoModelForCausalLM
+    from bench_gram_8b import layer0_attention_error, write_rows
+    from make_llama3_8b_shaped import write_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from compute_gram import main
 
     small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-    model_dir = write_model(tmp_path / "m", experts[0], num_key_value_heads=2, vocab_size=512, **small)
+    config = LlamaConfig(num_key_value_heads=2, vocab_size=512, **small)
+    config.dtype = torch.bfloat16
+    model_dir = tmp_path / "m"
+    config.save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(experts[0]).save_pretrained(model_dir)
+    write_weights(model_dir, config, "5GB", seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert model.config.num_hidden_layers == 2 and model.lm_head.weight.shape == (512, 64)
     assert abs(model.model.layers[0].mlp.down_proj.weight.float().std().item() - 0.02) < 2e-3
-    assert json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert (model_dir / "model.safetensors").exists()  # one file at this size
     rows = write_rows(tmp_path / "rows.jsonl", 2)
     argv = ["code", "--model", str(model_dir), "--dataset", str(rows), "--num-examples", "2", "--max-length", "64"]
     path = main(
