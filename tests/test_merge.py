@@ -409,7 +409,8 @@ def test_bfloat16_experts_end_to_end(base_model, tokenizer, calib_files, tmp_pat
         rows = len(calib_files[kind].read_text().splitlines())
         provenance = (
             f"file: {g}, model: {e}, dataset: {calib_files[kind]}, split: train, num_examples: {rows}, "
-            f"max_length: 64, row_format: {kind}, num_tokens: {GramFile(g).metadata['num_tokens']}, "
+            f"max_length: 64, row_format: {kind}, bos: {GramFile(g).metadata['bos']}, "
+            f"num_tokens: {GramFile(g).metadata['num_tokens']}, "
             f"format: regmean-gram-v2, model_fingerprint: {GramFile(g).metadata['model_fingerprint']}"
         )
         assert f"\n| {e} | 0.5 | {provenance} |\n" in card
