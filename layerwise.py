@@ -275,11 +275,12 @@ def linear_inputs(adapter: DecoderAdapter, index: int) -> tuple[dict[str, int], 
 
 
 def gram_bytes(adapter: DecoderAdapter) -> int:
-    """Bytes of the float32 accumulators of every distinct linear input (lm_head's included)."""
-    total = adapter.config.hidden_size**2 if adapter.head_module is not None else 0
+    """Bytes of the float32 accumulators of every distinct linear input (lm_head's included): their
+    upper block rows, as Gram allocates them (sized on the meta device, nothing allocated)."""
+    dims = [adapter.config.hidden_size] if adapter.head_module is not None else []
     for index in range(len(adapter.layers)):
-        total += sum(n * n for n in linear_inputs(adapter, index)[0].values())
-    return total * 4
+        dims += linear_inputs(adapter, index)[0].values()
+    return sum(Gram(n, "meta").sum.numel() for n in dims) * 4
 
 
 def mapped_tensor(file: Path, name: str) -> Tensor:

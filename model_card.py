@@ -36,6 +36,7 @@ def gram_provenance(grams: GramFile) -> dict:
         "num_examples",
         "max_length",
         "row_format",
+        "bos",  # calibration.tokenize_texts: one BOS per row
         "num_tokens",
         "format",
         "model_fingerprint",

@@ -47,9 +47,9 @@ def test_library_modules_import_only_below_them():
 
 
 def test_no_module_over_600_lines():
-    """The yardstick of the developers' guide, for the library, the scripts and the benchmarks alike."""
+    """The yardstick of the developers' guide, for the library, the scripts, the benchmarks and the tests alike."""
     too_long = {}
-    for path in [*ROOT.glob("*.py"), *ROOT.glob("bench/*.py")]:
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("tests/*.py")]:
         lines = len(path.read_text().splitlines())
         if lines > 600:
             too_long[str(path.relative_to(ROOT))] = lines

@@ -2,12 +2,9 @@
 sharding, biases, loading the result, and every bad input refused with nothing written."""
 
 import json
-import os
 import pickle
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from safetensors import safe_open
 import merge_model
 import regmean
 from calibration import format_rows, load_rows, tokenize_texts
-from conftest import ROOT, save_expert, tiny_config, tiny_qwen2
+from conftest import save_expert, tiny_qwen2
 from tensor_io import save_grams
 from utils import UserError
 
@@ -134,10 +131,8 @@ def run(*args):
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def calib(experts, calib_files, tokenizer, tmp_path_factory):
-    """Each expert's activations on its own calibration data, and its grams in both formats."""
-    d = tmp_path_factory.mktemp("grams")
+def calibration_grams(experts, calib_files, tokenizer, d):
+    """Each expert's activations on its own calibration data, and its grams in both formats (in d)."""
     out = []
     for expert, kind in zip(experts, ["code", "math"]):
         acts = activations(expert, calib_files[kind], kind, tokenizer)  # the fixture files use the preset formats
@@ -152,6 +147,11 @@ def calib(experts, calib_files, tokenizer, tmp_path_factory):
             )
         )
     return out
+
+
+@pytest.fixture(scope="module")
+def calib(experts, calib_files, tokenizer, tmp_path_factory):
+    return calibration_grams(experts, calib_files, tokenizer, tmp_path_factory.mktemp("grams"))
 
 
 @pytest.fixture(scope="module")
@@ -409,7 +409,8 @@ def test_bfloat16_experts_end_to_end(base_model, tokenizer, calib_files, tmp_pat
         rows = len(calib_files[kind].read_text().splitlines())
         provenance = (
             f"file: {g}, model: {e}, dataset: {calib_files[kind]}, split: train, num_examples: {rows}, "
-            f"max_length: 64, row_format: {kind}, num_tokens: {GramFile(g).metadata['num_tokens']}, "
+            f"max_length: 64, row_format: {kind}, bos: {GramFile(g).metadata['bos']}, "
+            f"num_tokens: {GramFile(g).metadata['num_tokens']}, "
             f"format: regmean-gram-v2, model_fingerprint: {GramFile(g).metadata['model_fingerprint']}"
         )
         assert f"\n| {e} | 0.5 | {provenance} |\n" in card
@@ -552,157 +553,3 @@ def test_preset_defaults_and_overwrite(experts, calib, expert_tensors, tmp_path,
         assert torch.equal(w, torch.stack([t[name] for t in expert_tensors]).mean(0)), name
     assert sorted(p.name for p in out.parent.iterdir()) == ["regmean_0.1"]  # no old or temporary folder left
     assert run("avg", "--models", "toy-code", "toy-math") == Path("runs/merges/avg")
-
-
-# ----------------------------------------------------------------------------- the solver alone
-def spd(n, cond, seed):
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return ((q * torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)) @ q.T).float()
-
-
-@pytest.mark.parametrize("out_features", [48, 160])  # fewer rows than inputs, and more (A⁻¹Δ formed once)
-def test_solver_accuracy_on_ill_conditioned_grams(out_features):
-    """Grams with condition number 1e7: within the targets of the float64 closed form."""
-    g = torch.Generator().manual_seed(1)
-    base = torch.randn(out_features, 96, generator=g)
-    ws = [base + 0.05 * torch.randn(out_features, 96, generator=g) for _ in range(2)]
-    grams = [spd(96, 1e7, 2), spd(96, 1e7, 3)]
-    for alpha in [1.0, 0.1]:
-        merged, diag = regmean.merge_weight(ws, grams, alpha, [0.5, 0.5])
-        ref = reference_regmean(ws, grams, alpha, [0.5, 0.5])
-        assert_correction_close(merged, ref, ws, [0.5, 0.5], 1e-4, f"alpha {alpha}, {diag}")  # measured 4e-6
-        assert diag["residual"] < 1e-3
-
-
-def test_solver_falls_back_on_an_indefinite_gram():
-    g = torch.Generator().manual_seed(4)
-    ws = [torch.randn(8, 16, generator=g) for _ in range(2)]
-    bad = torch.eye(16)
-    bad[3, 3] = -1.0  # not a gram of any data: Cholesky must fail, the eigendecomposition copes
-    merged, diag = regmean.merge_weight(ws, [bad, bad], 1.0, [0.5, 0.5])
-    assert diag["path"] == "eigh64" and torch.isfinite(merged).all()
-    torch.testing.assert_close(merged[:, 3], (ws[0][:, 3] + ws[1][:, 3]) / 2)  # no positive curvature: the average
-
-
-# ----------------------------------------------------------------------------- bad inputs
-def test_bad_inputs_are_refused_with_nothing_written(experts, calib, base_model, tokenizer, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    st = [calib[0]["st"], calib[1]["st"]]
-    g0 = calib[0]["grams"]
-    wrong_shape = dict(g0, **{"model.layers.0.mlp.down_proj": torch.eye(7)})
-    nan = dict(
-        g0, **{"model.layers.1.self_attn.o_proj": g0["model.layers.1.self_attn.o_proj"].clone().fill_(float("nan"))}
-    )
-    missing = {k: v for k, v in g0.items() if k != "model.layers.1.mlp.up_proj"}
-    other_size = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer), intermediate_size=192))
-    other_depth = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer), num_hidden_layers=1))
-    other_arch = tmp_path / "arch"
-    shutil.copytree(experts[1], other_arch)
-    config = json.loads((other_arch / "config.json").read_text())
-    (other_arch / "config.json").write_text(
-        json.dumps(dict(config, model_type="mistral", architectures=["MistralForCausalLM"]))
-    )
-    exists = tmp_path / "exists"
-    exists.mkdir()
-    o1, o2 = (
-        save_expert(other_size, tmp_path / "o1", tokenizer, 1),
-        save_expert(other_depth, tmp_path / "o2", tokenizer, 1),
-    )
-    cases = {  # each message in full, or its telling part
-        "architecture": (
-            ["--models", experts[0], other_arch],
-            f"models differ in model_type: {experts[0]} has llama, {other_arch} has mistral",
-        ),
-        "shape": (
-            ["--models", experts[0], o1],
-            f"tensor model.layers.0.mlp.down_proj.weight has shape [64, 224] in {experts[0]} but [64, 192] in {o1}",
-        ),
-        "names": (
-            ["--models", experts[0], o2],
-            f"tensor model.layers.1.input_layernorm.weight is in {experts[0]} only; all models must have the same",
-        ),
-        "gram shape": (
-            ["--grams", st[0], write_seed_pickle(tmp_path / "ws.pkl", wrong_shape)],
-            "ws.pkl: gram of model.layers.0.mlp.down_proj has shape [7, 7], expected [224, 224]",
-        ),
-        "gram nan": (
-            ["--grams", st[0], write_seed_pickle(tmp_path / "nan.pkl", nan)],
-            "nan.pkl: gram model.layers.1.self_attn.o_proj holds NaN or Inf",
-        ),
-        "gram missing": (
-            ["--grams", st[0], write_seed_pickle(tmp_path / "mi.pkl", missing)],
-            "mi.pkl has no gram for model.layers.1.mlp.up_proj (other gram files have one)",
-        ),
-        "gram file": (["--grams", st[0], tmp_path / "nowhere.pkl"], f"gram file {tmp_path}/nowhere.pkl does not exist"),
-        "weights": (["--weights", 1, 2, 3], "--weights has 3 values for 2 models"),
-        "grams count": (["--grams", st[0]], "--grams has 1 files for 2 models"),
-        "one model": (["--models", experts[0], "--grams", st[0]], "--models needs at least 2 models, got 1"),
-        "exists": (["--output-dir", exists], f"{exists} exists; pass --overwrite to replace it"),
-        "shard size": (["--max-shard-size", "lots"], "--max-shard-size 'lots': "),
-    }
-    for case, (args, needle) in cases.items():
-        args = [str(a) for a in args]
-        full = (
-            ["regmean"]
-            + (["--models", *map(str, experts)] if "--models" not in args else [])
-            + (["--grams", *map(str, st)] if "--grams" not in args else [])
-            + args
-        )
-        out = tmp_path / f"out-{case.replace(' ', '-')}"
-        if "--output-dir" not in args:
-            full += ["--output-dir", str(out)]
-        with pytest.raises(UserError, match=re.escape(needle)):
-            merge_model.main(full)
-        assert not out.exists(), case
-    assert not list(exists.iterdir())
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
-
-
-def test_interrupted_merge_leaves_nothing(experts, calib, tmp_path, monkeypatch):
-    solve, calls = regmean.RegMeanSystem.solve, []
-
-    def interrupted(*args):  # the real solver, then an interruption halfway through the layers
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return solve(*args)
-
-    monkeypatch.setattr(regmean.RegMeanSystem, "solve", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--output-dir", tmp_path / "m")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_malicious_pickle_is_refused_before_it_runs(experts, calib, tmp_path):
-    marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    evil = tmp_path / "gram.pkl"
-    evil.write_bytes(pickle.dumps({"model.layers.0.mlp.down_proj": Exploit()}))
-    out = tmp_path / "m"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "merge_model.py"),
-            "regmean",
-            "--models",
-            *map(str, experts),
-            "--grams",
-            str(calib[0]["st"]),
-            str(evil),
-            "--output-dir",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "system" in proc.stderr, proc.stderr  # one line naming what was refused
-    assert not marker.exists() and not out.exists()

@@ -4,18 +4,29 @@ foreign grams refused), recipe files (and the round trip through a merged model 
 
 import copy
 import json
+import os
+import pickle
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import yaml
-from test_merge import assert_correction_close, read_folder, reference_regmean
+from test_merge import (
+    assert_correction_close,
+    calibration_grams,
+    read_folder,
+    reference_regmean,
+    write_seed_pickle,
+)
 
 import compute_gram
 import merge_model
+import regmean
 import tensor_io
-from conftest import save_expert
+from conftest import ROOT, save_expert, tiny_config
 from tensor_io import GramFile, checkpoint_files, model_fingerprint
 from utils import UserError
 
@@ -28,6 +39,11 @@ def gram_of(expert, calib_file, fmt, out_dir):
     """The real compute_gram.py on one expert."""
     args = ["toy-code", "--model", expert, "--dataset", calib_file, "--format", fmt, "--output-dir", out_dir]
     return compute_gram.main([str(a) for a in args + ["--max-length", 64, "--batch-size", 4, "--device", "cpu"]])
+
+
+@pytest.fixture(scope="module")
+def calib(experts, calib_files, tokenizer, tmp_path_factory):
+    return calibration_grams(experts, calib_files, tokenizer, tmp_path_factory.mktemp("grams"))
 
 
 @pytest.fixture(scope="module")
@@ -364,3 +380,126 @@ def test_help_shows_the_new_options(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--config CONFIG" in text and "--exclude REGEX" in text and "--allow-gram-mismatch" in text
     assert "options given override them" in text
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def test_bad_inputs_are_refused_with_nothing_written(experts, calib, base_model, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    st = [calib[0]["st"], calib[1]["st"]]
+    g0 = calib[0]["grams"]
+    wrong_shape = dict(g0, **{"model.layers.0.mlp.down_proj": torch.eye(7)})
+    nan = dict(
+        g0, **{"model.layers.1.self_attn.o_proj": g0["model.layers.1.self_attn.o_proj"].clone().fill_(float("nan"))}
+    )
+    missing = {k: v for k, v in g0.items() if k != "model.layers.1.mlp.up_proj"}
+    other_size = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer), intermediate_size=192))
+    other_depth = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer), num_hidden_layers=1))
+    other_arch = tmp_path / "arch"
+    shutil.copytree(experts[1], other_arch)
+    config = json.loads((other_arch / "config.json").read_text())
+    (other_arch / "config.json").write_text(
+        json.dumps(dict(config, model_type="mistral", architectures=["MistralForCausalLM"]))
+    )
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    o1, o2 = (
+        save_expert(other_size, tmp_path / "o1", tokenizer, 1),
+        save_expert(other_depth, tmp_path / "o2", tokenizer, 1),
+    )
+    cases = {  # each message in full, or its telling part
+        "architecture": (
+            ["--models", experts[0], other_arch],
+            f"models differ in model_type: {experts[0]} has llama, {other_arch} has mistral",
+        ),
+        "shape": (
+            ["--models", experts[0], o1],
+            f"tensor model.layers.0.mlp.down_proj.weight has shape [64, 224] in {experts[0]} but [64, 192] in {o1}",
+        ),
+        "names": (
+            ["--models", experts[0], o2],
+            f"tensor model.layers.1.input_layernorm.weight is in {experts[0]} only; all models must have the same",
+        ),
+        "gram shape": (
+            ["--grams", st[0], write_seed_pickle(tmp_path / "ws.pkl", wrong_shape)],
+            "ws.pkl: gram of model.layers.0.mlp.down_proj has shape [7, 7], expected [224, 224]",
+        ),
+        "gram nan": (
+            ["--grams", st[0], write_seed_pickle(tmp_path / "nan.pkl", nan)],
+            "nan.pkl: gram model.layers.1.self_attn.o_proj holds NaN or Inf",
+        ),
+        "gram missing": (
+            ["--grams", st[0], write_seed_pickle(tmp_path / "mi.pkl", missing)],
+            "mi.pkl has no gram for model.layers.1.mlp.up_proj (other gram files have one)",
+        ),
+        "gram file": (["--grams", st[0], tmp_path / "nowhere.pkl"], f"gram file {tmp_path}/nowhere.pkl does not exist"),
+        "weights": (["--weights", 1, 2, 3], "--weights has 3 values for 2 models"),
+        "grams count": (["--grams", st[0]], "--grams has 1 files for 2 models"),
+        "one model": (["--models", experts[0], "--grams", st[0]], "--models needs at least 2 models, got 1"),
+        "exists": (["--output-dir", exists], f"{exists} exists; pass --overwrite to replace it"),
+        "shard size": (["--max-shard-size", "lots"], "--max-shard-size 'lots': "),
+    }
+    for case, (args, needle) in cases.items():
+        args = [str(a) for a in args]
+        full = (
+            ["regmean"]
+            + (["--models", *map(str, experts)] if "--models" not in args else [])
+            + (["--grams", *map(str, st)] if "--grams" not in args else [])
+            + args
+        )
+        out = tmp_path / f"out-{case.replace(' ', '-')}"
+        if "--output-dir" not in args:
+            full += ["--output-dir", str(out)]
+        with pytest.raises(UserError, match=re.escape(needle)):
+            merge_model.main(full)
+        assert not out.exists(), case
+    assert not list(exists.iterdir())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+def test_interrupted_merge_leaves_nothing(experts, calib, tmp_path, monkeypatch):
+    solve, calls = regmean.RegMeanSystem.solve, []
+
+    def interrupted(*args):  # the real solver, then an interruption halfway through the layers
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return solve(*args)
+
+    monkeypatch.setattr(regmean.RegMeanSystem, "solve", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--output-dir", tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_malicious_pickle_is_refused_before_it_runs(experts, calib, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "gram.pkl"
+    evil.write_bytes(pickle.dumps({"model.layers.0.mlp.down_proj": Exploit()}))
+    out = tmp_path / "m"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "merge_model.py"),
+            "regmean",
+            "--models",
+            *map(str, experts),
+            "--grams",
+            str(calib[0]["st"]),
+            str(evil),
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "system" in proc.stderr, proc.stderr  # one line naming what was refused
+    assert not marker.exists() and not out.exists()

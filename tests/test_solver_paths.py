@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from test_merge import assert_correction_close, reference_regmean
 
 import merge_model
 import regmean
@@ -115,3 +116,28 @@ def test_bad_alpha_and_weights_are_refused_with_nothing_written(experts, args, n
             ["regmean", "--models", *map(str, experts), "--grams", *grams, *args, "--output-dir", f"{out}"]
         )
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- the solver alone
+@pytest.mark.parametrize("out_features", [48, 160])  # fewer rows than inputs, and more (A⁻¹Δ formed once)
+def test_solver_accuracy_on_ill_conditioned_grams(out_features):
+    """Grams with condition number 1e7: within the targets of the float64 closed form."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(out_features, 96, generator=g)
+    ws = [base + 0.05 * torch.randn(out_features, 96, generator=g) for _ in range(2)]
+    grams = [spd(96, 1e7, 2), spd(96, 1e7, 3)]
+    for alpha in [1.0, 0.1]:
+        merged, diag = regmean.merge_weight(ws, grams, alpha, [0.5, 0.5])
+        ref = reference_regmean(ws, grams, alpha, [0.5, 0.5])
+        assert_correction_close(merged, ref, ws, [0.5, 0.5], 1e-4, f"alpha {alpha}, {diag}")  # measured 4e-6
+        assert diag["residual"] < 1e-3
+
+
+def test_solver_falls_back_on_an_indefinite_gram():
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(8, 16, generator=g) for _ in range(2)]
+    bad = torch.eye(16)
+    bad[3, 3] = -1.0  # not a gram of any data: Cholesky must fail, the eigendecomposition copes
+    merged, diag = regmean.merge_weight(ws, [bad, bad], 1.0, [0.5, 0.5])
+    assert diag["path"] == "eigh64" and torch.isfinite(merged).all()
+    torch.testing.assert_close(merged[:, 3], (ws[0][:, 3] + ws[1][:, 3]) / 2)  # no positive curvature: the average
