@@ -510,6 +510,7 @@ def main(argv=None):
         resume = "layers"
     resume = resume or ("model" if checkpoint_path(out_dir, rank, num_processes).exists() else None)
     batch, length = min(args.batch_size, len(token_ids)), max(map(len, token_ids))  # the largest batch
+    meet()  # every rank checked its inputs (or one failed and all stop here) before choose_plan's all-reduce
     plan, why = choose_plan(args.plan, model_dir, files, device, dtype, batch, length, args.device_map, resume)
     if state.is_main_process:
         where = f"{num_processes} processes" if num_processes > 1 else str(device)

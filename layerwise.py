@@ -495,7 +495,32 @@ def choose_plan(
     """compute_gram.py --plan auto|model|layers -> (plan, why). auto: a run to resume keeps its plan
     (`resume`); else the whole model when its weights, grams and one batch fit the device's free
     memory (cuda) or 80% of the host's available memory (cpu, shared by the processes of this
-    node), else one layer at a time. Every process takes the same plan (layers if any needs it)."""
+    node), else one layer at a time. Every process takes the same plan (layers if any needs it):
+    each runs the one all-reduce that decides it, whichever way it chose (a resume or --plan on one
+    rank alone must not leave the others waiting in a collective it never joins)."""
+    plan, why = plan_of_this_process(requested, model_dir, files, device, dtype, batch_size, length, device_map, resume)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([int(plan == "layers")], device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and plan != "layers":
+            return "layers", f"another process needs the layer plan (here: {why})"
+    return plan, why
+
+
+def plan_of_this_process(
+    requested: str,
+    model_dir: Path,
+    files: dict[str, Path],
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+    length: int,
+    device_map: str | None = None,
+    resume: str | None = None,
+) -> tuple[str, str]:
+    """choose_plan's decision for this process alone."""
     model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
     if requested == "model":
         return "model", "--plan model"
@@ -521,12 +546,6 @@ def choose_plan(
         free, where = 0.8 * host_available() / 2**30 / per_node, "80% of the host's available memory is"
     total = sum(need.values())
     layers = total > free
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # the same plan everywhere
-        flag = torch.tensor([int(layers)], device=device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        layers = bool(flag.item())
     parts = " + ".join(f"{k} {v:.3g}" for k, v in need.items())
     verdict = f"{where} {free:.3g} GiB: {'does not fit' if layers else 'fits'}"
     return ("layers" if layers else "model"), f"the whole model needs {parts} = {total:.3g} GiB; {verdict}"
