@@ -68,6 +68,35 @@ def tiny_qwen2(vocab_size, seed=0, **overrides):
     return AutoModelForCausalLM.from_config(Qwen2Config(**settings))
 
 
+def tiny_model(kind, vocab_size, seed=0):
+    """A seeded tiny Gemma (embeddings scaled by √hidden inside the model, norms (1 + weight), gated GELU
+    MLP) or Mistral (an 8-token sliding window, shorter than every row) of the tests' shapes."""
+    from transformers import AutoModelForCausalLM, GemmaConfig, MistralConfig
+
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    config = GemmaConfig(**settings) if kind == "gemma" else MistralConfig(sliding_window=8, **settings)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def tiny_gemma(vocab_size, seed=0):
+    return tiny_model("gemma", vocab_size, seed)
+
+
+def tiny_mistral(vocab_size, seed=0):
+    return tiny_model("mistral", vocab_size, seed)
+
+
 def save_expert(base, out_dir, tokenizer, seed, scale=0.02, dtype=torch.float32, **save_kwargs):
     """base + seeded noise on every tensor, saved as an HF folder with the tokenizer."""
     from transformers import AutoModelForCausalLM

@@ -10,10 +10,9 @@ import pytest
 import torch
 from test_gram import reference_grams
 from test_gram_distributed import assert_same_grams, launch
-from test_regmeanpp import tiny_gemma
 
 from compute_gram import main
-from conftest import ROOT, save_expert, tiny_qwen2
+from conftest import ROOT, save_expert, tiny_gemma, tiny_mistral, tiny_qwen2
 from layerwise import PARTS_DIR
 from tensor_io import GramFile
 from utils import GRAM_FILE, UserError
@@ -36,26 +35,6 @@ def assert_close_to(path, reference, tol=TOL):
     for name, ref in reference.items():
         err = (got.get(name).double() - ref).abs().max() / ref.abs().max()
         assert err < tol, f"{name}: relative error {err:.2e}"
-
-
-def tiny_mistral(vocab_size, seed=0):
-    """A seeded tiny Mistral whose 8-token sliding window is shorter than every row."""
-    from transformers import AutoModelForCausalLM, MistralConfig
-
-    torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        sliding_window=8,
-    )
-    return AutoModelForCausalLM.from_config(config)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from test_merge import assert_correction_close, off_by_one_percent, read_folder,
 import compute_gram
 import merge_model
 from calibration import format_rows, load_rows, tokenize_texts
-from conftest import save_expert, tiny_qwen2
+from conftest import save_expert, tiny_gemma, tiny_mistral, tiny_qwen2
 from utils import UserError
 
 MAX_LENGTH = 64
@@ -406,26 +406,6 @@ def test_bad_inputs_are_refused_with_nothing_written(experts, calib_files, tmp_p
 
 
 # ----------------------------------------------------------------------------- model types
-def tiny_gemma(vocab_size, seed=0):
-    """A seeded tiny Gemma: its embeddings are scaled by √hidden inside the model, its norms are
-    (1 + weight), its MLP is gated GELU."""
-    from transformers import AutoModelForCausalLM, GemmaConfig
-
-    torch.manual_seed(seed)
-    config = GemmaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return AutoModelForCausalLM.from_config(config)
-
-
 def test_gemma_embedding_is_scaled_as_the_model_scales_it(tokenizer, tmp_path):
     import layerwise
     from experts import load_experts
@@ -456,21 +436,7 @@ def test_gemma_experts_match_the_reference(tokenizer, calib_files, tmp_path):
 def test_mistral_sliding_window_matches_the_reference(tokenizer, calib_files, tmp_path):
     """Mistral with an 8-token sliding window on rows of up to 64 tokens: the reference's whole models
     apply the window themselves, and it changes what the layers compute."""
-    from transformers import AutoModelForCausalLM, MistralConfig
-
-    torch.manual_seed(0)
-    config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    base = AutoModelForCausalLM.from_config(MistralConfig(sliding_window=8, **config))
+    base = tiny_mistral(len(tokenizer))
     mistral = [save_expert(base, tmp_path / f"m{i}", tokenizer, seed) for i, seed in enumerate([50, 51])]
     merged = read_folder(run_pp(mistral, calib_files, tmp_path / "pp", "--alpha", 0.5))
     ref, _ = reference_regmeanpp(mistral, calib_files, 0.5)

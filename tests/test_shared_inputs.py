@@ -9,27 +9,8 @@ import torch
 
 import compute_gram
 from calibration import find_shared_inputs
-from conftest import save_expert
+from conftest import save_expert, tiny_model
 from tensor_io import GramFile
-
-
-def tiny(kind, vocab_size):
-    from transformers import AutoModelForCausalLM, GemmaConfig, MistralConfig
-
-    config = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    config = GemmaConfig(**config) if kind == "gemma" else MistralConfig(sliding_window=8, **config)
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def real_inputs(model, ids):
@@ -51,7 +32,7 @@ def real_inputs(model, ids):
 
 @pytest.mark.parametrize("kind", ["gemma", "mistral"])
 def test_shared_inputs_are_detected(kind, tokenizer, calib_files, tmp_path):
-    model = tiny(kind, len(tokenizer))
+    model = tiny_model(kind, len(tokenizer)).eval()
     ids = torch.tensor([[1, 5, 7, 300, 42, 9, 11, 3, 17, 8, 2, 4]])
     leaders, aliases, head_name, _ = find_shared_inputs(model, ids)
     want = {}
