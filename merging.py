@@ -203,11 +203,7 @@ class StreamingMerge:
                 dict(
                     tensor=member,
                     n=system.n,
-                    path=system.path,
-                    ridge=system.ridge,
-                    probe_error=system.probe_error,
-                    cutoff=system.cutoff,
-                    unexcited=system.unexcited,
+                    **system.diagnostics(),
                     residual=worst_residual,
                     error_estimate=worst_error,
                     seconds=round(time.perf_counter() - t0 + factor_s, 4),

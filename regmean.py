@@ -203,6 +203,12 @@ class RegMeanSystem:
         self.cutoff = floors[~keep].max().item() if not keep.all() else 0.0
         self.path, self.eig, self.unexcited = "eigh64", (evals[keep], evecs[:, keep]), int((~keep).sum())
 
+    def diagnostics(self) -> dict:
+        """The solver taken and what it decided, for the report: path, ridge, probe_error, cutoff, unexcited."""
+        return dict(
+            path=self.path, ridge=self.ridge, probe_error=self.probe_error, cutoff=self.cutoff, unexcited=self.unexcited
+        )
+
     def solve(self, expert_rows: list[Tensor]) -> tuple[Tensor, float, float]:
         """Merged rows (float32 [rows, in]) of one layer from each expert's rows of W (float32, on
         the system's device), its relative residual and its estimated relative error. Solving for
@@ -256,15 +262,7 @@ def merge_weight(
     (residual, error, path, ridge, probe_error, cutoff, unexcited: directions left at the average)."""
     system = RegMeanSystem.factor(grams, alpha, coefs, device, num_rows=expert_weights[0].shape[0])
     merged, residual, error = system.solve([w.to(device, torch.float32) for w in expert_weights])
-    return merged, dict(
-        residual=residual,
-        error=error,
-        path=system.path,
-        ridge=system.ridge,
-        probe_error=system.probe_error,
-        cutoff=system.cutoff,
-        unexcited=system.unexcited,
-    )
+    return merged, dict(residual=residual, error=error, **system.diagnostics())
 
 
 def output_error_terms(merged: Tensor, average: Tensor, expert_rows: list[Tensor], grams: list[Tensor]) -> Tensor:
