@@ -11,17 +11,22 @@ from test_merge import assert_correction_close, reference_regmean
 
 import merge_model
 import regmean
+from regmean import EPS32
 from utils import UserError
 
 
-def experts_and_grams(n=48, out=24, rank=None, num=2, seed=0):
-    """Random expert weights and float32 grams of random data (rank `rank` when given: a rotated null space)."""
+def experts_and_grams(n=48, out=24, rank=None, num=2, seed=0, null_curvature=0.0):
+    """Random expert weights and float32 grams of random data (rank `rank` when given: a rotated null space,
+    where each gram gets `null_curvature` x eps32 x its smallest diagonal entry as an explicit eigenvalue)."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(out, n, generator=g, dtype=torch.float64)
     ws = [(base + 0.1 * torch.randn(out, n, generator=g, dtype=torch.float64)).float() for _ in range(num)]
-    span = torch.linalg.qr(torch.randn(n, rank or n, generator=g, dtype=torch.float64))[0]
+    rotation = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    span, null = rotation[:, : rank or n], rotation[:, rank or n :]
     xs = [torch.randn(200, rank or n, generator=g, dtype=torch.float64) @ span.T for _ in range(num)]
-    return ws, [(x.T @ x / len(x)).float() for x in xs], span
+    grams = [x.T @ x / len(x) for x in xs]
+    grams = [gram + null_curvature * EPS32 * gram.diagonal().min() * null @ null.T for gram in grams]
+    return ws, [gram.float() for gram in grams], span
 
 
 def weighted_average(ws, coefs):
@@ -77,10 +82,13 @@ def test_float64_cholesky_is_taken_where_float32_is_not_accurate():
 
 @pytest.mark.parametrize("num, coefs, seed", [(2, [0.5, 0.5], 1), (3, [0.2, 0.3, 0.5], 0)])
 def test_cholesky_does_not_accept_a_system_singular_within_float32(num, coefs, seed):
-    """Rank 62 of 64 in a rotated subspace: float32 Cholesky of Σ cᵢ Gᵢ + λI succeeds (rounding leaves positive
-    noise in the null space; seeds where it does), but the system is singular within the grams' precision: the
-    eigendecomposition, the 2 null directions at the average, the rest the float64 closed form on the data's span."""
-    ws, grams, span = experts_and_grams(n=64, out=32, rank=62, num=num, seed=seed)
+    """Rank 62 of 64 in a rotated subspace, and in the 2 null directions an explicit curvature of 10 eps32 x the
+    smallest diagonal entry: far above the float32 rounding of the grams and of a Cholesky factorization (a few
+    tenths of eps32 x the diagonal here, on any cpu), so float32 Cholesky of Σ cᵢ Gᵢ + λI succeeds by construction;
+    yet below DOUBT (30) x the precision floor of any unit direction (at least eps32 x the smallest diagonal entry),
+    so the system is singular within the grams' precision by construction too: the eigendecomposition, the 2 null
+    directions at the average, the rest the float64 closed form on the data's span."""
+    ws, grams, span = experts_and_grams(n=64, out=32, rank=62, num=num, seed=seed, null_curvature=10.0)
     a = sum(c * g for c, g in zip(coefs, grams))
     ridge = regmean.RIDGE * a.diagonal().mean()
     assert torch.linalg.cholesky_ex(a + ridge * torch.eye(64))[1].item() == 0  # float32 Cholesky would take it
