@@ -60,6 +60,7 @@ from utils import (
     merge_label,
     peak_memory,
     run_main,
+    temporary_of,
 )
 
 HARNESS_DIR = Path(__file__).resolve().parent / "lm-eval-harness"  # task overrides, always included
@@ -294,12 +295,9 @@ def default_output(folders):
 
 
 def write_atomic(path, data):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with temporary_of(path) as tmp:
         tmp.write_bytes(data)
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def plot(labels, ticks, values, path):

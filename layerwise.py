@@ -9,6 +9,7 @@ DecoderAdapter; SUPPORTED lists the model types it is tested on. The hidden stat
 tokens are kept packed (real tokens only) on the device, in host memory or on disk (HiddenStates).
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from calibration import Gram, LinearInputs, check_one_row_per_token, collate
 from tensor_io import read_tensor, tensor_infos, write_safetensors
-from utils import Progress, UserError, dtype_name
+from utils import Progress, UserError, dtype_name, temporary_of
 
 # model_type -> scale of the input embeddings (Gemma multiplies them by √hidden, in the model's dtype)
 SUPPORTED = {"llama": None, "mistral": None, "qwen2": None, "gemma": "sqrt_hidden"}
@@ -339,6 +340,13 @@ def read_part(path: Path, settings: dict) -> tuple[dict[str, Path], dict[str, st
     return {k: path for k in keys}, json.loads(meta["aliases"])
 
 
+def process_rank() -> int:
+    """This process's rank among compute_gram.py's processes (0 alone)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def agree_on_done(done: int) -> int:
     """The finished layers every process sees (the fewest): all resume from the same layer."""
     import torch.distributed as dist
@@ -404,8 +412,6 @@ def grams_by_layer(
         return FinishedGrams(where), aliases, 0
     if is_main:
         parts_dir.mkdir(parents=True, exist_ok=True)
-    spill = out_dir / f".hidden-states-{os.getpid()}" if plan["hidden_states"] == "disk" else None
-    states = HiddenStates(device, spill, host=plan["hidden_states"] == "host")
 
     def run(layer, index, b):
         states.put((0, b), adapter.run_layer(layer, index, states.get((0, b)), calib[b]))
@@ -426,7 +432,11 @@ def grams_by_layer(
             file=sys.stderr,
         )
     bar = Progress(total=len(part_paths), initial=done, desc="gram (layers)", unit="layer", disable=not progress)
+    spill = contextlib.ExitStack()  # the hidden states' folder on disk: each process its own (one out_dir)
     try:
+        disk = plan["hidden_states"] == "disk"
+        folder = spill.enter_context(temporary_of(out_dir / f"hidden-states-rank{process_rank()}")) if disk else None
+        states = HiddenStates(device, folder, host=plan["hidden_states"] == "host")
         embed = read_tensor(files[adapter.embed_name], adapter.embed_name)
         for b, (input_ids, _, index) in enumerate(calib):
             states.put((0, b), adapter.embed(embed, input_ids.flatten()[index]))
@@ -462,8 +472,7 @@ def grams_by_layer(
             bar.update()
     finally:
         bar.close()
-        if spill is not None:
-            shutil.rmtree(spill, ignore_errors=True)
+        spill.close()
     return FinishedGrams(where), aliases, num_tokens
 
 

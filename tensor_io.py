@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from utils import GRAM_FILE, SEED_GRAM_FILE, UserError, did_you_mean, first_line
+from utils import GRAM_FILE, SEED_GRAM_FILE, UserError, did_you_mean, first_line, temporary_of
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, format section)
 SAFETENSORS_DTYPES = {
@@ -107,8 +107,7 @@ def write_safetensors(
     live on. Atomic: written under a temporary name and renamed when complete."""
     path = Path(path)
     head, _ = safetensors_header({name: (tuple(t.shape), dtype or t.dtype) for name, t in tensors.items()}, metadata)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with temporary_of(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(head)
             for t in tensors.values():
@@ -116,8 +115,6 @@ def write_safetensors(
                 f.write(host.reshape(-1).view(torch.uint8).numpy().data)  # raw bytes, no extra copy
                 del host
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class ShardWriter:
@@ -234,8 +231,7 @@ def save_grams(
         if g.dim() == 2 and g.shape[1] != g.shape[0]:
             raise ValueError(f"gram {key} is not square: {list(g.shape)}")
     head, _ = safetensors_header({k: ((n * (n + 1) // 2,), torch.float32) for k, n in dims.items()}, metadata)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with temporary_of(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(head)
             for n, g in zip(dims.values(), grams.values()):  # values(): a lazy mapping may free each as it goes
@@ -249,8 +245,6 @@ def save_grams(
                     f.write(host.view(torch.uint8).numpy().data)
                     del host
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_exactly(f, offset: int, nbytes: int) -> torch.Tensor:

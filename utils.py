@@ -6,6 +6,7 @@ evaluate.py, demo.py) are the entry points.
 """
 
 import contextlib
+import fcntl
 import os
 import re
 import resource
@@ -332,27 +333,84 @@ def check_output_free(path, overwrite: bool) -> None:
         raise UserError(f"{path} exists; pass --overwrite to replace it")
 
 
+def leftover(name: str, final: Path) -> bool:
+    """Is `name` a temporary of `final` (`.NAME.tmp-PID`, or `.NAME.old-PID`: atomic_dir's previous folder)?"""
+    return re.fullmatch(rf"\.{re.escape(final.name)}\.(tmp|old)-\d+", name) is not None
+
+
+def take_lock(final: Path) -> int:
+    """An exclusive flock on `.NAME.lock` beside `final`, its fd; refused (UserError) while a live run holds it."""
+    path = final.with_name(f".{final.name}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 20).decode().strip() or "?"
+            os.close(fd)
+            raise UserError(f"{final} is being written by another run (pid {pid}); wait for it or stop it") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not a file its last holder removed as we opened it
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                return fd
+        os.close(fd)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder (with what it holds), if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def temporary_of(final):
+    """Yield `.NAME.tmp-PID` beside `final`, not yet created, for the caller to write and rename to
+    `final`; whatever is left of it is removed when the block ends.
+
+    Why: a run that is killed (out of memory, time limit, kill -9) never removes its temporary, and
+    the next run has another PID, so for an 8B merge up to 16 GB would stay hidden per interruption.
+    The whole write holds an exclusive lock on `.NAME.lock` (flock: the kernel drops it when its
+    process dies, however it died), so a run that takes the lock knows that no run is writing
+    `final`: every `.NAME.tmp-*` and `.NAME.old-*` beside it is a dead run's leftover and goes first.
+    While a live run holds the lock this one is refused (UserError) and touches nothing: two runs
+    writing one output would clobber each other. The lock file goes too when the block ends."""
+    final = Path(final)
+    fd = take_lock(final)
+    try:
+        for entry in os.scandir(final.parent):
+            if leftover(entry.name, final):
+                print(f"removing {entry.path}, left by a run that was killed", file=sys.stderr)
+                remove_path(Path(entry.path))
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        try:
+            yield tmp
+        finally:
+            remove_path(tmp)
+    finally:
+        final.with_name(f".{final.name}.lock").unlink(missing_ok=True)  # before the lock is dropped: see take_lock
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(final, overwrite=False):
-    """Yield a temporary folder beside `final`; rename it to `final` when the block ends
+    """Yield a temporary folder beside `final` (temporary_of); rename it to `final` when the block ends
     without error, delete it otherwise. An existing `final` is refused unless overwrite."""
     final = Path(final)
     check_output_free(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with temporary_of(final) as tmp:
+        tmp.mkdir()
         yield tmp
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            remove_path(old)
         else:
             os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- run figures
