@@ -16,6 +16,8 @@ from conftest import save_expert
 from tensor_io import GramFile
 from utils import auto_dtype, dtype_name
 
+pytestmark = pytest.mark.bf16
+
 U = 2.0**-8  # bfloat16's unit roundoff: 8 significant bits, so a rounding moves a value by at most U of itself
 
 # Grams. The hooks see activations x + δx, x the float64 pass's. If every direction v of a layer's

@@ -351,6 +351,7 @@ def bf16_ulp(x):
     return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(1e-30))) - 7)
 
 
+@pytest.mark.bf16
 def test_bfloat16_experts_end_to_end(base_model, tokenizer, calib_files, tmp_path):
     """bfloat16 experts (as every real checkpoint) -> compute_gram.py -> merge_model.py with the default
     --dtype: a bfloat16 folder whose weights are the float64 closed form, computed from the bfloat16
