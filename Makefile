@@ -25,8 +25,8 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The tests marked `dtype` leave the dtype at `auto`, which follows the cpu: they run as a cpu with native
-# bfloat16 would choose and as one without (REGMEAN_CPU_BF16=1, 0), so that a test passing on one kind only
+# The tests marked `dtype` leave the dtype at `auto`, which follows the cpu: they run as a cpu where bfloat16
+# is native and faster would choose and as one without (REGMEAN_CPU_BF16=1, 0), so that a test passing on one kind only
 # fails on both, whichever CI was given (about 1.5 min more).
 test: venv
 	$(PY) -m pytest -q -m "not dtype" tests
