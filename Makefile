@@ -25,8 +25,8 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The tests marked `dtype` leave the dtype at `auto`, which follows the cpu: they run as a cpu with native
-# bfloat16 would choose and as one without (REGMEAN_CPU_BF16=1, 0), so that a test passing on one kind only
+# The tests marked `dtype` leave the dtype at `auto`, which follows the cpu: they run as a cpu where bfloat16
+# is native and faster would choose and as one without (REGMEAN_CPU_BF16=1, 0), so that a test passing on one kind only
 # fails on both, whichever CI was given (about 1.5 min more). The float32 numerics (tests/conftest.py NUMERICS)
 # run again under torch's portable kernels on one thread and its avx2 kernels on two, which round and sum in
 # other orders than the cpu's own: a check that holds by one cpu's rounding fails here on every cpu (~5 min more).

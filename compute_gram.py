@@ -72,12 +72,7 @@ from calibration import (
     load_tokenizer,
     split_batches,
 )
-from layerwise import (
-    PARTS_DIR,
-    DecoderAdapter,
-    choose_plan,
-    grams_by_layer,
-)
+from layerwise import PARTS_DIR, DecoderAdapter, choose_plan, grams_by_layer
 from tensor_io import (
     checkpoint_files,
     config_fingerprint,
@@ -87,12 +82,14 @@ from tensor_io import (
     write_safetensors,
 )
 from utils import (
+    CPU_BF16_MIN_SPEEDUP,
     FORMATS,
     GRAM_FILE,
     PRESETS,
     Progress,
     Timer,
     UserError,
+    agree_on_dtype,
     check_at_least_one,
     choose_device,
     choose_dtype,
@@ -127,10 +124,7 @@ def parse_args(argv=None):
         "--num-examples", type=int, default=NUM_EXAMPLES, help="first N rows, unshuffled (default: %(default)s)"
     )
     p.add_argument(
-        "--max-length",
-        type=int,
-        default=MAX_LENGTH,
-        help="truncate each example to this many tokens (default: %(default)s)",
+        "--max-length", type=int, default=MAX_LENGTH, help="each example cut to this many tokens (default: %(default)s)"
     )
     p.add_argument(
         "--batch-size", type=int, default=BATCH_SIZE, help="examples per forward pass (default: %(default)s)"
@@ -173,8 +167,9 @@ def parse_args(argv=None):
         "--dtype",
         default="auto",
         choices=["auto", "bfloat16", "float32"],
-        help="dtype of the forward passes; the grams are float32 sums whatever it is (auto: bfloat16 on cuda "
-        "and on a cpu with native bfloat16, avx512_bf16 or AMX; float32 on other cpus) (default: %(default)s)",
+        help="dtype of the forward passes; the grams are float32 sums whatever it is (auto: bfloat16 on cuda, and on "
+        "a cpu with native bfloat16 (avx512_bf16 or AMX) where a timed product at the model's width runs it at least "
+        f"{CPU_BF16_MIN_SPEEDUP}x float32's speed; else float32) (default: %(default)s)",
     )
     args = p.parse_args(argv)
     if args.preset is None:
@@ -495,11 +490,12 @@ def main(argv=None):
     state = PartialState(cpu=device.type == "cpu", timeout=PROCESS_GROUP_TIMEOUT)
     rank, num_processes = state.process_index, state.num_processes
     device, max_memory = rank_placement(device, args.device_map, state)
-    dtype = choose_dtype(args.dtype, device)
 
     # Everything that can be wrong with the input is checked before the model loads; every
     # process reads and tokenizes all rows (cheap), so all agree on the batches and refuse alike.
     model_dir = resolve_model_dir(model_spec)
+    config = json.loads((model_dir / "config.json").read_text())
+    dtype = choose_dtype(args.dtype, device, width=config.get("hidden_size"))  # auto on cpu: timed at that width
     tokenizer = load_tokenizer(model_dir)
     token_ids = calibration_tokens(tokenizer, dataset, fmt, args.split, args.num_examples, args.max_length)
     if out_dir.exists():
@@ -510,13 +506,15 @@ def main(argv=None):
         resume = "layers"
     resume = resume or ("model" if checkpoint_path(out_dir, rank, num_processes).exists() else None)
     batch, length = min(args.batch_size, len(token_ids)), max(map(len, token_ids))  # the largest batch
-    meet()  # every rank checked its inputs (or one failed and all stop here) before choose_plan's all-reduce
+    meet()  # every rank checked its inputs (or one failed and all stop here) before the all-reduces below
+    if args.dtype == "auto" and device.type == "cpu":
+        dtype = agree_on_dtype(dtype)  # each rank timed its own products: float32 on all if one chose it
     plan, why = choose_plan(args.plan, model_dir, files, device, dtype, batch, length, args.device_map, resume)
     if state.is_main_process:
         where = f"{num_processes} processes" if num_processes > 1 else str(device)
         print(
             f"{model_spec}: {len(token_ids)} examples of {dataset}, {sum(map(len, token_ids))} tokens, "
-            f"on {where} in {describe_dtype(args.dtype, dtype, device)}",
+            f"on {where} in {describe_dtype(args.dtype, dtype, device, config.get('hidden_size'))}",
             file=sys.stderr,
         )
         print(f"plan: {plan} ({why})", file=sys.stderr)
@@ -531,7 +529,7 @@ def main(argv=None):
         dtype=dtype_name(dtype),
         # what binds the grams to this expert: merge_model.py checks them against each model it merges
         model_fingerprint=model_fingerprint(files),
-        config_sha256=config_fingerprint(json.loads((model_dir / "config.json").read_text())),
+        config_sha256=config_fingerprint(config),
         data_sha256=fingerprint(token_ids),
         bos=bos_rule(tokenizer),  # calibration.tokenize_texts: one BOS per row, whatever the template writes
     )

@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 
 from utils import (
+    CPU_BF16_MIN_SPEEDUP,
     UserError,
     choose_device,
     choose_dtype,
@@ -438,7 +439,8 @@ def main(argv=None):
         "--dtype",
         choices=["auto", "bfloat16", "float16", "float32"],
         default="auto",
-        help="model dtype; auto: bfloat16 on cuda and on a cpu with native bfloat16 (avx512_bf16, AMX), else float32",
+        help="model dtype; auto: bfloat16 on cuda, and on a cpu with native bfloat16 (avx512_bf16, AMX) where a timed "
+        f"product at the model's width runs it at least {CPU_BF16_MIN_SPEEDUP}x float32's speed; else float32",
     )
     parser.add_argument(
         "--model-args",
@@ -486,7 +488,8 @@ def main(argv=None):
     if not tasks:
         raise UserError("--tasks is empty")
     device = choose_device(args.device)
-    dtype = choose_dtype(args.dtype, device)
+    width = json.loads(Path(args.folders[0], "config.json").read_text()).get("hidden_size")  # auto times it on cpu
+    dtype = choose_dtype(args.dtype, device, width=width)
     backend = choose_backend(args.backend, device)
     check_tasks(tasks, passthrough_metadata(passthrough))
 

@@ -102,6 +102,7 @@ from recipe import read_recipe, recipe_of
 from regmeanpp import CalibrationSettings, calibration_sets, merge_regmean_pp
 from tensor_io import ShardWriter
 from utils import (
+    CPU_BF16_MIN_SPEEDUP,
     DTYPES,
     FORMATS,
     MERGE_METHODS,
@@ -242,8 +243,10 @@ def parse_args(argv=None) -> MergeSettings:
     p.add_argument(
         "--forward-dtype",
         choices=["auto", "bfloat16", "float32"],
-        help="regmean++: dtype of the forward passes and hidden states (default: bfloat16 on cuda and on a cpu "
-        "with native bfloat16, float32 on other cpus)",
+        help="regmean++: dtype of the forward passes and hidden states (default: bfloat16 on cuda, and on a cpu "
+        f"with native bfloat16 where a timed product at the model's width runs it at least {CPU_BF16_MIN_SPEEDUP}x "
+        "float32's speed; "
+        "else float32)",
     )
     p.add_argument(
         "--max-hidden-gb",
@@ -375,17 +378,17 @@ def main(argv=None):
         print(f"config and tokenizer from {source.dir}, the largest vocabulary")
     extra_settings = {}
     if pp:
-        forward_dtype = choose_dtype(s.forward_dtype, device)
+        width = experts[-1].config["hidden_size"]  # auto on the cpu times its products at this width
+        forward_dtype = choose_dtype(s.forward_dtype, device, width=width)
         num_tokens = sum(c.num_tokens for c in calib)
-        extra_settings = hidden_states_plan(
-            s.max_hidden_gb, device, forward_dtype, experts[-1].config["hidden_size"], num_tokens
-        )
+        extra_settings = hidden_states_plan(s.max_hidden_gb, device, forward_dtype, width, num_tokens)
         spill = extra_settings["hidden_states"] == "disk"
         hidden_gib, budget = extra_settings["hidden_gib"], extra_settings["max_hidden_gb"]
         where = f"on disk (over the {budget:.3g} GiB budget)" if spill else f"on {device} (budget {budget:.3g} GiB)"
+        said = describe_dtype(s.forward_dtype, forward_dtype, device, width)
         print(
             f"regmean++: {num_tokens} calibration tokens ({', '.join(str(c.num_tokens) for c in calib)}); their hidden "
-            f"states ({hidden_gib:.3g} GiB, {describe_dtype(s.forward_dtype, forward_dtype, device)}) kept {where}"
+            f"states ({hidden_gib:.3g} GiB, {said}) kept {where}"
         )
 
     with atomic_dir(out_dir, overwrite=s.overwrite) as tmp:

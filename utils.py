@@ -7,6 +7,7 @@ evaluate.py, demo.py) are the entry points.
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import resource
@@ -130,12 +131,13 @@ def choose_device(name="auto"):
 
 
 def cpu_bf16_support(flags: set[str] | None = None) -> tuple[bool, str]:
-    """Whether this CPU computes bfloat16 natively (avx512_bf16 or AMX tiles), and the evidence.
+    """Whether this CPU has native bfloat16 instructions (avx512_bf16 or AMX tiles), and the evidence.
 
-    Without those instructions PyTorch emulates bfloat16 matmuls and they run several times
-    slower than float32 (measured here: 13 against 104 GFLOP/s on a 2048² matmul). Evidence is
-    PyTorch's own CPUID probe (what its kernels will use) and /proc/cpuinfo's flags; either
-    suffices. `flags` replaces /proc/cpuinfo's (and skips PyTorch's probe), for tests."""
+    Without them PyTorch emulates bfloat16 matmuls and they run several times slower than float32
+    (measured on such a cpu: 13 against 104 GFLOP/s on a 2048² matmul). With them bfloat16 may still
+    be the slower one: cpu_bf16_choice() times it before `auto` takes it. Evidence is PyTorch's own CPUID
+    probe (what its kernels will use) and /proc/cpuinfo's flags; either suffices. `flags` replaces
+    /proc/cpuinfo's (and skips PyTorch's probe), for tests."""
     native = {"avx512_bf16", "amx_bf16"}
     if flags is None:
         probe = {
@@ -162,48 +164,117 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-# Set to 1 or 0, `auto` answers bfloat16 or float32 on any cpu, as a cpu with or without native bfloat16 would:
-# `make test` runs the dtype-sensitive tests both ways with it, whatever cpu CI was given.
+# `auto` takes bfloat16 on a cpu with native bfloat16 only where a timed product runs at least this many times
+# float32's speed: the flag says what the cpu can do, not what this PyTorch build makes of it (an Intel Xeon with
+# avx512_bf16 and AMX has run bfloat16 at half its float32 speed, another of the same model at 3-7x, an AMD EPYC
+# at 2.3x; docs/benchmarks.md). Below it the measurement's noise could decide; float32, the more accurate, wins ties.
+CPU_BF16_MIN_SPEEDUP = 1.2
+CPU_PROBE_WIDTH = 2048  # the width timed when the caller does not know the model's (its hidden size)
+
+
+def cpu_matmul_gflops(width: int = CPU_PROBE_WIDTH, repeats: int = 3) -> tuple[float, float]:
+    """(float32, bfloat16) GFLOP/s of F.linear on the cpu, as the forward passes at hidden size
+    `width` run it: rows × width into min(width, 1024) outputs; one warm-up each, then `repeats`
+    rounds alternating the two dtypes (so a neighbour's load hits both alike), the best time of
+    each. Rows (128-8192) make a product ~4 GFLOP: on 2 shared cores a product of 1 GFLOP took a
+    whole scheduler tick or two whatever its dtype, hiding a 3x difference. 0.2-0.4 s on 2 cores."""
+    import torch.nn.functional as F
+
+    out = min(width, 1024)
+    rows = min(8192, max(128, 2**31 // (width * out)))
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, width, generator=g), torch.randn(out, width, generator=g)
+    pairs = {dtype: (x.to(dtype), w.to(dtype)) for dtype in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(pairs, float("inf"))
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            for dtype, (a, b) in pairs.items():
+                t0 = time.perf_counter()
+                F.linear(a, b)
+                if i:  # round 0 warms up (oneDNN builds its kernels)
+                    best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    flop = 2 * rows * width * out
+    return flop / best[torch.float32] / 1e9, flop / best[torch.bfloat16] / 1e9
+
+
+@functools.cache
+def cpu_bf16_measured(width: int, threads: int) -> tuple[float, float]:
+    """cpu_matmul_gflops(width), measured once per process for each width and thread count."""
+    return cpu_matmul_gflops(width)
+
+
+# Set to 1 or 0, `auto` answers bfloat16 or float32 on any cpu, as a cpu with or without native bfloat16 would,
+# without timing anything: `make test` runs the dtype-sensitive tests both ways with it, whatever cpu CI was given.
 CPU_BF16_ENV = "REGMEAN_CPU_BF16"
 
 
-def cpu_bf16_choice() -> tuple[bool, str]:
-    """Whether `auto` takes bfloat16 on the cpu, and why: REGMEAN_CPU_BF16 where it is set
-    (1 or 0), else what cpu_bf16_support() finds. Read here only."""
+def cpu_bf16_choice(width: int | None = None, flags: set[str] | None = None, measure=None) -> tuple[bool, str]:
+    """Whether `auto` takes bfloat16 on the cpu, and why: REGMEAN_CPU_BF16 where it is set (1 or 0);
+    else float32 on a cpu without native bfloat16 (cpu_bf16_support, no timing), and on one with it
+    bfloat16 only where it measured at least CPU_BF16_MIN_SPEEDUP times float32's GFLOP/s at the
+    model's `width` (CPU_PROBE_WIDTH when None). Read here only. For tests: `flags` replaces the cpu's
+    (cpu_bf16_support), `measure(width) -> (float32, bfloat16) GFLOP/s` the timing."""
     forced = os.environ.get(CPU_BF16_ENV, "")
-    if forced == "":
-        return cpu_bf16_support()
-    if forced not in ("0", "1"):
+    if forced not in ("", "0", "1"):
         raise UserError(f"{CPU_BF16_ENV} must be 1 or 0 (or unset), got {forced!r}")
-    _, why = cpu_bf16_support()
-    return forced == "1", f"{CPU_BF16_ENV}={forced} in the environment; this cpu: {why}"
+    native, why = cpu_bf16_support(flags)
+    if forced:
+        return forced == "1", f"{CPU_BF16_ENV}={forced} in the environment; this cpu: {why}"
+    if not native:
+        return False, why
+    width = width or CPU_PROBE_WIDTH
+    f32, bf16 = (measure or (lambda w: cpu_bf16_measured(w, torch.get_num_threads())))(width)
+    faster = bf16 >= CPU_BF16_MIN_SPEEDUP * f32
+    return faster, (
+        f"{why}, {'and' if faster else 'but'} bfloat16 measured {bf16:.0f} against float32's {f32:.0f} GFLOP/s "
+        f"at width {width} ({bf16 / f32:.2f}x; bfloat16 needs {CPU_BF16_MIN_SPEEDUP}x)"
+    )
 
 
-def auto_dtype(device: torch.device, bf16_support: tuple[bool, str] | None = None) -> tuple[torch.dtype, str]:
-    """The compute dtype `--dtype auto` means on `device`, and why: bfloat16 on cuda and on a
-    cpu with native bfloat16 (or REGMEAN_CPU_BF16=1), float32 on other cpus. Forward passes
-    (grams, RegMean++, the demo's training and evaluation) use it; sums of products stay
-    float32 whatever it is. `bf16_support` replaces cpu_bf16_choice(), for tests."""
+def auto_dtype(device: torch.device, width: int | None = None, **probe) -> tuple[torch.dtype, str]:
+    """The compute dtype `--dtype auto` means on `device`, and why: bfloat16 on cuda; on the cpu
+    bfloat16 where cpu_bf16_choice(width) says so (native bfloat16 that measured faster than
+    float32 at the model's hidden size `width`, or REGMEAN_CPU_BF16=1), else float32. Forward
+    passes (grams, RegMean++, evaluation) use it; sums of products stay float32 whatever it is.
+    `probe` (flags=, measure=) goes to cpu_bf16_choice, for tests."""
     if device.type == "cuda":
         return torch.bfloat16, "cuda"
-    native, why = bf16_support or cpu_bf16_choice()
-    return (torch.bfloat16 if native else torch.float32), why
+    bf16, why = cpu_bf16_choice(width, **probe)
+    return (torch.bfloat16 if bf16 else torch.float32), why
 
 
-def choose_dtype(name, device, default=None):
-    """'auto' -> `default` when given (e.g. the experts' own dtype), else auto_dtype(device)."""
+def choose_dtype(name, device, default=None, width: int | None = None):
+    """'auto' -> `default` when given (e.g. the experts' own dtype), else auto_dtype(device, width)."""
     if name != "auto":
         return DTYPES[name]
     if default is not None:
         return default
-    return auto_dtype(torch.device(device))[0]
+    return auto_dtype(torch.device(device), width)[0]
 
 
-def describe_dtype(name: str, dtype: torch.dtype, device) -> str:
-    """For the logs: "bfloat16" as asked, or "bfloat16 (auto: torch reports avx512_bf16)"."""
+def describe_dtype(name: str, dtype: torch.dtype, device, width: int | None = None) -> str:
+    """For the logs: "bfloat16" as asked, or "float32 (auto: torch reports avx512_bf16, but bfloat16
+    measured 94 against float32's 190 GFLOP/s at width 576 (0.49x; bfloat16 needs 1.2x))"."""
     if name != "auto":
         return dtype_name(dtype)
-    return f"{dtype_name(dtype)} (auto: {auto_dtype(torch.device(device))[1]})"
+    chosen, why = auto_dtype(torch.device(device), width)
+    if chosen != dtype:  # several processes agreed on another rank's choice (agree_on_dtype)
+        why += f"; {dtype_name(dtype)} as another process chose"
+    return f"{dtype_name(dtype)} (auto: {why})"
+
+
+def agree_on_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every process of a group runs: float32 if `auto` took it on any of them (each
+    timed its own products, and a close call may go either way), else `dtype`. Every process of
+    the group must call it at the same point; alone it returns `dtype`."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dtype
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([int(dtype == torch.float32)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return torch.float32 if flag.item() else dtype
 
 
 # ----------------------------------------------------------------------------- models

@@ -322,7 +322,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = choose_device(args.device)
     if args.dtype == "auto":
-        dtype, why = auto_dtype(device)
+        dtype, why = auto_dtype(device, args.hidden)
         args.dtype = dtype_name(dtype)
         print(f"--dtype auto: {args.dtype} ({why})")
     dtype = DTYPES[args.dtype]

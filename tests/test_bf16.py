@@ -51,6 +51,11 @@ GRAM_BOUND = 2 * EPS + EPS**2  # 0.057 of sqrt(G_jj G_kk); measured here at most
 PP_ALPHA = 0.5
 
 
+def hidden_size(model_dir):
+    """The width `auto` times its products at, unless REGMEAN_CPU_BF16 decides (`make test` sets it)."""
+    return json.loads((model_dir / "config.json").read_text())["hidden_size"]
+
+
 def gram_errors(path, reference):
     """{module: max_jk |G_jk - ref_jk| / sqrt(ref_jj ref_kk)}: the quantity GRAM_BOUND bounds."""
     grams = GramFile(path)
@@ -159,7 +164,7 @@ def test_a_bfloat16_merge_a_quarter_short_fails(bf16_experts, calib_files, pp_re
 @pytest.mark.dtype
 def test_auto_grams_hold_the_tolerance_of_the_dtype_auto_picks(bf16_experts, calib_files, code_reference, tmp_path,
                                                                capsys):  # fmt: skip
-    dtype, why = auto_dtype(torch.device("cpu"))
+    dtype, why = auto_dtype(torch.device("cpu"), hidden_size(bf16_experts[0]))  # as compute_gram.py asks
     path = run(bf16_experts[0], calib_files["code"], tmp_path / "g", "--batch-size", "4", "--dtype", "auto")
     assert GramFile(path).metadata["dtype"] == dtype_name(dtype)
     assert f"in {dtype_name(dtype)} (auto: {why})" in capsys.readouterr().err
@@ -171,7 +176,7 @@ def test_auto_grams_hold_the_tolerance_of_the_dtype_auto_picks(bf16_experts, cal
 @pytest.mark.dtype
 def test_auto_regmeanpp_holds_the_tolerance_of_the_dtype_auto_picks(bf16_experts, calib_files, pp_reference,
                                                                     tmp_path):  # fmt: skip
-    dtype = auto_dtype(torch.device("cpu"))[0]
+    dtype = auto_dtype(torch.device("cpu"), hidden_size(bf16_experts[0]))[0]  # as merge_model.py asks
     out = run_pp(bf16_experts, calib_files, tmp_path / "pp", "--alpha", PP_ALPHA, "--forward-dtype", "auto",
                  "--dtype", "float32")  # fmt: skip
     assert json.loads((out / "merge_report.json").read_text())["settings"]["forward_dtype"] == dtype_name(dtype)
