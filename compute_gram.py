@@ -20,7 +20,7 @@ computed: lm_head's gram only needs its input.
 
 --plan model runs the whole expert with every accumulator on the device; --plan layers keeps the
 tokens' hidden states (device, host or disk) and runs one decoder layer at a time read from the
-safetensors files (layerwise.py): memory of one layer, whatever the depth. auto (the default) takes
+safetensors files (regmean/layerwise.py): memory of one layer, whatever the depth. auto (the default) takes
 the whole model when weights + grams + a batch fit the free memory, and logs which and why.
 
 Linear layers that read the same tensor (q/k/v and gate/up in Llama, Mistral, Qwen2,
@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from calibration import (
+from regmean.calibration import (
     BATCH_SIZE,
     MAX_LENGTH,
     NUM_EXAMPLES,
@@ -72,8 +72,8 @@ from calibration import (
     load_tokenizer,
     split_batches,
 )
-from layerwise import PARTS_DIR, DecoderAdapter, choose_plan, grams_by_layer
-from tensor_io import (
+from regmean.layerwise import PARTS_DIR, DecoderAdapter, choose_plan, grams_by_layer
+from regmean.tensor_io import (
     checkpoint_files,
     config_fingerprint,
     model_fingerprint,
@@ -81,7 +81,7 @@ from tensor_io import (
     tensor_infos,
     write_safetensors,
 )
-from utils import (
+from regmean.utils import (
     CPU_BF16_MIN_SPEEDUP,
     FORMATS,
     GRAM_FILE,
@@ -98,8 +98,8 @@ from utils import (
     first_line,
     peak_memory,
     resolve_model_dir,
-    run_main,
 )
+from utils import run_main
 
 CHECKPOINT_FILE = ".gram-checkpoint.safetensors"
 # How long processes wait for each other (torch's nccl default is 10 minutes): after a

@@ -35,8 +35,9 @@ from pathlib import Path
 
 import torch
 
-from finetune import drift_table, greedy_accuracy, sft_examples, train, weight_drift
-from utils import Timer, atomic_dir, merge_dir_name, peak_memory, run_main
+from regmean.finetune import drift_table, greedy_accuracy, sft_examples, train, weight_drift
+from regmean.utils import Timer, atomic_dir, merge_dir_name, peak_memory
+from utils import run_main
 
 # A Llama-3-style chat template: the template writes BOS itself, so calibration text is
 # tokenized with add_special_tokens=False.

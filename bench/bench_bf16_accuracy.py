@@ -10,7 +10,7 @@ repository's Python files, the other's are paragraphs of its README and docs/. T
 SmolLM2 with seeded noise (--noise x each tensor's std) on every linear weight. The grams are
 compute_gram.py's own (calibration.Gram, float32 sums) from forward passes in float64, float32
 and bfloat16 of the same weights (the bfloat16 model is the float32 one cast). The merge is
-regmean.merge_weight on every decoder linear layer; its difference is measured against the
+solver.merge_weight on every decoder linear layer; its difference is measured against the
 RegMean correction (merged - average), which is what the grams decide.
 """
 
@@ -25,9 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from calibration import format_rows, load_tokenizer, tokenize_texts  # noqa: E402
 from compute_gram import compute_grams  # noqa: E402
-from regmean import merge_weight  # noqa: E402
+from regmean.calibration import format_rows, load_tokenizer, tokenize_texts  # noqa: E402
+from regmean.solver import merge_weight  # noqa: E402
 
 
 def calibration_rows(num_rows, seed=0):

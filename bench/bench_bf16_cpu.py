@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import CPU_BF16_ENV, auto_dtype, cpu_bf16_support, dtype_name  # noqa: E402
+from regmean.utils import CPU_BF16_ENV, auto_dtype, cpu_bf16_support, dtype_name  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16)
 

@@ -44,9 +44,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from calibration import Gram, collate, find_shared_inputs, length_batches  # noqa: E402
 from compute_gram import all_reduce_grams, compute_grams  # noqa: E402
-from utils import DTYPES, auto_dtype, choose_device, dtype_name  # noqa: E402
+from regmean.calibration import Gram, collate, find_shared_inputs, length_batches  # noqa: E402
+from regmean.utils import DTYPES, auto_dtype, choose_device, dtype_name  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -293,7 +293,7 @@ def compare_processes(args, device, model, token_ids):
 
     import torch.multiprocessing as mp
 
-    from tensor_io import write_safetensors
+    from regmean.tensor_io import write_safetensors
 
     num_tokens = sum(map(len, token_ids))
     ours(model, token_ids[: args.batch_size // 4 or 1], args.batch_size)  # warm-up

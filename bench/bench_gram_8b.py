@@ -74,8 +74,8 @@ def time_v(cmd: list[str], log: Path) -> dict:
 def layer0_attention_error(model_dir: Path, rows: Path, gram_file: Path, num_examples: int, max_length: int) -> float:
     """Relative error (max abs / max abs) of the stored layer-0 attention-input gram against float64:
     the embedding rows of the calibration tokens -> RMSNorm with input_layernorm's weight -> XᵀX / n."""
-    from calibration import calibration_tokens, load_tokenizer
-    from tensor_io import GramFile, checkpoint_files, read_tensor
+    from regmean.calibration import calibration_tokens, load_tokenizer
+    from regmean.tensor_io import GramFile, checkpoint_files, read_tensor
 
     config = json.loads((model_dir / "config.json").read_text())
     files = checkpoint_files(model_dir)
@@ -91,7 +91,7 @@ def layer0_attention_error(model_dir: Path, rows: Path, gram_file: Path, num_exa
     try:
         got = GramFile(gram_file).get(key).double()
     except RuntimeError:  # safetensors maps the whole file (33 GB): refused where memory is short
-        from layerwise import mapped_tensor
+        from regmean.layerwise import mapped_tensor
 
         got = mapped_tensor(gram_file, key).double()  # a full-square (v1) gram, mapped alone
     return ((got - want).abs().max() / want.abs().max()).item()

@@ -9,7 +9,7 @@
     python bench/bench_merge.py --like-for-like --pp-examples 0   # + streaming writing float32, as the baseline does
     python bench/bench_merge.py --ill-conditioned --alpha 1.0 --like-for-like --pp-examples 0   # grams of cond ~1e7
     python bench/bench_merge.py --figures-overhead --repeat 3   # regmean with and without the output error
-                                             # figures (merge_report.py), alternating: the wall time ratio
+                                             # figures (regmean/merge_report.py), alternating: the wall time ratio
 
 For each depth it writes (merge_inputs.py) two experts (random bf16 weights, safetensors shards) and synthetic SPD
 grams for them, both as gram.safetensors (this project) and as the seed's gram.pkl (one tensor
@@ -290,9 +290,9 @@ def seed_gram_bytes(shapes):
 
 # ----------------------------------------------------------------------------- one 8B layer on a device
 def layer_8b(args):
-    import regmean
-    from merging import BLOCK_MB
-    from utils import choose_device
+    from regmean import solver
+    from regmean.merging import BLOCK_MB
+    from regmean.utils import choose_device
 
     device = choose_device(args.device)
     c = (
@@ -324,7 +324,7 @@ def layer_8b(args):
         }
         sync()
         t0 = time.perf_counter()
-        system = regmean.RegMeanSystem.factor(
+        system = solver.RegMeanSystem.factor(
             grams, args.alpha, [1 / NUM_EXPERTS] * NUM_EXPERTS, device, num_rows=sum(shapes[m][0] for m in modules)
         )
         for m in modules:
@@ -350,7 +350,7 @@ def layer_8b(args):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    from merging import BLOCK_MB
+    from regmean.merging import BLOCK_MB
 
     args = parse_args(argv)
     if args.child:

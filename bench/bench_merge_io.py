@@ -32,9 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_llama3_8b_shaped import write_weights  # noqa: E402
 
 import merge_model  # noqa: E402
-import merging  # noqa: E402
-import tensor_io  # noqa: E402
-from tensor_io import GramFile, save_grams, write_safetensors  # noqa: E402
+from regmean import (
+    merging,  # noqa: E402
+    tensor_io,  # noqa: E402
+)
+from regmean.tensor_io import GramFile, save_grams, write_safetensors  # noqa: E402
 
 
 def parse_args(argv=None):

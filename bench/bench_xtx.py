@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from calibration import Gram  # noqa: E402
+from regmean.calibration import Gram  # noqa: E402
 
 
 def activations(rows, dim, batches, device, seed=0):

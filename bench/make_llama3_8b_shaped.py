@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tensor_io import ShardWriter  # noqa: E402
-from utils import UserError, atomic_dir, check_at_least_one, run_main  # noqa: E402
+from regmean.tensor_io import ShardWriter  # noqa: E402
+from regmean.utils import UserError, atomic_dir, check_at_least_one  # noqa: E402
+from utils import run_main
 
 LLAMA3_8B = dict(
     vocab_size=128256,

@@ -81,7 +81,7 @@ def prepare(folder, args, layers):
     """Two experts and their grams in both formats under `folder` (skipped when already there)."""
     from transformers import LlamaConfig
 
-    from tensor_io import save_grams
+    from regmean.tensor_io import save_grams
 
     done = folder / "done"
     if done.exists():
@@ -118,7 +118,7 @@ def prepare(folder, args, layers):
 def condition_numbers(folder, alpha):
     """The condition number of layer 0's o_proj gram sum, plain and reduced by alpha, for the log
     (eigvalsh of one [hidden, hidden] matrix: seconds, where a cond of every gram would take minutes)."""
-    from tensor_io import GramFile
+    from regmean.tensor_io import GramFile
 
     module = "model.layers.0.self_attn.o_proj"
     g = sum(GramFile(folder / f"expert{i}" / "gram.safetensors").get(module).double() for i in range(NUM_EXPERTS))

@@ -7,12 +7,12 @@ import json
 import torch
 from torch import nn
 
-from calibration import calibration_tokens, tokenize_texts
 from compute_gram import main
 from conftest import save_expert
 from demo import CHAT_TEMPLATE
-from tensor_io import GramFile
-from utils import FORMATS
+from regmean.calibration import calibration_tokens, tokenize_texts
+from regmean.tensor_io import GramFile
+from regmean.utils import FORMATS
 
 MAX_LENGTH = 24  # math rows run longer: every row is cut, so the BOS put in front must not push one past it
 BOS = "{{ bos_token }}"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import compute_gram
-from calibration import load_rows
 from conftest import make_rows
-from tensor_io import GramFile
+from regmean.calibration import load_rows
+from regmean.tensor_io import GramFile
 
 
 def write_all_formats(rows, d):

@@ -14,7 +14,7 @@ import compute_gram
 import merge_model
 from conftest import make_rows
 from demo import write_jsonl
-from tensor_io import GramFile
+from regmean.tensor_io import GramFile
 
 pytestmark = pytest.mark.cuda
 

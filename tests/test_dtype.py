@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from calibration import Gram
-from utils import (
+from regmean.calibration import Gram
+from regmean.utils import (
     CPU_BF16_ENV,
     CPU_BF16_MIN_SPEEDUP,
     CPU_PROBE_WIDTH,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
-from utils import UserError
+from regmean.utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "lm-eval-harness"

@@ -1,4 +1,4 @@
-"""finetune.py: the reply-only loss against transformers' own, training moves only what it may, drift figures
+"""regmean/finetune.py: the reply-only loss against transformers' own, training moves only what it may, drift figures
 against a plain float64 computation."""
 
 import math
@@ -8,7 +8,7 @@ import torch
 
 import demo
 from conftest import save_expert
-from finetune import module_kind, reply_loss, sft_examples, train, weight_drift
+from regmean.finetune import module_kind, reply_loss, sft_examples, train, weight_drift
 
 
 def test_reply_loss_equals_transformers_loss_on_reply_labels(base_model, tokenizer):

@@ -21,7 +21,7 @@ import evaluate
 import judge_merge
 import merge_model
 from conftest import ROOT
-from utils import UserError
+from regmean.utils import UserError
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from calibration import Gram
 from compute_gram import CHECKPOINT_FILE, main
 from conftest import ROOT, make_rows, save_expert, tiny_qwen2, write_jsonl
-from tensor_io import GramFile
-from utils import FORMATS, GRAM_FILE, UserError, first_line
+from regmean.calibration import Gram
+from regmean.tensor_io import GramFile
+from regmean.utils import FORMATS, GRAM_FILE, UserError, first_line
 
 MAX_LENGTH = 160  # code rows run 84-246 tokens: some get truncated, the rest need padding
 

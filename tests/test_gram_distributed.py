@@ -12,11 +12,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from calibration import Gram, length_batches, split_batches
 from compute_gram import checkpoint_path, compute_grams, main, save_checkpoint
 from conftest import ROOT
-from tensor_io import GramFile, save_grams, write_safetensors
-from utils import GRAM_FILE, UserError
+from regmean.calibration import Gram, length_batches, split_batches
+from regmean.tensor_io import GramFile, save_grams, write_safetensors
+from regmean.utils import GRAM_FILE, UserError
 
 MAX_LENGTH = 160
 BATCH = ("--batch-size", "2")  # the 13 code rows (an odd number): 7 batches, dealt 4 + 3 (or 3 + 4) over 2 processes
@@ -197,7 +197,7 @@ import sys
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
 from compute_gram import meet, ranks_in_step
-from utils import UserError, run_main
+from regmean.utils import UserError
 
 
 @ranks_in_step
@@ -313,7 +313,7 @@ def test_shares_sum_to_the_whole(single, experts, calib_files, num_shares):
     """Summing the sums of every share, as the all-reduce does, gives the one-process gram."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from calibration import format_rows, load_rows, tokenize_texts
+    from regmean.calibration import format_rows, load_rows, tokenize_texts
 
     tokenizer = AutoTokenizer.from_pretrained(experts[0])
     token_ids = tokenize_texts(
@@ -341,7 +341,7 @@ def test_model_dispatched_with_offload(single, experts, calib_files, tmp_path):
     disk (weights on the meta device, brought in by hooks per forward): the grams are the same."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from calibration import format_rows, load_rows, tokenize_texts
+    from regmean.calibration import format_rows, load_rows, tokenize_texts
 
     tokenizer = AutoTokenizer.from_pretrained(experts[0])
     token_ids = tokenize_texts(

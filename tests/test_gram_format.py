@@ -13,11 +13,11 @@ import torch
 from safetensors import safe_open
 
 import merge_model
-from calibration import Gram
 from conftest import save_expert, tiny_config
-from seed_pickle import SKIP_BYTES, available_memory
-from tensor_io import GRAM_FORMAT, GramFile, save_grams, write_safetensors
-from utils import UserError
+from regmean.calibration import Gram
+from regmean.seed_pickle import SKIP_BYTES, available_memory
+from regmean.tensor_io import GRAM_FORMAT, GramFile, save_grams, write_safetensors
+from regmean.utils import UserError
 
 
 def rchar() -> int:

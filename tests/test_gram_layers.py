@@ -13,9 +13,9 @@ from test_gram_distributed import assert_same_grams, launch
 
 from compute_gram import main
 from conftest import ROOT, save_expert, tiny_gemma, tiny_mistral, tiny_qwen2
-from layerwise import PARTS_DIR
-from tensor_io import GramFile
-from utils import GRAM_FILE, UserError
+from regmean.layerwise import PARTS_DIR
+from regmean.tensor_io import GramFile
+from regmean.utils import GRAM_FILE, UserError
 
 MAX_LENGTH = 96  # the code rows run 84-246 tokens: some truncated, the rest padded in their batch
 TOL = 1e-5
@@ -105,7 +105,7 @@ def test_auto_takes_the_model_plan_when_it_fits_and_says_why(experts, calib_file
 
 def test_auto_takes_the_layer_plan_when_the_model_does_not_fit(experts, calib_files, tmp_path, monkeypatch, capsys):
     """Memory as an 8B expert meets it on a small machine: the host seems to have 64 KiB available."""
-    import layerwise
+    from regmean import layerwise
 
     monkeypatch.setattr(layerwise, "host_available", lambda: 2**16)
     path = gram(experts[0], calib_files["code"], tmp_path / "auto")
@@ -120,7 +120,7 @@ def test_auto_takes_the_layer_plan_when_the_model_does_not_fit(experts, calib_fi
 def test_layer_plan_resumes_after_the_last_finished_layer(experts, calib_files, tmp_path, monkeypatch, capsys):
     """Interrupted while layer 1 runs: layer 0's grams are on disk; the same command (--checkpoint-every)
     continues from layer 1 (layer 0 only moves the hidden states on) and gives the uninterrupted grams."""
-    import layerwise
+    from regmean import layerwise
 
     out = tmp_path / "resumed"
     real = layerwise.layer_grams

@@ -16,7 +16,7 @@ import pytest
 from test_evaluate import HARNESS, ROOT, UPSTREAM_STOPS, harness_utils, upstream_tasks_dir
 
 import evaluate
-from utils import UserError
+from regmean.utils import UserError
 
 
 # ----------------------------------------------------------------------------- the override

@@ -19,8 +19,8 @@ from test_merge import read_folder
 
 import compute_gram
 from conftest import ROOT
-from tensor_io import GramFile
-from utils import UserError, atomic_dir
+from regmean.tensor_io import GramFile
+from regmean.utils import UserError, atomic_dir
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
@@ -108,7 +108,7 @@ def test_a_merge_killed_in_its_write_is_finished_by_the_next_run(experts, tmp_pa
 def test_a_gram_file_killed_in_its_final_write_is_written_by_the_next_run(experts, calib_files, tmp_path):
     """The final write of a tiny gram file is too short to kill from outside, so a child process runs
     the real tensor_io.save_grams with a mapping whose second gram never comes, the hidden states' spill
-    folder of --plan layers beside it (utils.temporary_of, as layerwise.py takes it), and is SIGKILLed
+    folder of --plan layers beside it (utils.temporary_of, as regmean/layerwise.py takes it), and is SIGKILLed
     there, its temporaries half written. Then the real compute_gram.py on that folder: the gram file is
     that of a clean run, and nothing of the killed writer is left."""
     out = tmp_path / "grams"
@@ -116,8 +116,8 @@ def test_a_gram_file_killed_in_its_final_write_is_written_by_the_next_run(expert
     child = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from tensor_io import save_grams
-        from utils import temporary_of
+        from regmean.tensor_io import save_grams
+        from regmean.utils import temporary_of
 
         class Paused(dict):
             def values(self):

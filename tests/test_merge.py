@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 
 import merge_model
-import regmean
-from calibration import format_rows, load_rows, tokenize_texts
 from conftest import save_expert, tiny_qwen2
-from tensor_io import save_grams
-from utils import UserError
+from regmean import solver
+from regmean.calibration import format_rows, load_rows, tokenize_texts
+from regmean.tensor_io import save_grams
+from regmean.utils import UserError
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -107,7 +107,7 @@ def correction_error(w, ref, average, gram=None):
 
 def resolved_gram(gram, margin=100):
     """The part of a gram (float64) in its eigen-directions u that float32 grams resolve: eigenvalue above margin x
-    eps32 · (Σᵢ |uᵢ| sqrt(Gᵢᵢ))², how far float32 rounding of the entries can move it (regmean.py leaves directions
+    eps32 · (Σᵢ |uᵢ| sqrt(Gᵢᵢ))², how far float32 rounding of the entries can move it (the solver leaves directions
     below 30 x that at the average; a float32 gram cannot tell data from rounding there)."""
     evals, evecs = torch.linalg.eigh(gram.double())
     floor = torch.finfo(torch.float32).eps * (evecs.abs().T @ gram.double().diagonal().clamp_min(0).sqrt()) ** 2
@@ -172,7 +172,7 @@ def check_regmean_folder(out, expert_tensors, calib, alpha, tol):
         if module in calib[0]["grams"]:
             grams = [c["grams"][module] for c in calib]
             ref = reference_regmean(ws, grams, alpha, [0.5, 0.5])
-            # Where directions below the grams' float32 precision were left at the average (regmean.py), the
+            # Where directions below the grams' float32 precision were left at the average (regmean/solver.py), the
             # closed form inverts them: there the correction is compared in the norm the outputs see, on the
             # directions float32 resolves.
             gram = sum(alpha * g.double() + (1 - alpha) * torch.diag(g.double().diagonal()) for g in grams)
@@ -207,14 +207,14 @@ def test_regmean_matches_float64_reference(experts, calib, expert_tensors, tmp_p
 
 def off_by_one_percent(monkeypatch):
     """A deliberately wrong solver: the real one, its correction to the average scaled by 0.99."""
-    solve = regmean.RegMeanSystem.solve
+    solve = solver.RegMeanSystem.solve
 
     def wrong(self, expert_rows):
         merged, residual, error = solve(self, expert_rows)
         average = sum(c * w.to(merged.dtype) for c, w in zip(self.coefs, expert_rows))
         return average + 0.99 * (merged - average), residual, error
 
-    monkeypatch.setattr(regmean.RegMeanSystem, "solve", wrong)
+    monkeypatch.setattr(solver.RegMeanSystem, "solve", wrong)
 
 
 @pytest.mark.parametrize("alpha", [0.1, 1.0])
@@ -357,7 +357,7 @@ def test_bfloat16_experts_end_to_end(base_model, tokenizer, calib_files, tmp_pat
     --dtype: a bfloat16 folder whose weights are the float64 closed form, computed from the bfloat16
     expert weights and the grams compute_gram.py wrote, rounded to bfloat16."""
     import compute_gram
-    from tensor_io import GramFile
+    from regmean.tensor_io import GramFile
 
     experts = [
         save_expert(base_model, tmp_path / kind, tokenizer, seed, dtype=torch.bfloat16)

@@ -24,11 +24,10 @@ from test_merge import (
 
 import compute_gram
 import merge_model
-import regmean
-import tensor_io
 from conftest import ROOT, save_expert, tiny_config
-from tensor_io import GramFile, checkpoint_files, model_fingerprint
-from utils import UserError
+from regmean import solver, tensor_io
+from regmean.tensor_io import GramFile, checkpoint_files, model_fingerprint
+from regmean.utils import UserError
 
 
 def run(*args):
@@ -458,7 +457,7 @@ def test_bad_inputs_are_refused_with_nothing_written(experts, calib, base_model,
 
 
 def test_interrupted_merge_leaves_nothing(experts, calib, tmp_path, monkeypatch):
-    solve, calls = regmean.RegMeanSystem.solve, []
+    solve, calls = solver.RegMeanSystem.solve, []
 
     def interrupted(*args):  # the real solver, then an interruption halfway through the layers
         calls.append(1)
@@ -466,7 +465,7 @@ def test_interrupted_merge_leaves_nothing(experts, calib, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return solve(*args)
 
-    monkeypatch.setattr(regmean.RegMeanSystem, "solve", interrupted)
+    monkeypatch.setattr(solver.RegMeanSystem, "solve", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--output-dir", tmp_path / "m")
     assert list(tmp_path.iterdir()) == []

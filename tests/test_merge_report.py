@@ -12,9 +12,8 @@ from test_merge import activations, grams_of, read_folder, run, write_project_gr
 from test_regmeanpp import reference_regmeanpp, run_pp
 
 import judge_merge
-import merge_report
-import regmean
-from utils import UserError
+from regmean import merge_report, solver
+from regmean.utils import UserError
 
 
 def reference_figures(x: torch.Tensor, w: torch.Tensor, wi: torch.Tensor) -> float:
@@ -56,7 +55,7 @@ def test_output_error_terms_are_the_quadratic_forms():
     grams = [(x.T @ x / len(x)).float() for x in xs]
     ws = [torch.randn(7, 12, generator=g) for _ in range(2)]
     merged, average = torch.randn(7, 12, generator=g), (ws[0] + ws[1]) / 2
-    terms = regmean.output_error_terms(merged, average, ws, grams)
+    terms = solver.output_error_terms(merged, average, ws, grams)
     assert terms.shape == (3, 2, 7) and terms.dtype == torch.float64
     for i, (x, w) in enumerate(zip(xs, ws)):
         for k, other in enumerate((merged, average)):

@@ -13,9 +13,9 @@ from test_merge import assert_correction_close, off_by_one_percent, read_folder,
 
 import compute_gram
 import merge_model
-from calibration import format_rows, load_rows, tokenize_texts
 from conftest import save_expert, tiny_gemma, tiny_mistral, tiny_qwen2
-from utils import UserError
+from regmean.calibration import format_rows, load_rows, tokenize_texts
+from regmean.utils import UserError
 
 MAX_LENGTH = 64
 
@@ -197,7 +197,7 @@ def check_against_reference(merged, ref, ref_grams, expert_tensors, alpha, tol):
         reduced = sum(alpha * g + (1 - alpha) * torch.diag(torch.diag(g)) for g in ref_grams[name[: -len(".weight")]])
         if torch.linalg.cond(reduced) < 1e6:
             assert_correction_close(w, ref[name], ws, [0.5, 0.5], tol, name)
-        else:  # checked in the norm of the layer's outputs, on the directions float32 resolves (regmean.py
+        else:  # checked in the norm of the layer's outputs, on the directions float32 resolves (regmean/solver.py
             # leaves those below the grams' float32 precision at the average)
             assert_correction_close(w, ref[name], ws, [0.5, 0.5], tol, name, gram=resolved_gram(reduced))
     return linear
@@ -354,9 +354,9 @@ def test_hidden_states_spilled_to_disk_give_the_same_merge(experts, calib_files,
 def test_interrupted_merge_leaves_no_spilled_hidden_states(experts, calib_files, tmp_path, monkeypatch):
     """Ctrl-C in layer 1 of a merge that spills its hidden states to disk: the spill files existed,
     and nothing is left, neither the output nor its temporary folder with the hidden states."""
-    import regmean
+    from regmean import solver
 
-    solve, seen = regmean.RegMeanSystem.solve, []
+    solve, seen = solver.RegMeanSystem.solve, []
 
     def interrupted(self, expert_rows):
         spilled = list(tmp_path.glob(".pp.tmp-*/.hidden-states/*.safetensors"))
@@ -365,7 +365,7 @@ def test_interrupted_merge_leaves_no_spilled_hidden_states(experts, calib_files,
             raise KeyboardInterrupt
         return solve(self, expert_rows)
 
-    monkeypatch.setattr(regmean.RegMeanSystem, "solve", interrupted)
+    monkeypatch.setattr(solver.RegMeanSystem, "solve", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_pp(experts, calib_files, tmp_path / "pp", "--max-hidden-gb", 0)
     assert seen[-1] > 0  # the hidden states were on disk when it stopped
@@ -428,8 +428,8 @@ def test_bad_inputs_are_refused_with_nothing_written(experts, calib_files, tmp_p
 
 # ----------------------------------------------------------------------------- model types
 def test_gemma_embedding_is_scaled_as_the_model_scales_it(tokenizer, tmp_path):
-    import layerwise
-    from experts import load_experts
+    from regmean import layerwise
+    from regmean.experts import load_experts
 
     gemma = save_expert(tiny_gemma(len(tokenizer)), tmp_path / "g", tokenizer, 30)
     adapter = layerwise.DecoderAdapter(

@@ -9,8 +9,8 @@ from test_merge import assert_correction_close, read_folder, rel
 from test_regmeanpp import MAX_LENGTH, input_grams
 
 import merge_model
-from calibration import format_rows, load_rows, tokenize_texts
 from conftest import save_expert, tiny_config
+from regmean.calibration import format_rows, load_rows, tokenize_texts
 
 WEIGHTS, ALPHA = [1, 1, 2], 0.5
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import compute_gram
-from calibration import find_shared_inputs
 from conftest import save_expert, tiny_model
-from tensor_io import GramFile
+from regmean.calibration import find_shared_inputs
+from regmean.tensor_io import GramFile
 
 
 def real_inputs(model, ids):

@@ -109,7 +109,7 @@ def second_expert(smollm2_dir, tmp_path_factory):
 
 
 def test_grams_match_float64_reference(smollm2_dir, calib, smol_gram):
-    from tensor_io import GramFile
+    from regmean.tensor_io import GramFile
 
     ref, ids = reference_grams(smollm2_dir, [json.loads(line) for line in calib.read_text().splitlines()])
     assert all(
@@ -154,7 +154,7 @@ def test_self_merge_gives_back_the_model(method, smollm2_dir, smol_gram, tmp_pat
 
 
 def test_regmean_with_a_second_expert_matches_closed_form(smollm2_dir, second_expert, calib, smol_gram, tmp_path):
-    from tensor_io import GramFile
+    from regmean.tensor_io import GramFile
 
     expert_gram = gram_run(second_expert, calib, tmp_path / "gram2")
     out = tmp_path / "merged"

@@ -1,4 +1,4 @@
-"""Each path of regmean.py's solver where it is taken, against closed forms written plainly here:
+"""Each path of regmean/solver.py's solver where it is taken, against closed forms written plainly here:
 alpha 0 (the diagonal-only system), an all-zero gram, float64 Cholesky, a system singular within
 float32 precision that float32 Cholesky would accept; and the settings merge_model.py refuses."""
 
@@ -10,9 +10,9 @@ import torch
 from test_merge import assert_correction_close, reference_regmean
 
 import merge_model
-import regmean
-from regmean import EPS32
-from utils import UserError
+from regmean import solver
+from regmean.solver import EPS32
+from regmean.utils import UserError
 
 
 def experts_and_grams(n=48, out=24, rank=None, num=2, seed=0, null_curvature=0.0):
@@ -37,7 +37,7 @@ def test_alpha_zero_is_the_diagonal_weighted_average():
     """G̃ = diag(G): each input column j of the merge is Σ cᵢ Gᵢⱼⱼ Wᵢ[:, j] / Σ cᵢ Gᵢⱼⱼ."""
     ws, grams, _ = experts_and_grams()
     coefs = [0.3, 0.7]
-    merged, diag = regmean.merge_weight(ws, grams, 0.0, coefs)
+    merged, diag = solver.merge_weight(ws, grams, 0.0, coefs)
     d = [c * g.double().diagonal() for c, g in zip(coefs, grams)]
     want = sum(w.double() * di for w, di in zip(ws, d)) / sum(d)
     average = weighted_average(ws, coefs)
@@ -51,10 +51,10 @@ def test_an_all_zero_gram():
     the data says only the other expert's inputs matter, and the merge is that expert's weight."""
     ws, grams, _ = experts_and_grams()
     zero = torch.zeros_like(grams[0])
-    merged, diag = regmean.merge_weight(ws, [zero, zero], 1.0, [0.25, 0.75])
+    merged, diag = solver.merge_weight(ws, [zero, zero], 1.0, [0.25, 0.75])
     assert diag["path"] == "average" and diag["unexcited"] == ws[0].shape[1]
     assert torch.equal(merged, 0.25 * ws[0] + 0.75 * ws[1])
-    merged, diag = regmean.merge_weight(ws, [zero, grams[1]], 1.0, [0.25, 0.75])
+    merged, diag = solver.merge_weight(ws, [zero, grams[1]], 1.0, [0.25, 0.75])
     assert ((merged - ws[1]).norm() / (ws[1] - ws[0]).norm()).item() < 1e-4, diag
 
 
@@ -71,7 +71,7 @@ def test_float64_cholesky_is_taken_where_float32_is_not_accurate():
     ws = [torch.randn(16, 64, generator=g) for _ in range(2)]  # experts far apart: float32's error would show
     grams = [spd(64, 1e5, 1), spd(64, 1e5, 2)]
     coefs = [0.5, 0.5]
-    merged, diag = regmean.merge_weight(ws, grams, 1.0, coefs)
+    merged, diag = solver.merge_weight(ws, grams, 1.0, coefs)
     assert diag["path"] == "cholesky64" and diag["unexcited"] == 0, diag
     a = sum(c * g.double() for c, g in zip(coefs, grams))
     want = torch.linalg.solve(a, sum(c * g.double() @ w.double().T for c, g, w in zip(coefs, grams, ws))).T
@@ -90,9 +90,9 @@ def test_cholesky_does_not_accept_a_system_singular_within_float32(num, coefs, s
     directions at the average, the rest the float64 closed form on the data's span."""
     ws, grams, span = experts_and_grams(n=64, out=32, rank=62, num=num, seed=seed, null_curvature=10.0)
     a = sum(c * g for c, g in zip(coefs, grams))
-    ridge = regmean.RIDGE * a.diagonal().mean()
+    ridge = solver.RIDGE * a.diagonal().mean()
     assert torch.linalg.cholesky_ex(a + ridge * torch.eye(64))[1].item() == 0  # float32 Cholesky would take it
-    merged, diag = regmean.merge_weight(ws, grams, 1.0, coefs)
+    merged, diag = solver.merge_weight(ws, grams, 1.0, coefs)
     assert diag["path"] == "eigh64" and diag["unexcited"] == 2, diag
     average = weighted_average(ws, coefs)
     null = torch.eye(64, dtype=torch.float64) - span @ span.T
@@ -135,7 +135,7 @@ def test_solver_accuracy_on_ill_conditioned_grams(out_features):
     ws = [base + 0.05 * torch.randn(out_features, 96, generator=g) for _ in range(2)]
     grams = [spd(96, 1e7, 2), spd(96, 1e7, 3)]
     for alpha in [1.0, 0.1]:
-        merged, diag = regmean.merge_weight(ws, grams, alpha, [0.5, 0.5])
+        merged, diag = solver.merge_weight(ws, grams, alpha, [0.5, 0.5])
         ref = reference_regmean(ws, grams, alpha, [0.5, 0.5])
         assert_correction_close(merged, ref, ws, [0.5, 0.5], 1e-4, f"alpha {alpha}, {diag}")  # measured 4e-6
         assert diag["residual"] < 1e-3
@@ -146,6 +146,6 @@ def test_solver_falls_back_on_an_indefinite_gram():
     ws = [torch.randn(8, 16, generator=g) for _ in range(2)]
     bad = torch.eye(16)
     bad[3, 3] = -1.0  # not a gram of any data: Cholesky must fail, the eigendecomposition copes
-    merged, diag = regmean.merge_weight(ws, [bad, bad], 1.0, [0.5, 0.5])
+    merged, diag = solver.merge_weight(ws, [bad, bad], 1.0, [0.5, 0.5])
     assert diag["path"] == "eigh64" and torch.isfinite(merged).all()
     torch.testing.assert_close(merged[:, 3], (ws[0][:, 3] + ws[1][:, 3]) / 2)  # no positive curvature: the average

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from utils import DTYPES, MERGE_METHODS, UserError, did_you_mean, first_line, nth
+from .utils import DTYPES, MERGE_METHODS, UserError, did_you_mean, first_line, nth
 
 # recipe key of each model entry -> the merge setting holding one value per model
 MODEL_KEYS = {"model": "models", "grams": "grams", "weight": "weights", "dataset": "datasets", "format": "formats"}

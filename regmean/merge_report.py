@@ -6,7 +6,7 @@ full gram Gᵢ (the second moment of the inputs it saw, α = 1):
 
 the relative mean squared error of the layer's output on expert i's own calibration inputs, for
 the merged weight and for the weighted average of the same experts. The quadratic forms come
-from regmean.output_error_terms on a systematic sample of output rows (every `sample_every`-th
+from solver.output_error_terms on a systematic sample of output rows (every `sample_every`-th
 row, at least MIN_ROWS per layer; all rows with sample_every 1); each figure is a ratio of two
 sums over the same rows and carries the relative standard error of that ratio estimate.
 
@@ -64,7 +64,7 @@ def block_slice(rows: tuple[int, int], step: int) -> slice:
 
 
 def layer_figures(terms: Tensor, num_rows: int) -> dict:
-    """Figures of one layer from regmean.output_error_terms of its sampled rows ([3, N, s]) and
+    """Figures of one layer from solver.output_error_terms of its sampled rows ([3, N, s]) and
     its number of output rows. merged, average: eᵢ per expert; energy: tr(Wᵢ Gᵢ Wᵢᵀ) (scaled to
     all rows); merged_se, average_se: relative standard error of each eᵢ from the sampling (0 when
     every row was used), by the usual ratio-estimator formula with the finite-population factor."""

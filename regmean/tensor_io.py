@@ -1,6 +1,6 @@
 """safetensors I/O: tensor reads and headers of checkpoints, files written one tensor at a time,
 the shard writer of the merged model, and the gram files (this project's gram.safetensors, and the
-seed's gram.pkl through seed_pickle.py)."""
+seed's gram.pkl through regmean/seed_pickle.py)."""
 
 import json
 import math
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from utils import GRAM_FILE, SEED_GRAM_FILE, UserError, did_you_mean, first_line, temporary_of
+from .utils import GRAM_FILE, SEED_GRAM_FILE, UserError, did_you_mean, first_line, temporary_of
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, format section)
 SAFETENSORS_DTYPES = {
@@ -263,7 +263,7 @@ def read_exactly(f, offset: int, nbytes: int) -> torch.Tensor:
 class GramFile:
     """Read access to one expert's grams, whatever the format, one gram per `get`: gram.safetensors
     (v2 packed upper triangles or v1 full squares; shared inputs stored once) or the reference
-    release's gram.pkl (see seed_pickle.py). `get` always returns the full symmetric float32
+    release's gram.pkl (see regmean/seed_pickle.py). `get` always returns the full symmetric float32
     [in, in] matrix, checked finite; `bytes_read` counts the file bytes its reads took.
 
         grams = GramFile("runs/merges/code-llama3")   # a folder or a file
@@ -293,7 +293,7 @@ class GramFile:
             self.key_of = {k: k for k in self.entries} | json.loads(self.metadata.get("aliases", "{}"))
             self.seed = None
         else:
-            from seed_pickle import SeedPickle
+            from .seed_pickle import SeedPickle
 
             self.seed = SeedPickle(path)
             self.metadata = {"format": "seed-pickle"}

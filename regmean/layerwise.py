@@ -1,4 +1,4 @@
-"""Decoder layers run one at a time on stored hidden states: the engine under RegMean++ (regmeanpp.py)
+"""Decoder layers run one at a time on stored hidden states: the engine under RegMean++ (regmean/regmeanpp.py)
 and the layer-by-layer grams (compute_gram.py --plan layers).
 
 A meta-device skeleton of the architecture gives the module templates and tensor names; each decoder
@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from calibration import Gram, LinearInputs, check_one_row_per_token, collate
-from tensor_io import read_tensor, tensor_infos, write_safetensors
-from utils import Progress, UserError, dtype_name, temporary_of
+from .calibration import Gram, LinearInputs, check_one_row_per_token, collate
+from .tensor_io import read_tensor, tensor_infos, write_safetensors
+from .utils import Progress, UserError, dtype_name, temporary_of
 
 # model_type -> scale of the input embeddings (Gemma multiplies them by √hidden, in the model's dtype)
 SUPPORTED = {"llama": None, "mistral": None, "qwen2": None, "gemma": "sqrt_hidden"}

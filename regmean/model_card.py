@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from recipe import card_section
-from tensor_io import GramFile
-from utils import MERGE_METHODS, dtype_name
+from .recipe import card_section
+from .tensor_io import GramFile
+from .utils import MERGE_METHODS, dtype_name
 
 # Files copied from the last model listed (the seed saved its merge into the math model).
 COPIED_FILES = [

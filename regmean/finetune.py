@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from calibration import format_rows, tokenize_texts
-from tensor_io import checkpoint_files, read_tensor
-from utils import FORMATS, Progress
+from .calibration import format_rows, tokenize_texts
+from .tensor_io import checkpoint_files, read_tensor
+from .utils import FORMATS, Progress
 
 Example = tuple[list[int], list[int]]  # token ids, loss mask (1 where the token is a target)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tensor_io import (
+from .tensor_io import (
     ST_DTYPES,
     GramFile,
     checkpoint_files,
@@ -25,7 +25,7 @@ from tensor_io import (
     model_fingerprint,
     tensor_infos,
 )
-from utils import PRESETS, UserError, first_line, natural_key, resolve_model_dir
+from .utils import PRESETS, UserError, first_line, natural_key, resolve_model_dir
 
 
 @dataclass

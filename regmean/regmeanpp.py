@@ -11,7 +11,7 @@ the merged model's own activations. The recipe:
 
 One decoder layer of one expert is in memory at a time. The engine that runs decoder layers one by
 one on stored hidden states (skeleton, weights from the safetensors files, rotary and masks per
-model type, the hidden-state store) is layerwise.py's, shared with compute_gram.py --plan layers.
+model type, the hidden-state store) is regmean/layerwise.py's, shared with compute_gram.py --plan layers.
 """
 
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from calibration import (
+from .calibration import (
     BATCH_SIZE,
     MAX_LENGTH,
     NUM_EXAMPLES,
@@ -30,10 +30,10 @@ from calibration import (
     length_batches,
     load_tokenizer,
 )
-from experts import Expert
-from layerwise import DecoderAdapter, HiddenStates, layer_grams
-from merging import StreamingMerge
-from utils import FORMATS, PRESETS, Progress, UserError
+from .experts import Expert
+from .layerwise import DecoderAdapter, HiddenStates, layer_grams
+from .merging import StreamingMerge
+from .utils import FORMATS, PRESETS, Progress, UserError
 
 
 # ----------------------------------------------------------------------------- calibration data

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError, first_line
+from .utils import UserError, first_line
 
 SKIP_BYTES = 1 << 16  # byte strings at least this long are skipped over, not read, when the pickle is opened
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # a legacy torch.save file's first bytes

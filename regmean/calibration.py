@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensor_io import mirror_upper, packed_offsets
-from utils import FORMATS, PRESETS, UserError, check_at_least_one, did_you_mean, first_line
+from .tensor_io import mirror_upper, packed_offsets
+from .utils import FORMATS, PRESETS, UserError, check_at_least_one, did_you_mean, first_line
 
 # Calibration settings, declared once: compute_gram.py's and regmean++'s defaults.
 SPLIT = "train"  # split of hub datasets

@@ -4,14 +4,14 @@ RegMean's solve on the grams of a layer's input) and written straight to their p
 output shards, so memory stays flat in depth and vocabulary. Linear weights in `averaged`
 (--exclude) are the mean instead; where vocabularies nest (tokens added at the end), rows only some
 experts have are the mean of those experts. The experts and their gram files are checked
-before (experts.py).
+before (regmean/experts.py).
 
     experts = load_experts(["code", "math"])
     merge = StreamingMerge(experts, coefs, alpha, device, out_dtype, writer, timer, block_mb)
     report = merge_tensors(merge, gram_files, linear_modules(experts[0].infos, gram_files))
     judged = judge_tensors(merged_files, experts, coefs, gram_files, linear, device)   # any merged folder
 
-Each linear layer's report row carries its output error figures (merge_report.py), taken on the
+Each linear layer's report row carries its output error figures (regmean/merge_report.py), taken on the
 solver's own float32 rows and grams as the merge runs.
 """
 
@@ -23,19 +23,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from experts import (
+from .experts import (
     Expert,
     merged_infos,
 )
-from merge_report import SAMPLE_EVERY, block_slice, layer_figures, sample_step
-from regmean import RegMeanSystem, output_error_terms
-from tensor_io import (
+from .merge_report import SAMPLE_EVERY, block_slice, layer_figures, sample_step
+from .solver import RegMeanSystem, output_error_terms
+from .tensor_io import (
     ST_DTYPES,
     GramFile,
     ShardWriter,
     read_tensor,
 )
-from utils import Progress, Timer
+from .utils import Progress, Timer
 
 BLOCK_MB = 64  # large tensors are merged in blocks of rows of about this many MB per expert, as float32
 
