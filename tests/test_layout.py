@@ -8,10 +8,10 @@ from conftest import ROOT
 STAGES = ["compute_gram", "merge_model", "evaluate", "judge_merge"]  # demo.py runs them all, on purpose
 SCRIPTS = [*STAGES, "demo", "smollm2", "utils"]  # the root: the stage scripts and what only they share
 PACKAGE = [  # regmean/: each module may use those after it
-    "api",
     "grams",
     "merge",
     "judge",
+    "evaluation",
     "results",
     "regmeanpp",
     "merging",
