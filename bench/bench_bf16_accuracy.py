@@ -25,8 +25,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from compute_gram import compute_grams  # noqa: E402
 from regmean.calibration import format_rows, load_tokenizer, tokenize_texts  # noqa: E402
+from regmean.grams import accumulate_grams  # noqa: E402
 from regmean.solver import merge_weight  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def grams_in(model, dtype, token_ids, batch_size):
     """{stored key: float32 gram}, aliases and seconds, from forward passes in `dtype`."""
     m = model.to(dtype)
     t = time.perf_counter()
-    grams, aliases, _ = compute_grams(m, token_ids, batch_size, progress=False)
+    grams, aliases, _ = accumulate_grams(m, token_ids, batch_size, progress=False)
     seconds = time.perf_counter() - t
     model.to(torch.float32)
     return {k: g.result() for k, g in grams.items()}, aliases, seconds

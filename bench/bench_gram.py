@@ -44,8 +44,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from compute_gram import all_reduce_grams, compute_grams  # noqa: E402
 from regmean.calibration import Gram, collate, find_shared_inputs, length_batches  # noqa: E402
+from regmean.grams import accumulate_grams  # noqa: E402
+from regmean.ranks import all_reduce_grams  # noqa: E402
 from regmean.utils import DTYPES, auto_dtype, choose_device, dtype_name  # noqa: E402
 
 
@@ -121,7 +122,7 @@ def seed_method(model, token_ids, batch_size):
 
 
 def ours(model, token_ids, batch_size):
-    grams, _, _ = compute_grams(model, token_ids, batch_size, progress=False)
+    grams, _, _ = accumulate_grams(model, token_ids, batch_size, progress=False)
     return {key: g.result() for key, g in grams.items()}
 
 
@@ -261,10 +262,10 @@ def process_worker(rank, args, port, threads, reference, results):
     )
     try:
         model, token_ids = build(args, device)
-        compute_grams(model, token_ids[: args.batch_size // 4 or 1], args.batch_size, progress=False)  # warm-up
+        accumulate_grams(model, token_ids[: args.batch_size // 4 or 1], args.batch_size, progress=False)  # warm-up
         dist.barrier()
         t = time.perf_counter()
-        grams, _, tokens = compute_grams(
+        grams, _, tokens = accumulate_grams(
             model, token_ids, args.batch_size, progress=False, rank=rank, num_processes=args.processes
         )
         all_reduce_grams(grams, tokens)

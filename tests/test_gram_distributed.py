@@ -12,9 +12,10 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from compute_gram import checkpoint_path, compute_grams, main, save_checkpoint
+from compute_gram import main
 from conftest import ROOT
 from regmean.calibration import Gram, length_batches, split_batches
+from regmean.grams import accumulate_grams, checkpoint_path, save_checkpoint
 from regmean.tensor_io import GramFile, save_grams, write_safetensors
 from regmean.utils import GRAM_FILE, UserError
 
@@ -196,8 +197,9 @@ MAIN_FAILS = """
 import sys
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
-from compute_gram import meet, ranks_in_step
+from regmean.ranks import meet, ranks_in_step
 from regmean.utils import UserError
+from utils import run_main
 
 
 @ranks_in_step
@@ -246,7 +248,8 @@ import sys, time
 from torch import nn
 from accelerate import PartialState
 sys.path.insert(0, {root!r})
-from compute_gram import checkpoint_path, main
+from compute_gram import main
+from regmean.grams import checkpoint_path
 
 out = {out!r}
 
@@ -322,7 +325,7 @@ def test_shares_sum_to_the_whole(single, experts, calib_files, num_shares):
     model = AutoModelForCausalLM.from_pretrained(experts[0], dtype=torch.float32).eval()
     total, rows = {}, {}
     for rank in range(num_shares):
-        grams, _, _ = compute_grams(model, token_ids, 2, progress=False, rank=rank, num_processes=num_shares)
+        grams, _, _ = accumulate_grams(model, token_ids, 2, progress=False, rank=rank, num_processes=num_shares)
         for key, gram in grams.items():
             total[key] = total.get(key, 0) + gram.sum
             rows[key] = rows.get(key, 0) + gram.num_rows
@@ -359,7 +362,7 @@ def test_model_dispatched_with_offload(single, experts, calib_files, tmp_path):
         experts[0], dtype=torch.float32, device_map=device_map, offload_folder=str(tmp_path / "offload")
     ).eval()
     assert model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
-    grams, aliases, _ = compute_grams(model, token_ids, 2, progress=False)
+    grams, aliases, _ = accumulate_grams(model, token_ids, 2, progress=False)
     reference = GramFile(single)
     assert sorted(grams) == sorted(k for k in reference.modules() if k not in json.loads(reference.metadata["aliases"]))
     for key, gram in grams.items():
