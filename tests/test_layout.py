@@ -25,6 +25,7 @@ PACKAGE = [  # regmean/: each module may use those after it
     "calibration",
     "tensor_io",
     "seed_pickle",
+    "ranks",
     "utils",
 ]
 
