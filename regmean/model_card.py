@@ -3,10 +3,12 @@ files of the expert they come from, plus where each gram file comes from (for th
 
     copy_side_files(source.dir, out_dir, out_dtype)
     write_model_card(out_dir, settings, experts, provenance, coefs, out_dtype, summary, argv, source, recipe, excluded)
+    argv = options_of(settings, repeated=("exclude",))   # the command line of a merge run from Python
 """
 
 import json
 import shutil
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
@@ -139,3 +141,27 @@ def copy_side_files(src_dir: Path, out_dir: Path, out_dtype: torch.dtype) -> Non
         for f in src_dir.glob(pattern):
             if f.is_file():
                 shutil.copyfile(f, out_dir / f.name)
+
+
+def options_of(settings, repeated: tuple[str, ...] = ()) -> list[str]:
+    """The command line that gives these settings (a dataclass: MergeSettings, JudgeSettings), for the card and
+    the report of a run started from Python: the first field as the positional argument, then an option for each
+    field not at its default (--alpha 1.0, --models A B, --overwrite); those in `repeated` once per value
+    (--exclude A --exclude B)."""
+    first, *rest = fields(settings)
+    argv = [str(getattr(settings, first.name))]
+    for f in rest:
+        value = getattr(settings, f.name)
+        default = f.default_factory() if f.default is MISSING else f.default
+        option = "--" + f.name.replace("_", "-")
+        if value is None or value is False or value == default:
+            continue
+        if value is True:
+            argv.append(option)
+        elif f.name in repeated:
+            argv += [word for v in value for word in (option, str(v))]
+        elif isinstance(value, list):
+            argv += [option, *map(str, value)]
+        else:
+            argv += [option, str(value)]
+    return argv

@@ -137,8 +137,8 @@ def recipe_of(
     calibration: list[dict] | None = None,
     forward_dtype: str | None = None,
 ) -> dict:
-    """The recipe of a merge as it was run, every value resolved: settings are merge_model.py's
-    (asdict of MergeSettings), calibration regmean++'s data provenance per expert."""
+    """The recipe of a merge as it was run, every value resolved: settings are asdict of regmean/merge.py's
+    MergeSettings, calibration regmean++'s data provenance per expert."""
     parameters = {} if settings["method"] == "avg" else dict(alpha=settings["alpha"])
     if settings.get("exclude"):
         parameters["exclude"] = settings["exclude"]

@@ -1,0 +1,318 @@
+"""Stage 2 as one function: experts fine-tuned from one base -> a merged model folder, by the plain average,
+RegMean or RegMean++, streaming in bounded memory (docs/merging.md, docs/regmeanpp.md). merge_model.py is
+its command line.
+
+    out_dir = merge("regmean", models=["code", "math"], alpha=0.1)   # grams from the presets' folders
+    out_dir = merge("avg", models=[a, b], weights=[1, 2], output_dir="runs/merges/ab")
+    out_dir = merge("regmean++", models=[a, b], datasets=["a.jsonl", "b.jsonl"], formats=["code", "math"])
+
+The keywords are MergeSettings' fields, with its defaults. Every input is checked before the work; the
+folder (shards, config, tokenizer, README.md model card with the recipe, merge_report.json and .png)
+appears under its final name only when complete.
+"""
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
+from .experts import (
+    Expert,
+    expert_labels,
+    expert_weights,
+    experts_dtype,
+    linear_modules,
+    linear_weight_names,
+    load_experts,
+    match_exclusions,
+    merged_infos,
+    open_gram_files,
+    resolve_gram_paths,
+    tied_head,
+    vocab_source,
+)
+from .layerwise import HiddenStates, check_supported, hidden_states_plan
+from .merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
+from .merging import BLOCK_MB, StreamingMerge, merge_tensors, summarize, unexcited_lines, writer_dtype
+from .model_card import copy_side_files, gram_provenance, options_of, write_model_card
+from .recipe import recipe_of
+from .regmeanpp import CalibrationSet, CalibrationSettings, calibration_sets, merge_regmean_pp
+from .tensor_io import GramFile, ShardWriter
+from .utils import (
+    MERGES_DIR,
+    Timer,
+    UserError,
+    atomic_dir,
+    check_at_least_one,
+    check_output_free,
+    choose_device,
+    choose_dtype,
+    describe_dtype,
+    dtype_name,
+    merge_dir_name,
+    peak_memory,
+)
+
+
+@dataclass
+class MergeSettings:
+    """Every setting of a merge, with its default; merge_model.py offers each one as an option, and
+    merge_report.json keeps them all."""
+
+    method: str  # avg, regmean or regmean++
+    models: list[str] = field(default_factory=lambda: ["code", "math"])
+    grams: list[str] | None = None  # regmean: one gram file or folder per model
+    weights: list[float] | None = None  # per-expert weights, normalized to sum 1
+    alpha: float = 0.1  # off-diagonal scale of the grams
+    datasets: list[str] | None = None  # regmean++: calibration data, one per model
+    formats: list[str] | None = None  # regmean++: row format of each dataset, or one for all
+    split: str = SPLIT
+    num_examples: int = NUM_EXAMPLES
+    max_length: int = MAX_LENGTH
+    batch_size: int = BATCH_SIZE
+    forward_dtype: str = "auto"  # regmean++: dtype of the forward passes and hidden states
+    max_hidden_gb: float | None = None  # regmean++: hidden states above this go to disk
+    output_dir: str | None = None
+    overwrite: bool = False
+    device: str = "auto"
+    dtype: str = "auto"  # output dtype
+    max_shard_size: str = "5GB"
+    block_mb: float = BLOCK_MB
+    exclude: list[str] | None = None  # regexes: linear layers whose name matches are averaged, not solved
+    allow_gram_mismatch: bool = False  # merge grams whose recorded model is not the expert at their position
+    config: str | None = None  # the recipe file the settings were read from (merge_model.py --config), recorded
+    error_sample_every: int = SAMPLE_EVERY  # output error figures on every Nth output row (0: none)
+
+
+# The settings a method does not use: merge_report.json leaves them out rather than list values that played no part.
+PP_ONLY = ("datasets", "formats", "split", "num_examples", "max_length", "batch_size", "forward_dtype", "max_hidden_gb")
+UNUSED = {
+    "avg": (*PP_ONLY, "grams", "alpha", "exclude", "allow_gram_mismatch", "error_sample_every"),
+    "regmean": PP_ONLY,
+    "regmean++": ("grams", "allow_gram_mismatch"),
+}
+
+
+def used_settings(s: MergeSettings) -> dict:
+    """The settings of a merge that its method uses, for merge_report.json."""
+    return {k: v for k, v in asdict(s).items() if k not in UNUSED[s.method]}
+
+
+def check_settings(s: MergeSettings) -> list[float]:
+    """Everything about the settings that can be wrong, before any file is read. Returns the per-expert weights."""
+    weights = expert_weights(s.models, s.weights)
+    if not 0.0 <= s.alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1], got {s.alpha}")
+    if s.error_sample_every < 0:
+        raise UserError(f"--error-sample-every must be >= 0, got {s.error_sample_every}")
+    if s.block_mb <= 0:
+        raise UserError(f"--block-mb must be > 0, got {s.block_mb}")
+    if s.method == "regmean++" and s.grams:
+        raise UserError("regmean++ computes its own grams: pass --datasets, not --grams")
+    if s.method != "regmean++" and (s.datasets or s.formats):
+        takes = "--grams" if s.method == "regmean" else "neither"
+        raise UserError(f"--datasets and --formats are for regmean++; {s.method} takes {takes}")
+    if s.method == "avg" and s.exclude:
+        raise UserError("--exclude is for regmean and regmean++ (avg takes the mean of every tensor)")
+    check_at_least_one(num_examples=s.num_examples, max_length=s.max_length, batch_size=s.batch_size)
+    return weights
+
+
+@dataclass
+class Inputs:
+    """What a merge reads, opened and checked before the work."""
+
+    experts: list[Expert]
+    source: Expert  # config and tokenizer: the last model, or the largest vocabulary
+    gram_paths: list[str] | None  # regmean
+    gram_files: list[GramFile]  # regmean
+    linear: dict[str, int]  # regmean: the linear layers with a gram in every file
+    calib: list[CalibrationSet] | None  # regmean++
+    provenance: list[dict]  # per expert: where its grams come from (regmean), or its data (regmean++)
+    excluded: list[str]  # linear layers averaged (--exclude)
+    tied: dict[str, str] | None  # {lm_head: embedding} when the experts tie them (merged by the mean)
+
+
+def open_inputs(s: MergeSettings) -> Inputs:
+    """The experts, and their gram files (regmean) or calibration data (regmean++), checked against each other."""
+    experts = load_experts(s.models)
+    source = vocab_source(experts)
+    gram_files, gram_paths, linear, calib, provenance, excluded = [], None, {}, None, [], []
+    if s.method == "regmean":
+        gram_paths = resolve_gram_paths(s.models, s.grams)
+        gram_files = open_gram_files(experts, gram_paths, s.allow_gram_mismatch)
+        linear = linear_modules(experts[0].infos, gram_files)
+        provenance = [gram_provenance(g) for g in gram_files]
+    elif s.method == "regmean++":
+        check_supported(experts[0].config.get("model_type"))
+        calib_settings = CalibrationSettings(s.split, s.num_examples, s.max_length, s.batch_size)
+        calib = calibration_sets(experts, s.datasets, s.formats, calib_settings)
+        provenance = [c.provenance for c in calib]
+    if s.exclude:
+        candidates = list(linear) if linear else linear_weight_names(source.dir, experts[0].infos)
+        excluded = match_exclusions(s.exclude, candidates)
+    return Inputs(experts, source, gram_paths, gram_files, linear, calib, provenance, excluded, tied_head(experts[-1]))
+
+
+def print_plan(s: MergeSettings, inputs: Inputs, tensors: int, device, out_dtype, out_dir: Path) -> None:
+    """The log's first lines: what is merged how, ties, exclusions, nested vocabularies."""
+    experts = inputs.experts
+    what = {
+        "avg": "all by the mean",
+        "regmean": f"{len(inputs.linear) - len(inputs.excluded)} by RegMean",
+        "regmean++": "linear layers by RegMean++",
+    }[s.method]
+    print(
+        f"merging {len(s.models)} models ({', '.join(str(e.dir) for e in experts)}) by {s.method}: "
+        f"{tensors} tensors, {what}, on {device}, output {dtype_name(out_dtype)} -> {out_dir}"
+    )
+    if inputs.tied and s.method != "avg":
+        head, embedding = next(iter(inputs.tied.items()))
+        print(f"{head} is tied to {embedding}: the shared matrix is merged by the mean, lm_head's gram is not used")
+    if inputs.excluded:
+        print(f"excluded from {s.method} (averaged), matching {s.exclude}: {', '.join(inputs.excluded)}")
+    sizes = sorted({e.config.get("vocab_size") for e in experts})
+    if len(sizes) > 1:
+        print(f"vocabularies nest ({' < '.join(map(str, sizes))} tokens): rows only some experts have are their mean")
+        print(f"config and tokenizer from {inputs.source.dir}, the largest vocabulary")
+
+
+def plan_hidden_states(s: MergeSettings, inputs: Inputs, device) -> tuple[torch.dtype, int, dict]:
+    """regmean++: the dtype of its forward passes, its calibration tokens and where their hidden states are kept
+    (the settings merge_report.json adds)."""
+    width = inputs.experts[-1].config["hidden_size"]  # auto on the cpu times its products at this width
+    forward_dtype = choose_dtype(s.forward_dtype, device, width=width)
+    num_tokens = sum(c.num_tokens for c in inputs.calib)
+    plan = hidden_states_plan(s.max_hidden_gb, device, forward_dtype, width, num_tokens)
+    budget = plan["max_hidden_gb"]
+    spill = plan["hidden_states"] == "disk"
+    where = f"on disk (over the {budget:.3g} GiB budget)" if spill else f"on {device} (budget {budget:.3g} GiB)"
+    said = describe_dtype(s.forward_dtype, forward_dtype, device, width)
+    print(
+        f"regmean++: {num_tokens} calibration tokens ({', '.join(str(c.num_tokens) for c in inputs.calib)}); their "
+        f"hidden states ({plan['hidden_gib']:.3g} GiB, {said}) kept {where}"
+    )
+    return forward_dtype, num_tokens, plan
+
+
+def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
+    """Merge by `method` (avg, regmean or regmean++) with `settings`, any of MergeSettings' fields (models,
+    grams, weights, alpha, ...; its defaults for the others). argv: the merge_model.py command line the settings
+    came from, for the model card and merge_report.json (default: the options that give these settings).
+    Returns the merged folder."""
+    s = MergeSettings(method, **settings)
+    argv = options_of(s, repeated=("exclude",)) if argv is None else argv
+    timer = Timer()
+    pp = s.method == "regmean++"
+    # Check every input before any heavy work.
+    weights = check_settings(s)
+    coefs = [w / sum(weights) for w in weights]
+    device = choose_device(s.device)
+    out_dir = Path(s.output_dir or Path(MERGES_DIR) / merge_dir_name(s.method, s.alpha))
+    check_output_free(out_dir, s.overwrite)
+    with timer("load"):
+        inputs = open_inputs(s)
+    experts, calib, excluded = inputs.experts, inputs.calib, inputs.excluded
+    infos = merged_infos(experts)
+    out_dtype = choose_dtype(s.dtype, device, default=experts_dtype(experts))
+    plan = {name: (shape, writer_dtype(out_dtype, st_dtype)) for name, (shape, st_dtype) in infos.items()}
+    print_plan(s, inputs, len(infos), device, out_dtype, out_dir)
+    forward_dtype, num_tokens, extra_settings = plan_hidden_states(s, inputs, device) if pp else (None, 0, {})
+
+    with atomic_dir(out_dir, overwrite=s.overwrite) as tmp:
+        writer = ShardWriter(tmp, plan, s.max_shard_size)
+        averaged = frozenset(m + ".weight" for m in excluded)
+        streaming = StreamingMerge(
+            experts, coefs, s.alpha, device, out_dtype, writer, timer, s.block_mb, averaged, s.error_sample_every
+        )
+        try:
+            if pp:
+                spill = extra_settings["hidden_states"] == "disk"
+                states = HiddenStates(device, tmp / ".hidden-states" if spill else None)
+                report = merge_regmean_pp(streaming, calib, forward_dtype, states)
+                del states
+                shutil.rmtree(tmp / ".hidden-states", ignore_errors=True)
+            else:
+                report = merge_tensors(streaming, inputs.gram_files, inputs.linear, desc=f"merge ({s.method})")
+        finally:
+            writer.close()
+        writer.finish()
+        summary = summarize(report)
+        names = expert_labels([e.spec for e in experts])
+        errors = error_summary(report, names)
+        error_lines = summary_lines(errors, s.method)
+        if errors:
+            with timer("picture"):
+                draw_picture(report, names, tmp / "merge_report.png", f"{s.method} (alpha {s.alpha}) -> {out_dir.name}")
+        with timer("write"):
+            copy_side_files(inputs.source.dir, tmp, out_dtype)
+            calibration = [c.provenance for c in calib] if pp else None
+            forward = dtype_name(forward_dtype) if pp else None
+            recipe = recipe_of(asdict(s), weights, dtype_name(out_dtype), inputs.gram_paths, calibration, forward)
+            write_model_card(
+                tmp,
+                s,
+                experts,
+                inputs.provenance,
+                coefs,
+                out_dtype,
+                summary,
+                argv,
+                inputs.source,
+                recipe,
+                excluded,
+                error_lines,
+                card=out_dir / "README.md",
+            )
+            total_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in plan.values())
+            figures = dict(
+                wall_s=round(timer.total(), 3),
+                **{f"{k}_s": round(v, 3) for k, v in timer.phases.items()},
+                peak_memory=peak_memory(device),
+                output_bytes=total_bytes,
+            )
+            if pp:
+                figures.update(calibration_tokens=num_tokens, seconds_per_token=timer.total() / num_tokens)
+            merge_report = dict(
+                settings=dict(
+                    used_settings(s),
+                    weights=weights,
+                    output_dir=str(out_dir),
+                    device=str(device),
+                    dtype=dtype_name(out_dtype),
+                    **extra_settings,
+                ),
+                command="python merge_model.py " + " ".join(argv),
+                experts=[dict(model=e.model_id, dir=str(e.dir), weight=c) for e, c in zip(experts, coefs)],
+                grams=inputs.provenance,
+                recipe=recipe,
+                excluded=dict(patterns=s.exclude or [], modules=excluded),
+                config_from=str(inputs.source.dir),
+                summary=summary,
+                tied=dict(tensors=inputs.tied, merged_by="mean") if inputs.tied else None,
+                output_errors=errors,
+                figures=figures,
+                layers=report,
+            )
+            (tmp / "merge_report.json").write_text(json.dumps(merge_report, indent=2) + "\n")
+    for line in unexcited_lines(report):
+        print(line)
+    if summary:
+        print(f"{s.method}: {summary}")
+    if error_lines:
+        print("\n".join(error_lines))
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in timer.phases.items())
+    rate = (
+        f"{num_tokens / timer.phases.get('forward', 1e-9):.0f} calibration tokens/s in the forward passes; "
+        if pp
+        else ""
+    )
+    print(
+        f"done in {timer.total():.1f}s ({phases}); {rate}{total_bytes / 2**30 / max(timer.total(), 1e-9):.2f} GiB/s "
+        f"written; {peak_memory(device)} -> {out_dir}"
+    )
+    return out_dir
