@@ -28,7 +28,7 @@ from .merging import judge_tensors
 from .model_card import options_of
 from .recipe import CARD_RECIPE, read_recipe
 from .tensor_io import checkpoint_files, tensor_infos
-from .utils import Timer, UserError, choose_device, did_you_mean, peak_memory
+from .utils import Timer, UserError, choose_device, did_you_mean, peak_memory, plain_settings
 
 DEFAULT_MODELS = ["code", "math"]  # for a folder whose model card records no recipe
 
@@ -83,11 +83,11 @@ def check_merged_shapes(merged_dir: Path, merged_infos: dict, expert: Expert, li
             )
 
 
-def judge(merged: str, *, argv: list[str] | None = None, **settings) -> Path:
+def judge(merged: str | Path, *, argv: list[str] | None = None, **settings) -> Path:
     """Judge the merged folder `merged` with `settings`, any of JudgeSettings' fields (models, grams, weights,
     output, ...; its defaults for the others). argv: the judge_merge.py command line the settings came from, for
     judge_report.json (default: the options that give these settings). Returns the path of judge_report.json."""
-    s = JudgeSettings(merged, **settings)
+    s = JudgeSettings(str(merged), **plain_settings(settings))
     argv = options_of(s) if argv is None else argv
     timer = Timer()
     # Every input checked before the work starts.

@@ -55,6 +55,7 @@ from .utils import (
     dtype_name,
     merge_dir_name,
     peak_memory,
+    plain_settings,
 )
 
 
@@ -204,7 +205,7 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
     grams, weights, alpha, ...; its defaults for the others). argv: the merge_model.py command line the settings
     came from, for the model card and merge_report.json (default: the options that give these settings).
     Returns the merged folder."""
-    s = MergeSettings(method, **settings)
+    s = MergeSettings(method, **plain_settings(settings))
     argv = options_of(s, repeated=("exclude",)) if argv is None else argv
     timer = Timer()
     pp = s.method == "regmean++"

@@ -88,6 +88,13 @@ def first_line(error):
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def plain_settings(settings: dict) -> dict:
+    """Settings given from Python as the command line would give them: paths as strings, sequences as lists
+    (merge(models=[Path(a), Path(b)]) records and checks like --models a b)."""
+    as_text = lambda v: str(v) if isinstance(v, Path) else v
+    return {k: [as_text(x) for x in v] if isinstance(v, (list, tuple)) else as_text(v) for k, v in settings.items()}
+
+
 def check_at_least_one(**values: int) -> None:
     """Refuse a count option below 1: check_at_least_one(batch_size=0) -> "--batch-size must be >= 1"."""
     for name, value in values.items():
