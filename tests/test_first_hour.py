@@ -17,10 +17,10 @@ import torch
 from test_merge import read_folder
 
 import compute_gram
-import evaluate
 import judge_merge
 import merge_model
 from conftest import ROOT
+from regmean.results import RESULTS_DIR
 from regmean.utils import UserError
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -51,7 +51,7 @@ def grams(experts, calib_files, tmp_path_factory):
 # ----------------------------------------------------------------------------- 1. the table
 def results_file(folder, results, shots, stamp="2026-01-01T00-00-00.000000"):
     """An lm_eval result file as lm_eval writes it (results, n-shot), in a model folder."""
-    path = Path(folder) / evaluate.RESULTS_DIR / "model" / f"results_{stamp}.json"
+    path = Path(folder) / RESULTS_DIR / "model" / f"results_{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"results": results, "n-shot": shots}))
 
@@ -84,7 +84,7 @@ def test_table_of_the_tasks_the_folders_hold(tmp_path):
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")]
     assert warnings == [
         f"warning: {Path('runs/demo/merges/regmean_1.0')} holds no lm_eval results "
-        f"({Path('runs/demo/merges/regmean_1.0') / evaluate.RESULTS_DIR}/*/results_*.json): left out"
+        f"({Path('runs/demo/merges/regmean_1.0') / RESULTS_DIR}/*/results_*.json): left out"
     ]
     # The same command again: the glob now matches the table's own files too, which are skipped.
     again = cli("evaluate.py", "--table", *sorted(merges.iterdir()), cwd=tmp_path)

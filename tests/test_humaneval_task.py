@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from test_evaluate import HARNESS, ROOT, UPSTREAM_STOPS, harness_utils, upstream_tasks_dir
 
-import evaluate
+from regmean.evaluation import lm_eval_command
+from regmean.results import RESULTS_DIR
 from regmean.utils import UserError
 
 
@@ -214,7 +215,7 @@ def test_hf_backend_prompts_carry_no_bos(tmp_path, experts, add_bos_token):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer("x").input_ids[0] == tokenizer.bos_token_id  # this tokenizer adds BOS unless told not to
     cpu = torch.device("cpu")
-    cmd = evaluate.lm_eval_command(
+    cmd = lm_eval_command(
         folder,
         "hf",
         cpu,
@@ -235,7 +236,7 @@ def test_hf_backend_prompts_carry_no_bos(tmp_path, experts, add_bos_token):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_ALLOW_CODE_EVAL="1", TOKEN_LOG=str(log), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    samples_file = next((folder / evaluate.RESULTS_DIR).glob("*/samples_humaneval_instruct_*.jsonl"))
+    samples_file = next((folder / RESULTS_DIR).glob("*/samples_humaneval_instruct_*.jsonl"))
     samples = [json.loads(line) for line in samples_file.open()]
     assert [s["doc"]["task_id"] for s in sorted(samples, key=lambda s: s["doc_id"])] == ["HumanEval/0", "HumanEval/1"]
     contexts = {s["arguments"]["gen_args_0"]["arg_0"] for s in samples}
@@ -256,8 +257,8 @@ def test_model_args_that_evaluate_sets():
 
     for kv in ["add_bos_token=True", "max_length=64, tokenizer=x"]:
         with pytest.raises(UserError, match="^--model-args sets (add_bos_token|tokenizer): use --add-bos-token"):
-            evaluate.lm_eval_command("m", "hf", torch.device("cpu"), torch.float32, ["gsm8k"], None, kv, [])
-    cmd = evaluate.lm_eval_command(
+            lm_eval_command("m", "hf", torch.device("cpu"), torch.float32, ["gsm8k"], None, kv, [])
+    cmd = lm_eval_command(
         "m", "vllm", torch.device("cuda"), torch.bfloat16, ["gsm8k"], None, "", [], "true", "meta-llama/Meta-Llama-3-8B"
     )
     args = cmd[cmd.index("--model_args") + 1]
