@@ -27,7 +27,9 @@ import torch
 from .results import RESULTS_DIR
 from .utils import UserError, choose_device, choose_dtype, did_you_mean, dtype_name, first_line
 
-HARNESS_DIR = Path(__file__).resolve().parents[1] / "lm-eval-harness"  # task overrides, always included
+# The task overrides, always included: the repository's lm-eval-harness/ (REGMEAN_HARNESS_DIR for an installed
+# package used outside the repository).
+HARNESS_DIR = Path(os.environ.get("REGMEAN_HARNESS_DIR") or Path(__file__).resolve().parents[1] / "lm-eval-harness")
 SEED_TASKS = "mathqa,gsm8k,humaneval_instruct,mbpp"
 # The reference's harness (a snapshot of lm-eval labelled 0.4.8) tokenized every prompt without
 # special tokens unless add_bos_token=True (Gemma only); lm-eval 0.4.13 leaves it to the tokenizer,
@@ -197,6 +199,11 @@ def evaluate(
     false|true|tokenizer; tokenizer: a folder or hub id instead of each folder's own; lm_eval_args: passed to
     lm_eval unchanged (not the options evaluate.py sets itself: MANAGED_OPTIONS)."""
     check_lm_eval_args(lm_eval_args)
+    if not HARNESS_DIR.is_dir():
+        raise UserError(
+            f"the task overrides are not at {HARNESS_DIR}: run from the repository, or set REGMEAN_HARNESS_DIR "
+            "to its lm-eval-harness folder"
+        )
     for folder in folders:
         check_model_folder(folder)
     if not tasks:
