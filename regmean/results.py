@@ -130,17 +130,17 @@ def table_rows(folders: Sequence[str | Path] | Mapping[str, str | Path], suffix:
 
 
 def all_rows(folders, experts, base) -> list[tuple[str, Path, str]]:
-    """(label, folder, kind) for the base, the experts, then the folders (kind: base, expert, folder), each
-    folder once (the first place it appears: a folder given that is also an expert is an expert's row)."""
+    """(label, folder, kind) for the base, the experts, then the folders (kind: base, expert, folder); a folder
+    already in an earlier group is not repeated in a later one (a folder given that is also an expert is an
+    expert's row)."""
     rows, seen = [], set()
     for kind, given, suffix in [("base", base, " (base)"), ("expert", experts, " (expert)"), ("folder", folders, "")]:
         if kind != "folder" and not given:
             continue
         given = [given] if isinstance(given, (str, Path)) else given
-        for label, path in table_rows(given, suffix):
-            if path.resolve() not in seen:
-                seen.add(path.resolve())
-                rows.append((label, path, kind))
+        group = [(label, path, kind) for label, path in table_rows(given, suffix) if path.resolve() not in seen]
+        seen |= {path.resolve() for _, path, _ in group}
+        rows += group
     return rows
 
 
@@ -272,7 +272,7 @@ def normalized_markdown(labels: list[str], titles: list[str], by: list[Norm], va
         return "| " + " | ".join(cells) + " |"
 
     n = sum(b is not None for b in by)
-    metrics = ["–" if b is None else f"% of {b[0]} ({b[1]:.2f})" for b in by] + [f"mean of {n} task(s)"]
+    metrics = ["–" if b is None else f"% of {b[0]}, {b[1]:.2f}" for b in by] + [f"mean of {n} task(s)"]
     md = [
         "Normalized: each score as a percentage of the best expert's score on that task, and the mean of those "
         "percentages (docs/evaluation.md#normalized-scores)",
