@@ -188,15 +188,20 @@ class Evaluation:
 def recorded_experts(folders: Sequence[str | Path]) -> dict[str, Path]:
     """{NAME (expert): folder} of the experts the folders' model cards record (their recipe's `models`), each once,
     in the order first met. A preset name stands for its model; a recorded path is read from where evaluate runs,
-    as the card's recipe says. An expert that is no local folder here (a hub id, or a path that is not there) is
-    skipped with a one-line note; folders without a recipe (not merges, or made by another tool) record none."""
+    as the card's recipe says; a hub id stands for a folder among `folders` of its name (runs/models/MAmmoTH2-8B
+    for TIGER-Lab/MAmmoTH2-8B). An expert that is no local folder here (another hub id, or a path that is not
+    there) is skipped with a one-line note; folders without a recipe (not merges, or made by another tool) record
+    none."""
     experts, seen = {}, set()
+    given = {Path(f).name: Path(f) for f in folders if Path(f).is_dir()}
     for folder in folders:
         card = Path(folder) / "README.md"
         if not Path(folder).is_dir() or not card.is_file() or not CARD_RECIPE.search(card.read_text()):
             continue
         for spec in read_recipe(card).get("models") or []:
             model = PRESETS[spec]["model"] if spec in PRESETS else spec
+            if not Path(model).is_dir() and model.count("/") == 1 and Path(model).name in given:
+                model = str(given[Path(model).name])  # a hub id, downloaded into a folder of its name
             if spec in seen or Path(model).resolve() in seen:
                 continue
             seen |= {spec, Path(model).resolve()}

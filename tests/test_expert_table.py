@@ -144,6 +144,10 @@ def test_experts_not_here_are_skipped_in_one_line(tmp_path, capsys):
     )
     assert "expert owner/hub-model" in notes[1] and f"expert {tmp_path / 'gone'}" in notes[2]
     assert evaluation.recorded_experts([local]) == {}  # no card: no experts
+    # a hub id downloaded into a folder of its name, given on the command line: that folder is the expert
+    hub = model(tmp_path / "models" / "hub-model")
+    assert evaluation.recorded_experts([merged, hub]) == {"local (expert)": local, "hub-model (expert)": hub}
+    assert len(capsys.readouterr().err.splitlines()) == 2  # code and gone only
 
 
 def test_results_of_a_read_only_folder_go_to_a_stand_in(tmp_path, monkeypatch):
