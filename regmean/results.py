@@ -254,9 +254,9 @@ def normalized(
     percentages and stays out of the mean."""
     by: list[Norm] = []
     for j in range(len(values[0]) if values else 0):
-        scored = [(values[i][j], -i) for i in experts if values[i][j] is not None]
-        best, i = max(scored, default=(0.0, 0))
-        by.append((labels[-i], best) if best > 0 else None)
+        scored = [i for i in experts if values[i][j] is not None]
+        best = max(scored, key=lambda i: values[i][j], default=None)  # max keeps the first of equals
+        by.append((labels[best], values[best][j]) if best is not None and values[best][j] > 0 else None)
     table = []
     for row in values:
         ratios = [None if b is None or v is None else 100 * v / b[1] for v, b in zip(row, by)]
