@@ -470,13 +470,16 @@ def retention_section(merges: dict[str, Path], experts: dict[str, Path], grams: 
     return retention_table(reports)
 
 
-def evaluate_all(folders: dict[str, Path], root: Path, batch_size: int) -> str:
-    """lm_eval on every folder as evaluate.py runs it, plus the chat template (the toy tasks are chat turns) and
-    this demo's data folder; returns the table, also written as root/results.md and results.png."""
+def evaluate_all(base: dict[str, Path], experts: dict[str, Path], merges: dict[str, Path], root: Path, batch_size: int):
+    """lm_eval on every model as evaluate.py runs it (each once: what holds its results already is not run again),
+    plus the chat template (the toy tasks are chat turns) and this demo's data folder; returns the table of the base,
+    the experts and the merges with the merges' scores normalized by the best expert's, also written as
+    root/results.md and results.png."""
     data_dir = json.dumps({"toy_data_dir": str((root / "data").resolve())})
     extra = ["--apply_chat_template", "--batch_size", str(batch_size), "--metadata", data_dir]
-    evaluate(list(folders.values()), tasks=TASKS, backend="hf", device="cpu", dtype="float32", lm_eval_args=extra)
-    return results_table(folders, columns=COLUMNS, output_dir=root, mean_column=True)
+    models = [*base.values(), *experts.values(), *merges.values()]
+    evaluate(models, tasks=TASKS, backend="hf", device="cpu", dtype="float32", lm_eval_args=extra)
+    return results_table(merges, experts=experts, base=base, columns=COLUMNS, output_dir=root, mean_column=True)
 
 
 def write_report(root: Path, table: str, sections: list[str], timer: Timer) -> Path:
@@ -515,10 +518,10 @@ def main(argv=None):
     with timer("figures"):
         sections.append(retention_section(merges, experts, grams))
 
-    folders = {"Base model": base_copy(base, root / "base")} if base else {}
-    folders |= {f"{kind.capitalize()} expert": folder for kind, folder in experts.items()} | merges
+    bases = {"Base model": base_copy(base, root / "base")} if base else {}
+    labelled = {f"{kind.capitalize()} expert": folder for kind, folder in experts.items()}
     with timer("evaluate"):
-        table = evaluate_all(folders, root, args.eval_batch_size)
+        table = evaluate_all(bases, labelled, merges, root, args.eval_batch_size)
     return write_report(root, table, sections, timer)
 
 

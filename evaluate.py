@@ -1,13 +1,16 @@
-"""Stage 3: lm_eval on merged model folders, then the table of their scores (results.md, results.png, in the
-folders' common parent or --output). Each folder gets the reference's lm_eval command below (vLLM when installed
-and on CUDA, else lm-eval's hf backend; add_bos_token=False as the reference's harness had it) with the tasks of
-lm-eval-harness/ included; arguments evaluate.py does not know, after the folders, go to lm_eval unchanged.
+"""Stage 3: lm_eval on merged model folders and on the experts their model cards record (and the base, --base),
+then the table of their scores, raw and as a percentage of the best expert's on each task (results.md,
+results.png, in the folders' common parent or --output). Each folder gets the reference's lm_eval command below
+(vLLM when installed and on CUDA, else lm-eval's hf backend; add_bos_token=False as the reference's harness had
+it) with the tasks of lm-eval-harness/ included, once: a folder holding results of a task (at this --limit) is not
+run on it again (--rerun). Arguments evaluate.py does not know, after the folders, go to lm_eval unchanged.
 HumanEval and MBPP execute model-written code. The options, the table and what runs offline: docs/evaluation.md.
 
-    python evaluate.py runs/merges/avg runs/merges/regmean_0.1     # lm_eval on each folder, then the table
+    python evaluate.py runs/merges/avg runs/merges/regmean_0.1     # lm_eval on the experts and each folder, the table
     python evaluate.py runs/merges/regmean_0.1 --tasks gsm8k --limit 100 --batch_size auto
     python evaluate.py --table runs/merges/avg runs/merges/regmean_0.1    # the table only
     python evaluate.py --table runs/demo/merges/*     # after `make demo`: -> runs/demo/merges/results.md
+    python evaluate.py runs/merges/avg --base runs/models/base --no-experts   # the base and the merge only
     HF_HUB_OFFLINE=1 python evaluate.py runs/models/SmolLM2-135M-Instruct --tasks humaneval_instruct   # offline
 
     HF_ALLOW_CODE_EVAL=1 lm_eval --model vllm \\
@@ -21,7 +24,7 @@ import resource
 import time
 from pathlib import Path
 
-from regmean.evaluation import ADD_BOS_TOKEN, SEED_TASKS, Evaluation, evaluate
+from regmean.evaluation import ADD_BOS_TOKEN, SEED_TASKS, Evaluation, evaluate, recorded_experts
 from regmean.results import results_table, table_dir
 from regmean.utils import CPU_BF16_MIN_SPEEDUP, UserError, peak_memory
 from utils import run_main
@@ -44,6 +47,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         "with --table: the tasks the folders hold)",
     )
     add("--output", help="folder for results.md and results.png (default: beside the folders, their common parent)")
+    add("--base", metavar="DIR", help="the base model's folder: evaluated too, the table's first row")
+    add(
+        "--no-experts",
+        action="store_true",
+        help="leave out the experts the folders' model cards record (not evaluated, no rows, no normalized scores)",
+    )
+    add("--rerun", action="store_true", help="run lm_eval on every folder again, even on tasks it holds results of")
     run = parser.add_argument_group("the lm_eval runs").add_argument
     run(
         "--backend",
@@ -86,13 +96,16 @@ def split_tasks(tasks: str) -> list[str]:
     return [t.strip() for t in tasks.split(",") if t.strip()]
 
 
-def summary(run: Evaluation, folders: int, wall: float) -> str:
+def summary(run: Evaluation, wall: float) -> str:
+    if not run.seconds:
+        return f"nothing to evaluate: every folder holds results of these tasks ({len(run.skipped)} folder(s))"
     child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     return (
-        f"evaluated {folders} folder(s) with {run.backend} in {wall:.1f} s "
+        f"evaluated {len(run.seconds)} folder(s) with {run.backend} in {wall:.1f} s "
         f"({', '.join(f'{Path(f).name} {s:.1f} s' for f, s in run.seconds.items())}); "
         f"{run.samples} samples, {run.samples / wall:.2f} samples/s; {peak_memory()} "
         f"(lm_eval peak RSS {child_rss:.2f} GiB)"
+        + (f"; {len(run.skipped)} folder(s) held their results already" if run.skipped else "")
     )
 
 
@@ -100,16 +113,26 @@ def main(argv=None):
     args, lm_eval_args = parse_args(argv)
     t0 = time.perf_counter()
     output = Path(args.output) if args.output else table_dir(args.folders)
+    experts = {} if args.no_experts else recorded_experts(args.folders)
+    rows = dict(folders=args.folders, experts=experts, base=args.base)
     if args.table:
         if lm_eval_args:
             raise UserError(f"--table takes no lm_eval arguments, got {' '.join(lm_eval_args)}")
+        if args.rerun:
+            raise UserError("--rerun runs lm_eval: it does not go with --table")
         tasks = None if args.tasks is None else split_tasks(args.tasks)
-        print(results_table(args.folders, tasks=tasks, output_dir=output), end="")
+        print(results_table(**rows, tasks=tasks, output_dir=output), end="")
         print(f"wrote {output / 'results.md'} and results.png in {time.perf_counter() - t0:.1f} s")
         return output / "results.md"
 
+    # the base, the experts, then the folders given, each once (files among them are the table's: skipped there)
+    models = [args.base] if args.base else []
+    models += [*experts.values(), *(f for f in args.folders if not Path(f).is_file())]
+    unique = {}
+    for f in models:
+        unique.setdefault(Path(f).resolve(), f)
     run = evaluate(
-        args.folders,
+        list(unique.values()),
         tasks=split_tasks(args.tasks or SEED_TASKS),
         backend=args.backend,
         device=args.device,
@@ -119,9 +142,10 @@ def main(argv=None):
         add_bos_token=args.add_bos_token,
         tokenizer=args.tokenizer,
         lm_eval_args=lm_eval_args,
+        rerun=args.rerun,
     )
-    print(results_table(args.folders, output_dir=output), end="")
-    print(summary(run, len(args.folders), time.perf_counter() - t0))
+    print(results_table(**rows, output_dir=output), end="")
+    print(summary(run, time.perf_counter() - t0))
     print(f"wrote {output / 'results.md'} and results.png")
     return output / "results.md"
 

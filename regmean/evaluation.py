@@ -1,8 +1,11 @@
 """Stage 3's runs: lm_eval on model folders, with the seed's command (docs/evaluation.md), each folder's results
-written into it (folder/lm_eval_results_preds/, which regmean/results.py tabulates).
+written into it (folder/lm_eval_results_preds/, which regmean/results.py tabulates), each folder evaluated once
+per task and --limit (what it holds already is not run again).
 
-    run = evaluate(["runs/merges/avg", "runs/merges/regmean_0.1"], tasks=["gsm8k"], limit=100)
+    experts = recorded_experts(["runs/merges/avg"])   # {label: folder}: the experts the model cards record
+    run = evaluate([*experts.values(), "runs/merges/avg", "runs/merges/regmean_0.1"], tasks=["gsm8k"], limit=100)
     run.backend, run.seconds, run.samples    # "vllm" or "hf", lm_eval's wall time per folder, the samples scored
+    run.skipped                              # the folders that held results of every task already
 
 Everything is checked before the first model loads: the folders, the lm_eval options evaluate.py sets
 itself, and every task with its data (lm_eval loads them here as it will in the run).
@@ -19,13 +22,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .results import RESULTS_DIR
-from .utils import UserError, choose_device, choose_dtype, did_you_mean, dtype_name, first_line
+from .recipe import CARD_RECIPE, read_recipe
+from .results import result_files, results_dir, task_name, warn
+from .utils import PRESETS, UserError, choose_device, choose_dtype, did_you_mean, dtype_name, first_line
 
 # The task overrides, always included: the repository's lm-eval-harness/ (REGMEAN_HARNESS_DIR for an installed
 # package used outside the repository).
@@ -137,7 +141,7 @@ def lm_eval_command(
     if model_args:
         args += "," + model_args
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", backend, "--model_args", args]
-    cmd += ["--tasks", ",".join(tasks), "--output_path", str(Path(folder) / RESULTS_DIR)]
+    cmd += ["--tasks", ",".join(tasks), "--output_path", str(results_dir(folder))]
     cmd += ["--log_samples", "--trust_remote_code", "--confirm_run_unsafe_code", "--include_path", str(HARNESS_DIR)]
     if backend == "hf":
         cmd += ["--device", str(device)]
@@ -168,15 +172,60 @@ def run_lm_eval(cmd: list[str], folder: str | Path) -> None:
 
 def samples_scored(folder: str | Path) -> int:
     """The samples lm_eval scored in the folder's newest result file."""
-    newest = max(Path(folder, RESULTS_DIR).glob("*/results_*.json"), key=lambda p: p.name)
+    newest = result_files(folder)[-1]
     return sum(int(n.get("effective", 0)) for n in json.loads(newest.read_text()).get("n-samples", {}).values())
 
 
 @dataclass
 class Evaluation:
-    backend: str  # the lm_eval backend that ran: vllm or hf
-    seconds: dict[str, float]  # lm_eval's wall time per folder, as the folder was given
+    backend: str  # the lm_eval backend that ran: vllm or hf ("" when nothing ran)
+    seconds: dict[str, float]  # lm_eval's wall time per folder evaluated, as the folder was given
     samples: int  # the samples scored, all folders together
+    skipped: list[str] = field(default_factory=list)  # the folders that held results of every task already
+
+
+# ----------------------------------------------------------------------------- what is evaluated
+def recorded_experts(folders: Sequence[str | Path]) -> dict[str, Path]:
+    """{NAME (expert): folder} of the experts the folders' model cards record (their recipe's `models`), each once,
+    in the order first met. A preset name stands for its model; a recorded path is read from where evaluate runs,
+    as the card's recipe says; a hub id stands for a folder among `folders` of its name (runs/models/MAmmoTH2-8B
+    for TIGER-Lab/MAmmoTH2-8B). An expert that is no local folder here (another hub id, or a path that is not
+    there) is skipped with a one-line note; folders without a recipe (not merges, or made by another tool) record
+    none."""
+    experts, seen = {}, set()
+    given = {Path(f).name: Path(f) for f in folders if Path(f).is_dir()}
+    for folder in folders:
+        card = Path(folder) / "README.md"
+        if not Path(folder).is_dir() or not card.is_file() or not CARD_RECIPE.search(card.read_text()):
+            continue
+        for spec in read_recipe(card).get("models") or []:
+            model = PRESETS[spec]["model"] if spec in PRESETS else spec
+            if not Path(model).is_dir() and model.count("/") == 1 and Path(model).name in given:
+                model = str(given[Path(model).name])  # a hub id, downloaded into a folder of its name
+            if spec in seen or Path(model).resolve() in seen:
+                continue
+            seen |= {spec, Path(model).resolve()}
+            if not Path(model).is_dir():
+                warn(
+                    f"expert {spec} of {folder} is not a local folder here ({model}): not evaluated, no row "
+                    "(download it into a folder and give that folder to evaluate.py)"
+                )
+                continue
+            experts[f"{Path(model).name} (expert)"] = Path(model)
+    return experts
+
+
+def missing_tasks(folder: str | Path, tasks: Sequence[str], limit: float | None) -> list[str]:
+    """The tasks (as given: names or YAML files) whose results the folder does not hold yet at this --limit
+    (lm_eval records it in every result file's config)."""
+    held = {}
+    for file in result_files(folder):
+        try:
+            data = json.loads(file.read_text())
+            held |= {task: (data.get("config") or {}).get("limit") for task in data["results"]}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            continue  # the table reports such a file
+    return [t for t in tasks if task_name(t) not in held or held[task_name(t)] != limit]
 
 
 def evaluate(
@@ -191,13 +240,16 @@ def evaluate(
     add_bos_token: str = ADD_BOS_TOKEN,
     tokenizer: str | None = None,
     lm_eval_args: Sequence[str] = (),
+    rerun: bool = False,
 ) -> Evaluation:
-    """lm_eval on each folder, its results written into it (folder/lm_eval_results_preds/), after checking the
-    folders, the options and every task. backend: auto|vllm|hf (auto: vllm when installed and on CUDA);
-    device: auto|cuda|cpu (the hf backend's); dtype: auto|bfloat16|float16|float32 (auto: utils.choose_dtype at
-    the first folder's width); limit: lm_eval --limit; model_args: appended to --model_args; add_bos_token:
-    false|true|tokenizer; tokenizer: a folder or hub id instead of each folder's own; lm_eval_args: passed to
-    lm_eval unchanged (not the options evaluate.py sets itself: MANAGED_OPTIONS)."""
+    """lm_eval on each folder, its results written into it (folder/lm_eval_results_preds/; results.results_dir for
+    a folder that cannot be written to), after checking the folders, the options and every task. Each folder runs
+    only the tasks it holds no results of yet at this limit (missing_tasks); rerun: all of them again.
+    backend: auto|vllm|hf (auto: vllm when installed and on CUDA); device: auto|cuda|cpu (the hf backend's); dtype:
+    auto|bfloat16|float16|float32 (auto: utils.choose_dtype at the first evaluated folder's width); limit: lm_eval
+    --limit; model_args: appended to --model_args; add_bos_token: false|true|tokenizer; tokenizer: a folder or hub
+    id instead of each folder's own; lm_eval_args: passed to lm_eval unchanged (not the options evaluate.py sets
+    itself: MANAGED_OPTIONS)."""
     check_lm_eval_args(lm_eval_args)
     if not HARNESS_DIR.is_dir():
         raise UserError(
@@ -208,16 +260,23 @@ def evaluate(
         check_model_folder(folder)
     if not tasks:
         raise UserError("--tasks is empty")
+    todo = {folder: list(tasks) if rerun else missing_tasks(folder, tasks, limit) for folder in folders}
+    skipped = [str(folder) for folder, missing in todo.items() if not missing]
+    for folder in skipped:
+        print(f"[{folder}] holds results of {', '.join(tasks)} already: not evaluated again", file=sys.stderr)
+    todo = {folder: missing for folder, missing in todo.items() if missing}
+    if not todo:
+        return Evaluation("", {}, 0, skipped)
     torch_device = choose_device(device)
-    width = json.loads(Path(folders[0], "config.json").read_text()).get("hidden_size")  # auto times it on cpu
+    width = json.loads(Path(next(iter(todo)), "config.json").read_text()).get("hidden_size")  # auto times it on cpu
     torch_dtype = choose_dtype(dtype, torch_device, width=width)
     backend = choose_backend(backend, torch_device)
     check_tasks(tasks, passthrough_metadata(lm_eval_args))
 
     seconds = {}
-    for folder in folders:
+    for folder, left in todo.items():
         cmd = lm_eval_command(
-            folder, backend, torch_device, torch_dtype, tasks, limit, model_args, lm_eval_args, add_bos_token, tokenizer
+            folder, backend, torch_device, torch_dtype, left, limit, model_args, lm_eval_args, add_bos_token, tokenizer
         )
         print(
             f"[{folder}] HF_ALLOW_CODE_EVAL=1 {' '.join(cmd[2:]).replace('lm_eval run', 'lm_eval', 1)}", file=sys.stderr
@@ -225,4 +284,4 @@ def evaluate(
         start = time.perf_counter()
         run_lm_eval(cmd, folder)
         seconds[str(folder)] = time.perf_counter() - start
-    return Evaluation(backend, seconds, sum(samples_scored(f) for f in folders))
+    return Evaluation(backend, seconds, sum(samples_scored(f) for f in todo), skipped)

@@ -79,6 +79,13 @@ def test_quick_demo_runs_the_whole_flow(tmp_path):
     # what a user types next (issue 25): the merges' table from their results, beside them
     table = evaluate.main(["--table", *map(str, sorted((root / "merges").iterdir()))])
     assert table == root / "merges" / "results.md"
-    md = table.read_text().splitlines()
-    assert md[0] == "| Method/Benchmark | toy_code | toy_math |" and len(md) == 3 + 4
-    assert [line.split("|")[2:4] for line in md[3:]] == [line.split("|")[2:4] for line in lines[5:]]
+    md = table.read_text().split("\n\n")[0].splitlines()  # the scores; the normalized block follows
+    assert md[0] == "| Method/Benchmark | toy_code | toy_math |" and len(md) == 3 + 2 + 4
+    # the experts found through the merges' model cards, their results read where the demo wrote them
+    assert [line.split("|")[1].strip() for line in md[3:5]] == ["toy-code (expert)", "toy-math (expert)"]
+    assert [line.split("|")[2:4] for line in md[3:]] == [line.split("|")[2:4] for line in lines[3:]]
+    assert "| Normalized | toy_code | toy_math | Mean |" in table.read_text()
+    demo_norm = results.read_text().split("| Normalized |")[1].split("\n\n")[0].splitlines()[3:]
+    assert [ln.split("|")[2:] for ln in demo_norm] == [
+        ln.split("|")[2:] for ln in table.read_text().split("| Normalized |")[1].split("\n\n")[0].splitlines()[3:]
+    ]

@@ -144,6 +144,18 @@ def test_evaluate_runs_lm_eval_cli(lm_eval_run):
     assert list(folder.glob(f"{RESULTS_DIR}/*/samples_humaneval_instruct_*.jsonl"))  # --log_samples
 
 
+def test_evaluate_runs_each_folder_once(lm_eval_run):
+    """The same command again: the folder holds results of every task at this --limit, lm_eval is not run."""
+    folder, table_dir, _ = lm_eval_run
+    d = folder.parent
+    tasks = f"{d / 'gsm8k.yaml'},{d / 'mathqa.yaml'},humaneval_instruct"
+    proc = run([folder, "--tasks", tasks, "--limit", 2, "--output", table_dir, "--gen_kwargs", "max_gen_toks=16"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"[{folder}] holds results of " in proc.stderr and "lm_eval run" not in proc.stderr
+    assert "nothing to evaluate: every folder holds results of these tasks (1 folder(s))" in proc.stdout
+    assert len(list((folder / RESULTS_DIR).glob("*/results_*.json"))) == 1
+
+
 def expected_row(results):
     """The seed's four cells from an lm_eval results dict, computed plainly."""
     cells = []
