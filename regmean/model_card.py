@@ -39,6 +39,8 @@ def gram_provenance(grams: GramFile) -> dict:
         "max_length",
         "row_format",
         "bos",  # calibration.tokenize_texts: one BOS per row
+        "rows",  # "reference": compute_gram.py --rows reference, the reference's rows and running mean
+        "padding",
         "num_tokens",
         "format",
         "model_fingerprint",
