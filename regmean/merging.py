@@ -28,7 +28,7 @@ from .experts import (
     merged_infos,
 )
 from .merge_report import SAMPLE_EVERY, block_slice, layer_figures, sample_step
-from .solver import RegMeanSystem, output_error_terms
+from .solver import ReferenceSystem, RegMeanSystem, output_error_terms
 from .tensor_io import (
     ST_DTYPES,
     GramFile,
@@ -106,6 +106,7 @@ class StreamingMerge:
     block_mb: float = BLOCK_MB
     averaged: frozenset[str] = frozenset()  # linear weights excluded from RegMean (--exclude): the mean
     sample_every: int = SAMPLE_EVERY
+    solve: str = "ours"  # ours: RegMeanSystem; reference: the reference's lstsq (ReferenceSystem)
 
     def __post_init__(self):
         self.infos = merged_infos(self.experts)
@@ -168,7 +169,7 @@ class StreamingMerge:
         t0 = time.perf_counter()
         stats = [gram_stats(g, n) for g, n in zip(grams, tokens)]
         with self.timer("solve"):
-            system = RegMeanSystem.factor(
+            system = (ReferenceSystem if self.solve == "reference" else RegMeanSystem).factor(
                 grams, self.alpha, self.coefs, self.device, num_rows=sum(infos[m][0][0] for m in members)
             )
         factor_s = time.perf_counter() - t0

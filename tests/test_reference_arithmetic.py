@@ -5,6 +5,7 @@ position), and merge_model.py regmean --solve reference against torch.linalg.lst
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -97,3 +98,82 @@ def test_reference_rows_refuse_what_they_cannot_do(tokenizer, base_model, calib_
     with pytest.raises(UserError, match=r"^--rows reference pads with the tokenizer's pad token, and .* has none"):
         compute_main([*common[2:], "--model", str(model_dir), "--output-dir", str(tmp_path / "no-pad-grams")])
     assert not (tmp_path / "no-pad-grams").exists()
+
+
+# ----------------------------------------------------------------------------- the reference's solve
+def reduce_as_the_reference(gram, a):
+    """Its reduce_non_diag: G times diag(1 - a) + a."""
+    n = gram.shape[0]
+    return gram * (torch.diag(torch.ones(n) - a) + torch.zeros(n, n).fill_(a))
+
+
+def test_reference_solve_is_lstsq_gels_bit_for_bit(experts, calib_files, tmp_path, capsys):
+    from merge_model import main as merge_main
+    from regmean.tensor_io import checkpoint_files, read_tensor
+
+    grams = []
+    for expert, kind in zip(experts, ["code", "math"]):
+        grams.append(
+            compute_main(
+                ["--model", str(expert), "--dataset", str(calib_files[kind]), "--format", kind, "--rows", "reference"]
+                + ["--output-dir", str(tmp_path / kind), "--batch-size", "4", "--max-length", "64"]
+                + ["--device", "cpu", "--dtype", "float32", "--plan", "model"]
+            )
+        )
+    capsys.readouterr()
+    out = merge_main(
+        ["regmean", "--models", *map(str, experts), "--grams", *map(str, grams), "--solve", "reference"]
+        + ["--device", "cpu", "--output-dir", str(tmp_path / "merged"), "--block-mb", "0.01"]
+    )
+    log = capsys.readouterr()
+    assert "warning: --solve reference is the reference's arithmetic, kept for reproduction" in log.err
+    assert "output error" in log.out.lower() and "lstsq-gels" in log.out
+    card = (out / "README.md").read_text()
+    assert "solve: reference" in card and "rows: reference" in card and "Output dtype: float32" in card
+    files = checkpoint_files(out)
+    expert_files = [checkpoint_files(e) for e in experts]
+    files_of = {name: read_tensor(f, name).dtype for name, f in files.items()}
+    assert set(files_of.values()) == {torch.float32}
+    gram_files = [GramFile(g) for g in grams]
+    for module in ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"]:
+        name = module + ".weight"
+        reduced = [reduce_as_the_reference(g.get(module), 0.1) for g in gram_files]
+        weights = [read_tensor(f[name], name).float() for f in expert_files]
+        rhs = sum(r @ w.transpose(0, 1) for r, w in zip(reduced, weights))
+        expected = torch.linalg.lstsq(sum(reduced), rhs, driver="gels").solution.transpose(0, 1)
+        assert torch.equal(read_tensor(files[name], name), expected), module  # bit for bit
+
+
+def test_reference_solve_does_not_keep_the_average_where_the_data_never_went():
+    """Inputs confined to 40 of 64 directions (the same for both experts): at alpha 1 the system is singular.
+    Our solve leaves the 24 others at the average; the reference's lstsq puts rounding noise there."""
+    from regmean.solver import ReferenceSystem, RegMeanSystem
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))[0]
+    seen, unseen = basis[:, :40], basis[:, 40:]
+    grams = []
+    for _ in range(2):
+        x = torch.randn(500, 40, generator=g, dtype=torch.float64) @ seen.T
+        grams.append((x.T @ x / 500).float())
+    weights = [torch.randn(32, 64, generator=g) for _ in range(2)]
+    average = (weights[0] + weights[1]) / 2
+    ours, _, _ = RegMeanSystem.factor(grams, 1.0, [0.5, 0.5]).solve(weights)
+    theirs, _, _ = ReferenceSystem.factor(grams, 1.0, [0.5, 0.5]).solve(weights)
+    scale = average.double().norm()
+    ours_off = ((ours - average).double() @ unseen).norm() / scale
+    theirs_off = ((theirs - average).double() @ unseen).norm() / scale
+    assert ours_off < 1e-5, ours_off
+    assert theirs_off > 1e-2, theirs_off
+    # where the data went, both solve the same system
+    assert ((ours - theirs).double() @ seen).norm() / scale < 1e-2
+
+
+def test_reference_solve_is_for_regmean_only(experts, tmp_path):
+    from merge_model import main as merge_main
+
+    for method in ("avg", "regmean++"):
+        with pytest.raises(
+            UserError, match=rf"^--solve reference is for regmean .*; {re.escape(method)} solves its own way$"
+        ):
+            merge_main([method, "--models", *map(str, experts), "--solve", "reference"])
