@@ -177,3 +177,47 @@ def test_reference_solve_is_for_regmean_only(experts, tmp_path):
             UserError, match=rf"^--solve reference is for regmean .*; {re.escape(method)} solves its own way$"
         ):
             merge_main([method, "--models", *map(str, experts), "--solve", "reference"])
+
+
+# ----------------------------------------------------------------------------- the reference's gram.pkl
+def test_identical_grams_of_a_gram_pkl_are_factored_once(experts, calib_files, tmp_path, capsys):
+    """The reference's gram.pkl holds q/k/v's (gate/up's) gram once per module: read, they are recognized as
+    copies and factored once, as gram.safetensors' aliases are; a gram that differs by one bit is not."""
+    import pickle
+
+    from merge_model import main as merge_main
+
+    v2, pkl = [], []
+    for i, (expert, kind) in enumerate(zip(experts, ["code", "math"])):
+        path = compute_main(
+            ["--model", str(expert), "--dataset", str(calib_files[kind]), "--format", kind]
+            + ["--output-dir", str(tmp_path / kind), "--device", "cpu", "--dtype", "float32", "--plan", "model"]
+        )
+        grams = GramFile(path)
+        every = {m: grams.get(m).clone() for m in grams.modules()}  # a gram per module, copies as the reference's
+        if i == 1:  # one bit off: not the same gram
+            k = every["model.layers.1.self_attn.k_proj"]
+            k.view(torch.int32)[0, 0] += 1
+        with open(tmp_path / f"{kind}.pkl", "wb") as f:
+            pickle.dump(every, f)
+        v2.append(path)
+        pkl.append(tmp_path / f"{kind}.pkl")
+    capsys.readouterr()
+    reports = {}
+    for name, files in (("v2", v2), ("pkl", pkl)):
+        out = merge_main(
+            ["regmean", "--models", *map(str, experts), "--grams", *map(str, files), "--device", "cpu"]
+            + ["--output-dir", str(tmp_path / name), "--dtype", "float32"]
+        )
+        reports[name] = json.loads((out / "merge_report.json").read_text())["layers"]
+    log = capsys.readouterr().out
+    factored = {r["tensor"] for r in reports["pkl"] if not r.get("factor_reused")}
+    reused = {r["tensor"] for r in reports["pkl"] if r.get("factor_reused")}
+    for layer, attention in ((0, 1), (1, 2)):  # layer 1's k_proj gram is one bit off q_proj's and v_proj's
+        p = f"model.layers.{layer}"
+        assert len({f"{p}.self_attn.{m}_proj.weight" for m in "qkv"} & factored) == attention
+        assert len({f"{p}.mlp.{m}_proj.weight" for m in ("gate", "up")} & factored) == 1
+    assert "model.layers.1.self_attn.k_proj.weight" in factored and len(reused) == 5
+    assert len(factored) == len({r["gram"] for r in reports["v2"]}) + 1
+    assert "5 layers read a gram identical to another's, factored once" in log
+    assert not any(r.get("factor_reused") for r in reports["v2"])  # there the aliases group them already
