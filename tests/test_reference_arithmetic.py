@@ -109,6 +109,7 @@ def reduce_as_the_reference(gram, a):
 
 def test_reference_solve_is_lstsq_gels_bit_for_bit(experts, calib_files, tmp_path, capsys):
     from merge_model import main as merge_main
+    from regmean.recipe import read_recipe
     from regmean.tensor_io import checkpoint_files, read_tensor
 
     grams = []
@@ -130,6 +131,7 @@ def test_reference_solve_is_lstsq_gels_bit_for_bit(experts, calib_files, tmp_pat
     assert "output error" in log.out.lower() and "lstsq-gels" in log.out
     card = (out / "README.md").read_text()
     assert "solve: reference" in card and "rows: reference" in card and "Output dtype: float32" in card
+    assert read_recipe(out)["solve"] == "reference"  # --config makes it again
     files = checkpoint_files(out)
     expert_files = [checkpoint_files(e) for e in experts]
     files_of = {name: read_tensor(f, name).dtype for name, f in files.items()}
