@@ -10,6 +10,7 @@ plans, checkpoints and the file: docs/grams.md; several processes (data parallel
         --output-dir runs/grams/mine --checkpoint-every 20
     python compute_gram.py --model DIR --dataset rows.jsonl --format code   # your own expert, no preset
     python compute_gram.py code --plan layers  # one decoder layer at a time (auto: when the model does not fit)
+    python compute_gram.py code --rows reference   # the reference's rows and running mean, to reproduce its grams
     accelerate launch --multi_gpu --num_processes 8 compute_gram.py code   # 8 GPUs, data parallel
     accelerate launch --multi_gpu --num_processes 2 compute_gram.py code --device-map auto  # 2 copies, half the GPUs
     accelerate launch --multi_gpu --num_processes 2 compute_gram.py toy-code --device cpu     # 2 cpu processes (gloo)
@@ -18,8 +19,8 @@ plans, checkpoints and the file: docs/grams.md; several processes (data parallel
 import argparse
 from pathlib import Path
 
-from regmean.calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
-from regmean.grams import CHECKPOINT_EVERY, DEVICE, DTYPE, PLAN, PLANS, compute_grams
+from regmean.calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, ROWS, SPLIT
+from regmean.grams import CHECKPOINT_EVERY, DEVICE, DTYPE, PLAN, PLANS, ROW_RULE, compute_grams
 from regmean.utils import CPU_BF16_MIN_SPEEDUP, FORMATS, PRESETS, UserError
 from utils import run_main
 
@@ -42,6 +43,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     what.add_argument(
         "--max-length", type=int, default=MAX_LENGTH, help="each example cut to this many tokens (default: %(default)s)"
+    )
+    what.add_argument(
+        "--rows",
+        default=ROW_RULE,
+        choices=ROWS,
+        help="ours: one BOS per row, batches of similar length, padding left out; reference: as the reference's "
+        "compute_gram.py made them, to reproduce its grams (special tokens added to the template's text, batches "
+        "in file order padded on the tokenizer's side, padding counted, a float32 running mean; --plan model, one "
+        "process) (default: %(default)s)",
     )
     what.add_argument(
         "--output-dir", help="folder for gram.safetensors (default: the preset's, else runs/grams/MODEL_FOLDER_NAME)"
@@ -119,6 +129,7 @@ def main(argv=None) -> Path:
         device_map=args.device_map,
         checkpoint_every=args.checkpoint_every,
         max_hidden_gb=args.max_hidden_gb,
+        rows=args.rows,
     )
 
 

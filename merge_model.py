@@ -17,6 +17,7 @@ regmean.merge.merge; what it computes, checks and writes: docs/merging.md and do
     python merge_model.py --config recipe.yml --alpha 0.5    # a recipe (regmean/recipe.py); options given override it
     python merge_model.py --config runs/merges/regmean_0.1/README.md --output-dir again   # a merge made again
     python merge_model.py regmean --exclude lm_head --exclude 'down_proj$'   # averaged, not solved
+    python merge_model.py regmean --solve reference   # the reference's own lstsq, to reproduce its numbers
 """
 
 import argparse
@@ -70,6 +71,13 @@ def parse_args(argv=None) -> dict:
     solve = p.add_argument_group("regmean and regmean++")
     solve.add_argument(
         "--alpha", type=float, help=f"off-diagonal scale of the grams; 1.0 is plain RegMean (default: {d.alpha})"
+    )
+    solve.add_argument(
+        "--solve",
+        choices=["ours", "reference"],
+        help="regmean: ours (Cholesky with float64 and eigendecomposition fallbacks, unexcited directions kept at "
+        "the average); reference: the reference's torch.linalg.lstsq (driver gels) in float32 with a float32 "
+        f"output, kept to reproduce its numbers (docs/merging.md) (default: {d.solve})",
     )
     solve.add_argument(
         "--exclude",

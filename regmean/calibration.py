@@ -17,6 +17,7 @@ SPLIT = "train"  # split of hub datasets
 NUM_EXAMPLES = 10000  # first N rows of each dataset, unshuffled
 MAX_LENGTH = 256  # tokens per example, truncated
 BATCH_SIZE = 32  # examples per forward pass
+ROWS = ("ours", "reference")  # ours: one BOS, length batches, padding left out; reference: as its compute_gram.py
 
 
 # ----------------------------------------------------------------------------- rows -> tokens
@@ -91,13 +92,23 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int) -> list[list[in
     return out
 
 
+def reference_tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """The reference's rows (--rows reference): each text tokenized as its compute_gram.py did, with the
+    tokenizer's special tokens added (a BOS-adding tokenizer puts one more in front of the template's own)
+    and cut at max_length tokens, those included, on the tokenizer's truncation side."""
+    check_at_least_one(max_length=max_length)
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+
+
 def calibration_tokens(
-    tokenizer, dataset: str, fmt: str, split: str, num_examples: int, max_length: int
+    tokenizer, dataset: str, fmt: str, split: str, num_examples: int, max_length: int, rows: str = "ours"
 ) -> list[list[int]]:
     """The calibration examples of one expert as token ids: the first num_examples rows of
-    `dataset`, rendered with the tokenizer's chat template in format `fmt`, truncated."""
-    rows = load_rows(dataset, split, num_examples)
-    return tokenize_texts(tokenizer, format_rows(rows, fmt, tokenizer), max_length)
+    `dataset`, rendered with the tokenizer's chat template in format `fmt`, truncated (rows:
+    "ours", tokenize_texts, or "reference", reference_tokenize)."""
+    texts = format_rows(load_rows(dataset, split, num_examples), fmt, tokenizer)
+    tokenize = reference_tokenize if rows == "reference" else tokenize_texts
+    return tokenize(tokenizer, texts, max_length)
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -145,6 +156,26 @@ def collate(token_ids: list[list[int]], batch: list[int], pad_id: int = 0) -> tu
     for row, i in enumerate(batch):
         input_ids[row, : len(token_ids[i])] = torch.tensor(token_ids[i])
         mask[row, : len(token_ids[i])] = 1
+    return input_ids, mask
+
+
+def file_order_batches(num_rows: int, batch_size: int) -> list[list[int]]:
+    """The reference's batches (--rows reference): batch_size rows at a time, in file order."""
+    return [list(range(i, min(i + batch_size, num_rows))) for i in range(0, num_rows, batch_size)]
+
+
+def pad_batch(
+    token_ids: list[list[int]], batch: list[int], pad_id: int, side: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, T] padded with pad_id on `side` (left or right), as the reference's
+    DataCollatorWithPadding padded its batches: on the tokenizer's padding side."""
+    width = max(len(token_ids[i]) for i in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, i in enumerate(batch):
+        ids = token_ids[i]
+        cols = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
+        input_ids[row, cols], mask[row, cols] = torch.tensor(ids), 1
     return input_ids, mask
 
 
@@ -238,6 +269,46 @@ class Gram:
             base += size
         packed = flat[: offsets[n]]
         self._sum = self.rows = None
+        return packed
+
+
+class RunningMeanGram:
+    """The reference's accumulator (--rows reference): every row fed to `add`, padding included, XᵀX
+    formed whole in float32 and kept as a running mean, mean ← (mean · n + XᵀX) / (n + m), with its
+    roundings. `sum` holds the running mean (what a checkpoint saves); `packed()` its upper triangle."""
+
+    def __init__(self, dim: int, device: torch.device | str):
+        self.dim, self.num_rows = dim, 0
+        self._sum = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+
+    @property
+    def sum(self) -> torch.Tensor:
+        return self._sum
+
+    @sum.setter
+    def sum(self, value: torch.Tensor) -> None:
+        self._sum = value.to(self._sum.device, torch.float32).reshape(self.dim, self.dim)
+
+    def add(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """x: [..., dim]; every row counts (`rows` must be None: the reference picks none out)."""
+        assert rows is None, "the reference counts every position"
+        x = x.detach().to(self._sum.device, torch.float32).reshape(-1, x.shape[-1])
+        xtx = x.T @ x
+        m = x.shape[0]
+        if self.num_rows == 0:
+            self._sum = xtx / m
+        else:
+            self._sum = (self._sum * self.num_rows + xtx) / (m + self.num_rows)
+        self.num_rows += m
+
+    def result(self) -> torch.Tensor:
+        return self._sum
+
+    def packed(self) -> torch.Tensor:
+        """The running mean's upper triangle, packed as gram.safetensors stores it (the reference's
+        XᵀX is symmetric up to the summation order of its entries; the upper entries are kept)."""
+        packed = torch.cat([row[i:] for i, row in enumerate(self._sum)])
+        self._sum = None
         return packed
 
 

@@ -19,15 +19,19 @@ from .calibration import (
     BATCH_SIZE,
     MAX_LENGTH,
     NUM_EXAMPLES,
+    ROWS,
     SPLIT,
     Gram,
+    RunningMeanGram,
     bos_rule,
     calibration_tokens,
     check_one_row_per_token,
     collate,
+    file_order_batches,
     find_shared_inputs,
     length_batches,
     load_tokenizer,
+    pad_batch,
     split_batches,
 )
 from .layerwise import PARTS_DIR, DecoderAdapter, choose_plan, grams_by_layer
@@ -63,6 +67,7 @@ PLAN = "auto"
 DEVICE = "auto"  # auto (cuda when there is one), cuda, cuda:N or cpu
 DTYPE = "auto"  # dtype of the forward passes (the grams are float32 sums whatever it is); auto: utils.auto_dtype
 CHECKPOINT_EVERY = 0  # partial sums saved every K batches (the layer plan: every finished layer); 0: never
+ROW_RULE = "ours"  # calibration.ROWS: ours, or the reference's rows and running mean (docs/grams.md)
 
 CHECKPOINT_FILE = ".gram-checkpoint.safetensors"
 
@@ -149,18 +154,25 @@ def accumulate_grams(
     progress: bool = True,
     rank: int = 0,
     num_processes: int = 1,
+    padding: tuple[int, str] | None = None,
 ) -> tuple[dict[str, Gram], dict[str, str], int]:
     """Accumulate the grams of every distinct linear-layer input of `model` over the
     examples `token_ids` (lists of ids), or over share `rank` of `num_processes` of their
     batches (see split_batches). Each gram lives on its module's device (a model spread
     over several GPUs keeps each layer's grams beside it). Returns ({stored key: Gram},
-    aliases, number of tokens run in this call: fewer than its share when resuming)."""
+    aliases, number of tokens run in this call: fewer than its share when resuming).
+    padding: (pad id, side) for the reference's batches (--rows reference, one process): file order,
+    padded on that side, every position counted in a running mean (calibration.RunningMeanGram)."""
     device = model.device
     probe = torch.tensor([token_ids[0][:16]], device=device)
     leaders, aliases, head_name, head_reads_base_output = find_shared_inputs(model, probe)
-    grams = {name: Gram(m.in_features, module_device(m, device)) for name, m in leaders.items()}
+    kind = Gram if padding is None else RunningMeanGram
+    grams = {name: kind(m.in_features, module_device(m, device)) for name, m in leaders.items()}
     lengths = [len(ids) for ids in token_ids]
-    batches = split_batches(length_batches(lengths, batch_size), lengths, num_processes)[rank]
+    if padding is None:
+        batches = split_batches(length_batches(lengths, batch_size), lengths, num_processes)[rank]
+    else:
+        batches = file_order_batches(len(token_ids), batch_size)
 
     start = 0
     if checkpoint is not None and checkpoint.exists():
@@ -183,8 +195,12 @@ def accumulate_grams(
         for name, m in leaders.items()
         if not (skip_head and name == head_name)
     ]
-    total_tokens = sum(lengths[i] for batch in batches for i in batch)
-    done_tokens = sum(len(token_ids[i]) for batch in batches[:start] for i in batch)
+
+    def positions(batch):  # what the grams count: the real tokens, or every position of the padded batch
+        return len(batch) * max(lengths[i] for i in batch) if padding else sum(lengths[i] for i in batch)
+
+    total_tokens = sum(positions(batch) for batch in batches)
+    done_tokens = sum(positions(batch) for batch in batches[:start])
     bar = Progress(
         total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="gram", disable=not progress
     )
@@ -192,9 +208,14 @@ def accumulate_grams(
     try:
         with torch.inference_mode():
             for b in range(start, len(batches)):
-                input_ids, mask = collate(token_ids, batches[b])
-                batch_rows["index"] = mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+                if padding is None:
+                    input_ids, mask = collate(token_ids, batches[b])
+                    batch_rows["index"] = mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+                else:  # the reference's: every position, padding included
+                    input_ids, mask = pad_batch(token_ids, batches[b], *padding)
+                    batch_rows["index"] = None
                 batch_rows["total"] = mask.numel()
+                counted = mask.numel() if padding else len(batch_rows["index"])
                 input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
                 if skip_head:
                     hidden = model.base_model(
@@ -204,8 +225,8 @@ def accumulate_grams(
                     del hidden
                 else:
                     model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-                tokens_run += len(batch_rows["index"])
-                bar.update(len(batch_rows["index"]))
+                tokens_run += counted
+                bar.update(counted)
                 if (
                     checkpoint is not None
                     and checkpoint_every
@@ -246,6 +267,20 @@ def load_model(
 
 
 # ----------------------------------------------------------------------------- the stage
+REFERENCE_PLAN = "--rows reference needs --plan model: the layer plan leaves the padding out, the reference counted it"
+
+
+def reference_padding(tokenizer, model: str) -> tuple[int, str]:
+    """(pad id, side) of the reference's batches: its DataCollatorWithPadding padded with the tokenizer's pad token
+    on the tokenizer's side (its `padding_side='left'` went to a call on one row, where there is nothing to pad)."""
+    if tokenizer.pad_token_id is None:
+        raise UserError(
+            f"--rows reference pads with the tokenizer's pad token, and {model}'s tokenizer has none "
+            "(the reference's DataCollatorWithPadding stops there too)"
+        )
+    return tokenizer.pad_token_id, tokenizer.padding_side
+
+
 def whole_model_grams(
     model_dir: Path,
     token_ids: list[list[int]],
@@ -258,6 +293,7 @@ def whole_model_grams(
     checkpoint_every: int,
     settings: dict,
     state,
+    padding: tuple[int, str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
     """--plan model: this process's share through the whole expert, then every process's sums added up.
     Returns ({stored key: packed gram, each on its device}, aliases, tokens run by all processes)."""
@@ -272,6 +308,7 @@ def whole_model_grams(
         progress=state.is_main_process,
         rank=state.process_index,
         num_processes=state.num_processes,
+        padding=padding,
     )
     del model
     meet()  # every share is done, or one rank failed and all stop here
@@ -331,12 +368,14 @@ def compute_grams(
     device_map: str | None = None,
     checkpoint_every: int = CHECKPOINT_EVERY,
     max_hidden_gb: float | None = None,
+    rows: str = ROW_RULE,
 ) -> Path:
     """The grams of `model` (hub id or local folder) on the first `num_examples` rows of `dataset` (hub id
     or .json/.jsonl/.parquet/.csv file) in row format `fmt`, written to OUTPUT_DIR/gram.safetensors, whose
     path is returned. Under `accelerate launch` or `torchrun` each process runs its share and the main
     process writes the file; every process returns once it is there. A bad input raises UserError before
-    the model loads."""
+    the model loads. rows: "ours" (one BOS per row, padding left out) or "reference" (the reference's rows
+    and running mean, to reproduce its grams: docs/grams.md)."""
     from accelerate import PartialState
 
     model, dataset, out_dir = str(model), str(dataset), Path(output_dir)
@@ -345,12 +384,21 @@ def compute_grams(
         raise UserError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
     if plan not in PLANS:
         raise UserError(f"--plan must be one of {', '.join(PLANS)}, got {plan!r}")
+    if rows not in ROWS:
+        raise UserError(f"--rows must be one of {', '.join(ROWS)}, got {rows!r}")
+    reference = rows == "reference"
+    if reference and plan == "layers":
+        raise UserError(REFERENCE_PLAN)
     timer = Timer()
     device = choose_device(device)
     # Under `accelerate launch` (or torchrun) this joins the process group, gloo on cpu and
     # nccl on cuda; run alone it is one process and sets nothing up.
     state = PartialState(cpu=device.type == "cpu", timeout=PROCESS_GROUP_TIMEOUT)
     rank, num_processes = state.process_index, state.num_processes
+    if reference and num_processes > 1:
+        raise UserError(
+            "--rows reference runs in one process: the reference's running mean goes over its batches in file order"
+        )
     device, max_memory = rank_placement(device, device_map, state)
 
     # Everything that can be wrong with the input is checked before the model loads; every
@@ -360,7 +408,8 @@ def compute_grams(
     width = config.get("hidden_size")
     forward_dtype = choose_dtype(dtype, device, width=width)  # auto on cpu: timed at that width
     tokenizer = load_tokenizer(model_dir)
-    token_ids = calibration_tokens(tokenizer, dataset, fmt, split, num_examples, max_length)
+    token_ids = calibration_tokens(tokenizer, dataset, fmt, split, num_examples, max_length, rows)
+    padding = reference_padding(tokenizer, model) if reference else None
     if out_dir.exists():
         check_no_foreign_checkpoints(out_dir, num_processes)
     files = checkpoint_files(model_dir)
@@ -370,11 +419,19 @@ def compute_grams(
         resume = "layers"
     resume = resume or ("model" if checkpoint.exists() else None)
     batch, length = min(batch_size, len(token_ids)), max(map(len, token_ids))  # the largest batch
+    if reference and resume == "layers":
+        raise UserError(REFERENCE_PLAN)
     meet()  # every rank checked its inputs (or one failed and all stop here) before the all-reduces below
     if dtype == "auto" and device.type == "cpu":
         forward_dtype = agree_on_dtype(forward_dtype)  # each rank timed its own: float32 on all if one chose it
     plan, why = choose_plan(plan, model_dir, files, device, forward_dtype, batch, length, device_map, resume)
+    if reference and plan == "layers":
+        raise UserError(f"{REFERENCE_PLAN}; the whole model does not fit here ({why})")
     num_tokens = sum(map(len, token_ids))
+    if reference:  # the positions its grams count, padding included
+        num_tokens = sum(
+            len(b) * max(len(token_ids[i]) for i in b) for b in file_order_batches(len(token_ids), batch_size)
+        )
     if state.is_main_process:
         where = f"{num_processes} processes" if num_processes > 1 else str(device)
         print(
@@ -398,6 +455,13 @@ def compute_grams(
         data_sha256=fingerprint(token_ids),
         bos=bos_rule(tokenizer),  # calibration.tokenize_texts: one BOS per row, whatever the template writes
     )
+    if reference:  # the reference's rows: its tokenization, batches and padding decide the grams
+        provenance.update(
+            rows="reference",
+            bos="as the reference: the template's text tokenized with the tokenizer's special tokens added",
+            padding=f"batches of {batch_size} rows in file order, padded on the {padding[1]} with id {padding[0]}, "
+            "every position counted, a float32 running mean",
+        )
     # what must match for a checkpoint to resume (batch size and the number of processes fix
     # the batches each process runs; the data through data_sha256)
     settings = provenance | dict(batch_size=batch_size, num_processes=num_processes)
@@ -416,6 +480,7 @@ def compute_grams(
                 checkpoint_every=checkpoint_every,
                 settings=settings,
                 state=state,
+                padding=padding,
             )
         else:
             grams, aliases, tokens_run = layer_by_layer_grams(

@@ -14,6 +14,7 @@ appears under its final name only when complete.
 import json
 import math
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -87,14 +88,25 @@ class MergeSettings:
     allow_gram_mismatch: bool = False  # merge grams whose recorded model is not the expert at their position
     config: str | None = None  # the recipe file the settings were read from (merge_model.py --config), recorded
     error_sample_every: int = SAMPLE_EVERY  # output error figures on every Nth output row (0: none)
+    solve: str = "ours"  # regmean: ours (solver.RegMeanSystem) or reference (its lstsq, to reproduce its numbers)
+
+
+SOLVES = ("ours", "reference")
+WHOLE_TENSORS_MB = 2.0**40  # --solve reference: each weight solved whole, as the reference did (one lstsq per layer)
+REFERENCE_WARNING = (
+    "warning: --solve reference is the reference's arithmetic, kept for reproduction: torch.linalg.lstsq (driver "
+    "gels) in float32 on the grams as given, no ridge, no rule for unexcited directions, a float32 output; it "
+    "misses ill-conditioned layers that the default solve gets (docs/merging.md). The output error figures below "
+    "show what it costs."
+)
 
 
 # The settings a method does not use: merge_report.json leaves them out rather than list values that played no part.
 PP_ONLY = ("datasets", "formats", "split", "num_examples", "max_length", "batch_size", "forward_dtype", "max_hidden_gb")
 UNUSED = {
-    "avg": (*PP_ONLY, "grams", "alpha", "exclude", "allow_gram_mismatch", "error_sample_every"),
+    "avg": (*PP_ONLY, "grams", "alpha", "exclude", "allow_gram_mismatch", "error_sample_every", "solve"),
     "regmean": PP_ONLY,
-    "regmean++": ("grams", "allow_gram_mismatch"),
+    "regmean++": ("grams", "allow_gram_mismatch", "solve"),
 }
 
 
@@ -112,6 +124,12 @@ def check_settings(s: MergeSettings) -> list[float]:
         raise UserError(f"--error-sample-every must be >= 0, got {s.error_sample_every}")
     if s.block_mb <= 0:
         raise UserError(f"--block-mb must be > 0, got {s.block_mb}")
+    if s.solve not in SOLVES:
+        raise UserError(f"--solve must be one of {', '.join(SOLVES)}, got {s.solve!r}")
+    if s.solve == "reference" and s.method != "regmean":
+        raise UserError(
+            f"--solve reference is for regmean (the reference's merge_model.py); {s.method} solves its own way"
+        )
     if s.method == "regmean++" and s.grams:
         raise UserError("regmean++ computes its own grams: pass --datasets, not --grams")
     if s.method != "regmean++" and (s.datasets or s.formats):
@@ -219,16 +237,20 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
         inputs = open_inputs(s)
     experts, calib, excluded = inputs.experts, inputs.calib, inputs.excluded
     infos = merged_infos(experts)
-    out_dtype = choose_dtype(s.dtype, device, default=experts_dtype(experts))
+    reference = s.solve == "reference"  # the reference saved its merge in float32
+    out_dtype = choose_dtype(s.dtype, device, default=torch.float32 if reference else experts_dtype(experts))
     plan = {name: (shape, writer_dtype(out_dtype, st_dtype)) for name, (shape, st_dtype) in infos.items()}
     print_plan(s, inputs, len(infos), device, out_dtype, out_dir)
+    if reference:
+        print(REFERENCE_WARNING, file=sys.stderr)
     forward_dtype, num_tokens, extra_settings = plan_hidden_states(s, inputs, device) if pp else (None, 0, {})
 
     with atomic_dir(out_dir, overwrite=s.overwrite) as tmp:
         writer = ShardWriter(tmp, plan, s.max_shard_size)
         averaged = frozenset(m + ".weight" for m in excluded)
+        block_mb = WHOLE_TENSORS_MB if reference else s.block_mb
         streaming = StreamingMerge(
-            experts, coefs, s.alpha, device, out_dtype, writer, timer, s.block_mb, averaged, s.error_sample_every
+            experts, coefs, s.alpha, device, out_dtype, writer, timer, block_mb, averaged, s.error_sample_every, s.solve
         )
         try:
             if pp:

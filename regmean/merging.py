@@ -28,7 +28,7 @@ from .experts import (
     merged_infos,
 )
 from .merge_report import SAMPLE_EVERY, block_slice, layer_figures, sample_step
-from .solver import RegMeanSystem, output_error_terms
+from .solver import ReferenceSystem, RegMeanSystem, output_error_terms
 from .tensor_io import (
     ST_DTYPES,
     GramFile,
@@ -106,6 +106,7 @@ class StreamingMerge:
     block_mb: float = BLOCK_MB
     averaged: frozenset[str] = frozenset()  # linear weights excluded from RegMean (--exclude): the mean
     sample_every: int = SAMPLE_EVERY
+    solve: str = "ours"  # ours: RegMeanSystem; reference: the reference's lstsq (ReferenceSystem)
 
     def __post_init__(self):
         self.infos = merged_infos(self.experts)
@@ -151,12 +152,18 @@ class StreamingMerge:
         return None
 
     def linear_group(
-        self, members: list[str], grams: list[Tensor], tokens: list[int | None], keep: bool = False
+        self,
+        members: list[str],
+        grams: list[Tensor],
+        tokens: list[int | None],
+        keep: bool = False,
+        system=None,
     ) -> tuple[list[dict], dict[str, Tensor]]:
         """RegMean merge of the linear weights `members` that read one input (q/k/v, gate/up, or one
         layer alone) on one factorization of their system. grams: each expert's gram of that input;
-        tokens: how many tokens each gram saw (None where unknown). Returns one report row per
-        weight and, with keep, {name: merged weight as written}."""
+        tokens: how many tokens each gram saw (None where unknown); system: a factorization of these
+        very grams to reuse (see merge_tensors), else one is made and left in self.system. Returns one
+        report row per weight and, with keep, {name: merged weight as written}."""
         infos, kept = self.infos, {}
         for member in [m for m in members if m in self.averaged]:
             merged = self.mean(member, keep)
@@ -167,10 +174,13 @@ class StreamingMerge:
             return [], kept
         t0 = time.perf_counter()
         stats = [gram_stats(g, n) for g, n in zip(grams, tokens)]
-        with self.timer("solve"):
-            system = RegMeanSystem.factor(
-                grams, self.alpha, self.coefs, self.device, num_rows=sum(infos[m][0][0] for m in members)
-            )
+        reused = system is not None
+        if not reused:
+            with self.timer("solve"):
+                system = (ReferenceSystem if self.solve == "reference" else RegMeanSystem).factor(
+                    grams, self.alpha, self.coefs, self.device, num_rows=sum(infos[m][0][0] for m in members)
+                )
+        self.system = system
         factor_s = time.perf_counter() - t0
         report, picks = [], {}
         for member in members:
@@ -208,6 +218,7 @@ class StreamingMerge:
                     error_estimate=worst_error,
                     seconds=round(time.perf_counter() - t0 + factor_s, 4),
                     grams=stats,
+                    **({"factor_reused": True} if reused else {}),
                 )
             )
             factor_s = 0.0  # the factorization is counted once, with the first layer of its group
@@ -228,6 +239,17 @@ def gram_groups(gram_files: list[GramFile], linear: dict[str, int]) -> dict[tupl
     return groups
 
 
+def gram_families(gram_files: list[GramFile], groups: dict[tuple[str, ...], list[str]]) -> dict[tuple, list[tuple]]:
+    """{first group key: the group keys of its family}: groups of one parent module (self_attn, mlp) whose grams
+    have the same shape in every file, in order. Their grams may be copies of one another: the reference's
+    gram.pkl holds q/k/v's (and gate/up's) three times over, bit for bit, where gram.safetensors stores one."""
+    families = {}
+    for key, names in groups.items():
+        parent = names[0].rsplit(".", 2)[0]
+        families.setdefault((parent, tuple(g.shape(k) for g, k in zip(gram_files, key))), []).append(key)
+    return {keys[0]: keys for keys in families.values()}
+
+
 def merge_tensors(
     merge: StreamingMerge, gram_files: list[GramFile], linear: dict[str, int], desc: str = "merge"
 ) -> list[dict]:
@@ -238,6 +260,8 @@ def merge_tensors(
     infos = merge.infos
     linear = {m: n for m, n in linear.items() if m + ".weight" not in merge.averaged}  # excluded: the mean
     groups = gram_groups(gram_files, linear)
+    families = gram_families(gram_files, groups)
+    family_of = {key: first for first, keys in families.items() for key in keys}
     group_of = {name: key for key, names in groups.items() for name in names}
     tokens = [int(g.metadata["num_tokens"]) if "num_tokens" in g.metadata else None for g in gram_files]
     done, report = set(), []
@@ -250,14 +274,18 @@ def merge_tensors(
             done.add(name)
             bar.update(1)
             continue
-        key = group_of[name]
-        with merge.timer("load"):
-            grams = [g.get(k) for g, k in zip(gram_files, key)]
-        rows, _ = merge.linear_group(groups[key], grams, tokens)
-        del grams
-        report += [dict(r, gram=key[0]) for r in rows]
-        done.update(groups[key])
-        bar.update(len(groups[key]))
+        factored = []  # (grams, system) of the family so far: identical grams, read again, are factored once
+        for key in families[family_of[group_of[name]]]:
+            with merge.timer("load"):
+                grams = [g.get(k) for g, k in zip(gram_files, key)]
+            same = next((s for seen, s in factored if all(map(torch.equal, seen, grams))), None)
+            rows, _ = merge.linear_group(groups[key], grams, tokens, system=same)
+            if same is None and rows:
+                factored.append((grams, merge.system))
+            report += [dict(r, gram=key[0]) for r in rows]
+            done.update(groups[key])
+            bar.update(len(groups[key]))
+        del factored, grams
     bar.close()
     return report
 
@@ -271,12 +299,14 @@ def summarize(report: list[dict]) -> str:
     for r in report:
         paths[r["path"]] = paths.get(r["path"], 0) + 1
     short = [r for r in report if r.get("unexcited")]
+    reused = sum(1 for r in report if r.get("factor_reused"))
     return (
         f"{len(report)} linear layers; paths "
         + ", ".join(f"{k} {v}" for k, v in sorted(paths.items()))
         + f"; {sum(r['unexcited'] for r in short)} input directions left at the average in {len(short)} layers"
         + f"; max relative residual {max(r['residual'] for r in report):.2e}"
         + f"; max estimated relative error {max(r['error_estimate'] for r in report):.2e}"
+        + (f"; {reused} layers read a gram identical to another's, factored once" if reused else "")
     )
 
 

@@ -39,6 +39,8 @@ def gram_provenance(grams: GramFile) -> dict:
         "max_length",
         "row_format",
         "bos",  # calibration.tokenize_texts: one BOS per row
+        "rows",  # "reference": compute_gram.py --rows reference, the reference's rows and running mean
+        "padding",
         "num_tokens",
         "format",
         "model_fingerprint",
@@ -77,6 +79,13 @@ def write_model_card(
             f"Method: RegMean (Jin et al., ICLR 2023) with alpha = {s.alpha}: each linear layer solves " + solve,
             "",
         ]
+        if getattr(s, "solve", "ours") == "reference":
+            lines += [
+                "Solve: the reference's arithmetic, kept for reproduction (merge_model.py --solve reference): "
+                "torch.linalg.lstsq (driver gels) in float32 on the grams as given, no ridge (λ = 0), no rule for "
+                "unexcited directions.",
+                "",
+            ]
     elif s.method == "regmean++":
         lines += [
             f"Method: RegMean++ (Nguyen et al., arXiv 2508.03121) with alpha = {s.alpha}: layer by layer, the gram Gᵢ "

@@ -41,6 +41,7 @@ PARAMETERS = {
     "batch_size": int,
     "forward_dtype": str,
     "max_hidden_gb": float,
+    "solve": str,  # regmean: ours or reference (merge_model.py --solve)
 }
 TOP_KEYS = ("merge_method", "models", "parameters", "dtype")
 CARD_RECIPE = re.compile(r"^## Recipe\n.*?^```yaml\n(.*?)^```", re.M | re.S)
@@ -142,6 +143,8 @@ def recipe_of(
     parameters = {} if settings["method"] == "avg" else dict(alpha=settings["alpha"])
     if settings.get("exclude"):
         parameters["exclude"] = settings["exclude"]
+    if settings.get("solve", "ours") != "ours":
+        parameters["solve"] = settings["solve"]
     if settings.get("allow_gram_mismatch"):
         parameters["allow_gram_mismatch"] = True
     if calibration:

@@ -265,6 +265,54 @@ def merge_weight(
     return merged, dict(residual=residual, error=error, **system.diagnostics())
 
 
+# ----------------------------------------------------------------------------- the reference's solve
+def reference_reduce(gram: Tensor, alpha: float) -> Tensor:
+    """G̃ as the reference's merge_model.py formed it: G times the weight matrix diag(1 - α) + α (float32, with
+    the roundings of that weight matrix)."""
+    n = gram.shape[0]
+    weight = torch.diag(torch.ones(n) - alpha).to(gram.device) + torch.zeros(n, n, device=gram.device).fill_(alpha)
+    return gram * weight
+
+
+@dataclass
+class ReferenceSystem:
+    """merge_model.py --solve reference: the reference's solve, kept to reproduce its numbers. Wᵀ =
+    lstsq(Σ wᵢ G̃ᵢ, Σ wᵢ G̃ᵢ Wᵢᵀ) by torch.linalg.lstsq with driver gels (QR, no rank guard: the only driver on
+    cuda, where the reference ran) in float32, on the grams as given: no ridge, no float64, no rule for
+    unexcited directions (they get whatever the rounding makes of them). wᵢ = N cᵢ: 1 for equal weights, so
+    that the sums are the reference's own. The same interface as RegMeanSystem (factor, solve, diagnostics)."""
+
+    grams: list[Tensor]  # float32 [n, n] per expert, as given, on the solve device
+    coefs: list[float]
+    alpha: float
+    reduced: list[Tensor]  # wᵢ G̃ᵢ
+    a: Tensor  # Σ wᵢ G̃ᵢ
+    path: str = "lstsq-gels"
+
+    @property
+    def n(self) -> int:
+        return self.grams[0].shape[0]
+
+    @classmethod
+    def factor(cls, grams: list[Tensor], alpha: float, coefs: list[float], device: torch.device | str = "cpu", **_):
+        grams = [g.to(device, torch.float32) for g in grams]
+        scales = [c * len(coefs) for c in coefs]
+        reduced = [reference_reduce(g, alpha) for g in grams]
+        reduced = [r if w == 1.0 else r * w for r, w in zip(reduced, scales)]
+        return cls(grams=grams, coefs=list(coefs), alpha=alpha, reduced=reduced, a=sum(reduced))
+
+    def diagnostics(self) -> dict:
+        return dict(path=self.path, ridge=0.0, probe_error=None, cutoff=0.0, unexcited=0)
+
+    def solve(self, expert_rows: list[Tensor]) -> tuple[Tensor, float, float]:
+        """Merged rows (float32 [rows, in]) from each expert's rows (float32 [rows, in]), the relative
+        residual of the system solved (on the rows solved) and 0 for the error estimate (it makes none)."""
+        rhs = sum(r @ w.T for r, w in zip(self.reduced, expert_rows))
+        solution = torch.linalg.lstsq(self.a, rhs, driver="gels").solution
+        residual = ((self.a @ solution - rhs).norm() / rhs.norm().clamp_min(1e-30)).item()
+        return solution.T, residual, 0.0
+
+
 def output_error_terms(merged: Tensor, average: Tensor, expert_rows: list[Tensor], grams: list[Tensor]) -> Tensor:
     """How far a merged layer's output is from each expert's, on that expert's inputs, row by row.
 
