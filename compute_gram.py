@@ -33,7 +33,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=sorted(PRESETS),
         help="expert + calibration data preset (optional when --model, --dataset and --format are all given)",
     )
-    what.add_argument("--model", help="hub id or local folder (default: the preset's)")
+    what.add_argument(
+        "--model",
+        help="hub id or local folder, or a LoRA adapter folder or BASE+ADAPTER (the base with the adapter "
+        "applied) (default: the preset's)",
+    )
+    what.add_argument("--base", help="the base of a LoRA adapter --model (default: its base_model_name_or_path)")
     what.add_argument("--dataset", help="hub id or a .json/.jsonl/.parquet/.csv file (default: the preset's)")
     what.add_argument("--format", choices=sorted(FORMATS), help="row columns -> chat turns (default: the preset's)")
     what.add_argument("--split", default=SPLIT, help="dataset split (hub datasets) (default: %(default)s)")
@@ -119,6 +124,7 @@ def main(argv=None) -> Path:
         device_map=args.device_map,
         checkpoint_every=args.checkpoint_every,
         max_hidden_gb=args.max_hidden_gb,
+        base=args.base,
     )
 
 

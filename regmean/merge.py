@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import is_adapter_dir
 from .calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
 from .experts import (
     Expert,
@@ -36,6 +37,7 @@ from .experts import (
     vocab_source,
 )
 from .layerwise import HiddenStates, check_supported, hidden_states_plan
+from .lora_merge import check_adapter_output, write_adapter_merge
 from .merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
 from .merging import BLOCK_MB, StreamingMerge, merge_tensors, summarize, unexcited_lines, writer_dtype
 from .model_card import copy_side_files, gram_provenance, options_of, write_model_card
@@ -86,6 +88,8 @@ class MergeSettings:
     allow_gram_mismatch: bool = False  # merge grams whose recorded model is not the expert at their position
     config: str | None = None  # the recipe file the settings were read from (merge_model.py --config), recorded
     error_sample_every: int = SAMPLE_EVERY  # output error figures on every Nth output row (0: none)
+    base: str | None = None  # the base of LoRA experts given as adapter folders (default: their config's)
+    output_format: str = "dense"  # dense: a model folder; adapter: a LoRA adapter (every expert a LoRA of one base)
 
 
 # The settings a method does not use: merge_report.json leaves them out rather than list values that played no part.
@@ -118,6 +122,8 @@ def check_settings(s: MergeSettings) -> list[float]:
         raise UserError(f"--datasets and --formats are for regmean++; {s.method} takes {takes}")
     if s.method == "avg" and s.exclude:
         raise UserError("--exclude is for regmean and regmean++ (avg takes the mean of every tensor)")
+    if s.output_format not in ("dense", "adapter"):
+        raise UserError(f"--output-format must be dense or adapter, got {s.output_format!r}")
     check_at_least_one(num_examples=s.num_examples, max_length=s.max_length, batch_size=s.batch_size)
     return weights
 
@@ -139,7 +145,12 @@ class Inputs:
 
 def open_inputs(s: MergeSettings) -> Inputs:
     """The experts, and their gram files (regmean) or calibration data (regmean++), checked against each other."""
-    experts = load_experts(s.models)
+    experts = load_experts(s.models, s.base)
+    if s.output_format == "adapter":
+        check_adapter_output(experts, s.method)
+    elif s.method == "regmean++" and any(e.lora for e in experts):
+        lora = next(e for e in experts if e.lora)
+        raise UserError(f"regmean++ does not take LoRA adapters yet ({lora.spec}): merge them by regmean or avg")
     source = vocab_source(experts)
     gram_files, gram_paths, linear, calib, provenance, excluded = [], None, {}, None, [], []
     if s.method == "regmean":
@@ -206,6 +217,8 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
     Returns the merged folder."""
     s = MergeSettings(method, **settings)
     argv = options_of(s, repeated=("exclude",)) if argv is None else argv
+    if s.base:  # adapters in mergekit's BASE+ADAPTER form: the recipe then names their base
+        s.models = [f"{s.base}+{m}" if is_adapter_dir(m) else m for m in s.models]
     timer = Timer()
     pp = s.method == "regmean++"
     # Check every input before any heavy work.
@@ -220,6 +233,8 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
     infos = merged_infos(experts)
     out_dtype = choose_dtype(s.dtype, device, default=experts_dtype(experts))
     plan = {name: (shape, writer_dtype(out_dtype, st_dtype)) for name, (shape, st_dtype) in infos.items()}
+    if s.output_format == "adapter":
+        return write_adapter_merge(s, inputs.experts, coefs, weights, inputs, device, out_dir, argv, timer)
     print_plan(s, inputs, len(infos), device, out_dtype, out_dir)
     forward_dtype, num_tokens, extra_settings = plan_hidden_states(s, inputs, device) if pp else (None, 0, {})
 
