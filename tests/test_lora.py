@@ -2,6 +2,7 @@
 not zero, ranks 4, 2 and 3, other target modules, one rsLoRA), against the dense models they fold into."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from conftest import tiny_config
 from regmean.grams import compute_grams
 from regmean.merge import merge
 from regmean.tensor_io import GramFile, checkpoint_files, read_tensor
+from regmean.utils import UserError
 
 ADAPTERS = {  # name: (rank, lora_alpha, target modules, rsLoRA)
     "a": (4, 8, ["q_proj", "v_proj", "o_proj", "lm_head"], False),
@@ -195,3 +197,109 @@ def test_a_scaling_left_out_fails_the_equality(loras, monkeypatch, solve64):
         )
     )
     assert max(rel(wrong[n], w) for n, w in dense.items()) > 1e-3
+
+
+def test_unexcited_directions_keep_the_average_in_the_adapter(loras):
+    """20 calibration tokens for 64 inputs, alpha 1: the merged adapter's weight equals the average's (itself a
+    LoRA: the avg adapter output) in every direction the data never excited, and the report counts them."""
+    d, adapters = loras["dir"], [str(a) for a in loras["adapters"]]
+    grams = [
+        compute_grams(a, loras["calib"]["code"], "code", d / f"few-{i}", num_examples=1, max_length=20, device="cpu")
+        for i, a in enumerate(adapters)
+    ]
+    common = dict(device="cpu", dtype="float32", output_format="adapter")
+    out = merge(
+        "regmean", models=adapters, grams=[str(g) for g in grams], alpha=1.0, output_dir=str(d / "few"), **common
+    )
+    avg = merge("avg", models=adapters, output_dir=str(d / "few-avg"), **common)
+    merged, average = folded_adapter(loras["base"], out), folded_adapter(loras["base"], avg)
+    report = json.loads((out / "merge_report.json").read_text())["layers"]
+    assert sum(r.get("unexcited", 0) for r in report) > 0
+    checked = 0
+    for r in report:
+        if not r.get("unexcited"):
+            continue
+        files = [GramFile(g) for g in grams]
+        a = sum(f.get(r["gram"]).double() for f in files) / 3
+        evals, evecs = torch.linalg.eigh(a)
+        null = evecs[:, evals < 1e-6 * evals.max()]
+        deviation = merged[r["tensor"]] - average[r["tensor"]]
+        lora_part = merged[r["tensor"]] - tensors_of(loras["base"])[r["tensor"]]  # the merged ΔW
+        assert null.shape[1] > 0
+        assert (deviation @ null).norm() / lora_part.norm() < 1e-6, r["tensor"]
+        checked += 1
+    assert checked >= 3
+
+
+def edited_adapter(src, dst, **changes):
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps(config | changes))
+    return dst
+
+
+def test_bad_input_is_one_line_and_nothing_written(loras, tokenizer):
+    """An adapter of another base, a PEFT type that is not LoRA, DoRA, a missing base, a dense expert with
+    --output-format adapter: each refused in one line naming it, before anything is written."""
+    from transformers import AutoModelForCausalLM
+
+    from merge_model import main
+
+    d, (a, b, _) = loras["dir"], loras["adapters"]
+    torch.manual_seed(1)
+    other = d / "other-base"
+    AutoModelForCausalLM.from_config(tiny_config(len(tokenizer))).save_pretrained(str(other))
+    tokenizer.save_pretrained(str(other))
+    foreign = make_adapter(other, d / "foreign", 5, 2, 4, ["q_proj"], False)
+    cases = {
+        "another base": ([str(a), str(foreign)], [], "another base"),
+        "named base differs": ([str(a), f"{loras['base']}+{foreign}"], [], "is an adapter of"),
+        "IA3": ([str(a), str(edited_adapter(b, d / "ia3", peft_type="IA3"))], [], "a PEFT IA3 adapter"),
+        "DoRA": ([str(a), str(edited_adapter(b, d / "dora", use_dora=True))], [], "DoRA (use_dora)"),
+        "missing base": (
+            [str(a), str(edited_adapter(b, d / "lost", base_model_name_or_path=str(d / "gone")))],
+            [],
+            "the base model is missing",
+        ),
+        "no base": ([str(a), str(edited_adapter(b, d / "nobase", base_model_name_or_path=None))], [], "no base"),
+        "dense expert": ([str(a), str(loras["folded"][1])], ["--output-format", "adapter"], "is a dense model"),
+    }
+    for case, (models, extra, says) in cases.items():
+        out = d / f"refused-{case.replace(' ', '-')}"
+        with pytest.raises(UserError) as e:
+            main(["avg", "--models", *models, "--output-dir", str(out), *extra])
+        assert says in str(e.value) and "\n" not in str(e.value), (case, str(e.value))
+        assert not out.exists() and not list(d.glob(f".{out.name}*")), case
+
+
+def test_dense_and_adapter_experts_mix_and_saved_modules(loras):
+    """A dense expert with an adapter in BASE+ADAPTER form (through merge_model.py), and an adapter with
+    modules_to_save: the dense output is the merge of the folded models; the adapter output refuses saved
+    modules in one line."""
+    from merge_model import main
+
+    d, base = loras["dir"], loras["base"]
+    saving = make_adapter(base, d / "saving", 7, 2, 4, ["k_proj"], False, modules_to_save=["lm_head"])
+    with torch.no_grad():  # a trained head: not the base's
+        tensors = load_file(str(saving / "adapter_model.safetensors"))
+        tensors["base_model.model.lm_head.weight"] += 0.1
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(saving / "adapter_model.safetensors"))
+    folded_saving = d / "saving-folded"
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    PeftModel.from_pretrained(model, str(saving)).merge_and_unload().save_pretrained(str(folded_saving))
+    dense = [str(loras["folded"][0]), str(folded_saving)]
+    want = tensors_of(main(["avg", "--models", *dense, "--output-dir", str(d / "mix-want"), "--dtype", "float32"]))
+    mixed = [str(loras["folded"][0]), f"{base}+{saving}"]
+    got = tensors_of(main(["avg", "--models", *mixed, "--output-dir", str(d / "mix"), "--dtype", "float32"]))
+    assert rel(got["lm_head.weight"], tensors_of(base)["lm_head.weight"]) > 1e-3  # the saved head was merged
+    for name, w in want.items():
+        assert rel(got[name], w) < 1e-6, name
+    with pytest.raises(UserError, match="modules_to_save"):
+        main(["avg", "--models", str(loras["adapters"][0]), str(saving), "--output-format", "adapter",
+              "--output-dir", str(d / "saved-refused")])  # fmt: skip
+    assert not (d / "saved-refused").exists()
