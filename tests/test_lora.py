@@ -270,6 +270,9 @@ def test_bad_input_is_one_line_and_nothing_written(loras, tokenizer):
             main(["avg", "--models", *models, "--output-dir", str(out), *extra])
         assert says in str(e.value) and "\n" not in str(e.value), (case, str(e.value))
         assert not out.exists() and not list(d.glob(f".{out.name}*")), case
+    with pytest.raises(UserError, match="--plan layers does not take a LoRA adapter"):
+        compute_grams(a, loras["calib"]["code"], "code", d / "refused-layers", plan="layers", device="cpu")
+    assert not (d / "refused-layers").exists()
 
 
 def test_dense_and_adapter_experts_mix_and_saved_modules(loras):
