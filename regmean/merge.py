@@ -148,9 +148,6 @@ def open_inputs(s: MergeSettings) -> Inputs:
     experts = load_experts(s.models, s.base)
     if s.output_format == "adapter":
         check_adapter_output(experts, s.method)
-    elif s.method == "regmean++" and any(e.lora for e in experts):
-        lora = next(e for e in experts if e.lora)
-        raise UserError(f"regmean++ does not take LoRA adapters yet ({lora.spec}): merge them by regmean or avg")
     source = vocab_source(experts)
     gram_files, gram_paths, linear, calib, provenance, excluded = [], None, {}, None, [], []
     if s.method == "regmean":

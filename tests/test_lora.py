@@ -306,3 +306,19 @@ def test_dense_and_adapter_experts_mix_and_saved_modules(loras):
         main(["avg", "--models", str(loras["adapters"][0]), str(saving), "--output-format", "adapter",
               "--output-dir", str(d / "saved-refused")])  # fmt: skip
     assert not (d / "saved-refused").exists()
+
+
+def test_regmeanpp_of_adapters_is_that_of_the_folded_experts(loras):
+    """regmean++ reads each adapter expert's layers folded as it runs them: its dense output is the
+    regmean++ merge of the folded experts."""
+    d, c = loras["dir"], loras["calib"]
+    common = dict(datasets=[str(c["code"]), str(c["math"])], formats=["code", "math"], num_examples=4)
+    common |= dict(device="cpu", dtype="float32", forward_dtype="float32", error_sample_every=0)
+    want = tensors_of(
+        merge("regmean++", models=[str(f) for f in loras["folded"][:2]], output_dir=str(d / "pp-want"), **common)
+    )
+    got = tensors_of(
+        merge("regmean++", models=[str(a) for a in loras["adapters"][:2]], output_dir=str(d / "pp"), **common)
+    )
+    for name, w in want.items():
+        assert rel(got[name], w) < 1e-5, name
