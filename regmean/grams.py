@@ -299,15 +299,17 @@ def layer_by_layer_grams(
     max_hidden_gb: float | None,
     settings: dict,
     state,
+    expert=None,
 ) -> tuple[dict, dict[str, str], int]:
     """--plan layers: this process's share through one decoder layer at a time (layerwise.grams_by_layer),
-    every process's sums added up after each layer. Returns (the grams, aliases, tokens run by all)."""
+    every process's sums added up after each layer (a LoRA `expert`: each layer's tensors folded as read).
+    Returns (the grams, aliases, tokens run by all)."""
     lengths = [len(ids) for ids in token_ids]
     batches = split_batches(length_batches(lengths, batch_size), lengths, state.num_processes)[state.process_index]
     adapter = DecoderAdapter(model_dir, tensor_infos(files), device, dtype, what="--plan layers")
     grams, aliases, tokens_run = grams_by_layer(
         adapter,
-        files,
+        expert if expert is not None and expert.lora else files,
         token_ids,
         batches,
         out_dir,
@@ -346,7 +348,7 @@ def compute_grams(
     path is returned. Under `accelerate launch` or `torchrun` each process runs its share and the main
     process writes the file; every process returns once it is there. A bad input raises UserError before
     the model loads. `model` may be a LoRA adapter folder (its base: `base`, else its config's) or BASE+ADAPTER:
-    the grams are then those of the base with the adapter applied (the whole-model plan only)."""
+    the grams are then those of the base with the adapter applied, on either plan."""
     from accelerate import PartialState
 
     model, dataset, out_dir = str(model), str(dataset), Path(output_dir)
@@ -367,8 +369,6 @@ def compute_grams(
     # process reads and tokenizes all rows (cheap), so all agree on the batches and refuse alike.
     expert = load_expert(model, base)  # a LoRA adapter: its base, with the adapter folded in at load
     model_dir, adapter = expert.dir, expert.lora.dir if expert.lora else None
-    if adapter is not None and plan == "layers":
-        raise UserError(f"--plan layers does not take a LoRA adapter ({model}) yet: use --plan model (or auto)")
     config = json.loads((model_dir / "config.json").read_text())
     width = config.get("hidden_size")
     forward_dtype = choose_dtype(dtype, device, width=width)  # auto on cpu: timed at that width
@@ -386,10 +386,7 @@ def compute_grams(
     meet()  # every rank checked its inputs (or one failed and all stop here) before the all-reduces below
     if dtype == "auto" and device.type == "cpu":
         forward_dtype = agree_on_dtype(forward_dtype)  # each rank timed its own: float32 on all if one chose it
-    if adapter is not None:
-        plan, why = "model", "a LoRA adapter: its base with the adapter folded in, in memory"
-    else:
-        plan, why = choose_plan(plan, model_dir, files, device, forward_dtype, batch, length, device_map, resume)
+    plan, why = choose_plan(plan, model_dir, files, device, forward_dtype, batch, length, device_map, resume)
     num_tokens = sum(map(len, token_ids))
     if state.is_main_process:
         where = f"{num_processes} processes" if num_processes > 1 else str(device)
@@ -447,6 +444,7 @@ def compute_grams(
                 max_hidden_gb=max_hidden_gb,
                 settings=settings,
                 state=state,
+                expert=expert,
             )
     path = out_dir / GRAM_FILE
     if state.is_main_process:  # the one writer; the gram is streamed to disk one tensor at a time
