@@ -89,15 +89,16 @@ def child(argv: list[str]) -> None:
     print(json.dumps(dict(seconds=round(time.perf_counter() - t0, 2), peak_rss_gib=round(peak_gib(), 3))))
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        return child(sys.argv[2:])
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--child":
+        return child(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["smollm2", "layer"])
     p.add_argument("--out", default="runs/bench-lora")
     p.add_argument("--base", help="SmolLM2-135M-Instruct's folder (default: built by smollm2.py where it goes)")
     p.add_argument("--calib", default="runs/demo/data/code_calib.jsonl", help="calibration rows (code format)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     out = Path(args.out)
     if args.what == "layer":
         for mode in ("adapter", "dense"):

@@ -119,6 +119,7 @@ class Lora:
     saved: dict[str, str] = field(default_factory=dict)  # modules_to_save: base tensor name -> key in the file
     base_saved: dict[str, str] = field(default_factory=dict)  # W₀ of adapted layers the file holds (lm_head)
     target_modules: list[str] | str | None = None
+    base_spec: str | None = None  # the base as given (BASE+ADAPTER, --base) or named by the config
 
     @property
     def file(self) -> Path:
@@ -194,7 +195,7 @@ def peft_layers(adapter_dir: Path, base_dir: Path) -> tuple[dict[str, tuple[int,
     return layers, saved
 
 
-def load_lora(adapter_dir: Path, base_dir: Path, config: dict, base_infos: dict) -> Lora:
+def load_lora(adapter_dir: Path, base_dir: Path, config: dict, base_infos: dict, base_spec: str | None = None) -> Lora:
     """The adapter on its base, checked: every layer peft adapts has its A and B in the file, of the base's
     shapes, and the file holds nothing else than those and the saved modules."""
     from safetensors import safe_open
@@ -205,6 +206,10 @@ def load_lora(adapter_dir: Path, base_dir: Path, config: dict, base_infos: dict)
     modules, used, base_saved = {}, set(), {}
     for name, (rank, scaling) in layers.items():
         a_key, b_key = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+        if f"{name}.weight" not in base_infos:  # a head tied to the embeddings: the checkpoint stores only those
+            raise UserError(
+                f"{adapter_dir}: LoRA on {name}, whose weight the base does not store (tied), is not merged"
+            )
         out, inp = base_infos[f"{name}.weight"][0]
         for key, want in ((a_key, (rank, inp)), (b_key, (out, rank))):
             if shapes.get(key) != want:
@@ -232,4 +237,5 @@ def load_lora(adapter_dir: Path, base_dir: Path, config: dict, base_infos: dict)
         raise UserError(f"{adapter_dir}: {unknown[0]} is not a LoRA factor of a layer peft adapts on {base_dir}")
     if not modules:
         raise UserError(f"{adapter_dir}: adapts no layer of {base_dir} (target_modules {config.get('target_modules')})")
-    return Lora(adapter_dir, base_dir, config, modules, saved, base_saved, config.get("target_modules"))
+    base_spec = base_spec or config.get("base_model_name_or_path") or str(base_dir)
+    return Lora(adapter_dir, base_dir, config, modules, saved, base_saved, config.get("target_modules"), base_spec)

@@ -111,7 +111,7 @@ def load_expert(spec: str, base: str | None = None) -> Expert:
     files = checkpoint_files(model_dir)
     expert = Expert(spec, model_dir, json.loads(config_file.read_text()), files, tensor_infos(files))
     if lora_spec is not None:
-        expert.lora = load_lora(lora_spec[1], model_dir, config, expert.infos)
+        expert.lora = load_lora(lora_spec[1], model_dir, config, expert.infos, lora_spec[0])
     return expert
 
 

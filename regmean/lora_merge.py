@@ -209,8 +209,7 @@ def write_adapter_merge(s, experts, coefs, weights, inputs, device, out_dir: Pat
 
     modules = lora_modules(experts)
     rank = sum(e.lora.rank for e in experts)
-    base = experts[0].lora.config.get("base_model_name_or_path") if s.base is None else s.base
-    base = str(base or experts[0].dir)
+    base = experts[0].lora.base_spec
     averaged = frozenset(m + ".weight" for m in inputs.excluded)
     print(
         f"merging {len(experts)} LoRA adapters of {base} by {s.method} into one LoRA adapter of rank {rank} "
