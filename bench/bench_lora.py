@@ -25,6 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def peak_gib() -> float:
+    """This process's peak RSS: VmHWM, which starts afresh at exec (ru_maxrss keeps the parent's from before it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
@@ -110,10 +114,10 @@ def main(argv=None) -> None:
     base = Path(args.base) if args.base else materialize(ROOT / DEFAULT_DIR)
     adapters = make_adapters(base, out)
     calib = Path(args.calib)
-    grams = [
-        compute_grams(a, calib, "code", out / f"grams-{a.name}", num_examples=16, max_length=128, dtype="float32")
-        for a in adapters
-    ]
+    grams = [out / f"grams-{a.name}" / "gram.safetensors" for a in adapters]
+    for a, g in zip(adapters, grams):
+        if not g.exists():
+            compute_grams(a, calib, "code", g.parent, num_examples=16, max_length=128, dtype="float32")
     common = ["regmean", "--models", *map(str, adapters), "--grams", *map(str, grams), "--overwrite"]
     common += ["--error-sample-every", "0", "--device", "cpu"]
     for fmt in ("adapter", "dense"):
