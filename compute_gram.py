@@ -9,6 +9,7 @@ plans, checkpoints and the file: docs/grams.md; several processes (data parallel
     python compute_gram.py code --model DIR --dataset rows.jsonl --num-examples 500 \
         --output-dir runs/grams/mine --checkpoint-every 20
     python compute_gram.py --model DIR --dataset rows.jsonl --format code   # your own expert, no preset
+    python compute_gram.py --model BASE+ADAPTER --dataset rows.jsonl --format code   # a LoRA adapter, applied
     python compute_gram.py code --plan layers  # one decoder layer at a time (auto: when the model does not fit)
     accelerate launch --multi_gpu --num_processes 8 compute_gram.py code   # 8 GPUs, data parallel
     accelerate launch --multi_gpu --num_processes 2 compute_gram.py code --device-map auto  # 2 copies, half the GPUs

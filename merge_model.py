@@ -17,6 +17,7 @@ regmean.merge.merge; what it computes, checks and writes: docs/merging.md and do
     python merge_model.py --config recipe.yml --alpha 0.5    # a recipe (regmean/recipe.py); options given override it
     python merge_model.py --config runs/merges/regmean_0.1/README.md --output-dir again   # a merge made again
     python merge_model.py regmean --exclude lm_head --exclude 'down_proj$'   # averaged, not solved
+    python merge_model.py regmean --models lora/a BASE+lora/b --grams ga gb --output-format adapter  # LoRA in and out
 """
 
 import argparse
