@@ -9,6 +9,7 @@ plans, checkpoints and the file: docs/grams.md; several processes (data parallel
     python compute_gram.py code --model DIR --dataset rows.jsonl --num-examples 500 \
         --output-dir runs/grams/mine --checkpoint-every 20
     python compute_gram.py --model DIR --dataset rows.jsonl --format code   # your own expert, no preset
+    python compute_gram.py --model BASE+ADAPTER --dataset rows.jsonl --format code   # a LoRA adapter, applied
     python compute_gram.py code --plan layers  # one decoder layer at a time (auto: when the model does not fit)
     python compute_gram.py code --rows reference   # the reference's rows and running mean, to reproduce its grams
     accelerate launch --multi_gpu --num_processes 8 compute_gram.py code   # 8 GPUs, data parallel
@@ -34,7 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=sorted(PRESETS),
         help="expert + calibration data preset (optional when --model, --dataset and --format are all given)",
     )
-    what.add_argument("--model", help="hub id or local folder (default: the preset's)")
+    what.add_argument(
+        "--model",
+        help="hub id or local folder, or a LoRA adapter folder or BASE+ADAPTER (the base with the adapter "
+        "applied) (default: the preset's)",
+    )
+    what.add_argument("--base", help="the base of a LoRA adapter --model (default: its base_model_name_or_path)")
     what.add_argument("--dataset", help="hub id or a .json/.jsonl/.parquet/.csv file (default: the preset's)")
     what.add_argument("--format", choices=sorted(FORMATS), help="row columns -> chat turns (default: the preset's)")
     what.add_argument("--split", default=SPLIT, help="dataset split (hub datasets) (default: %(default)s)")
@@ -130,6 +136,7 @@ def main(argv=None) -> Path:
         checkpoint_every=args.checkpoint_every,
         max_hidden_gb=args.max_hidden_gb,
         rows=args.rows,
+        base=args.base,
     )
 
 

@@ -18,6 +18,7 @@ regmean.merge.merge; what it computes, checks and writes: docs/merging.md and do
     python merge_model.py --config runs/merges/regmean_0.1/README.md --output-dir again   # a merge made again
     python merge_model.py regmean --exclude lm_head --exclude 'down_proj$'   # averaged, not solved
     python merge_model.py regmean --solve reference   # the reference's own lstsq, to reproduce its numbers
+    python merge_model.py regmean --models lora/a BASE+lora/b --grams ga gb --output-format adapter  # LoRA in and out
 """
 
 import argparse
@@ -63,6 +64,11 @@ def parse_args(argv=None) -> dict:
     )
     experts.add_argument(
         "--grams", nargs="+", help="one gram file or folder per model (default: each preset's gram folder)"
+    )
+    experts.add_argument(
+        "--base",
+        help="the base model of LoRA experts given as adapter folders (default: each adapter's "
+        "base_model_name_or_path); an expert may also be given as BASE+ADAPTER",
     )
     experts.add_argument(
         "--weights", nargs="+", type=float, help="per-expert weights, normalized to sum 1 (default: equal)"
@@ -141,6 +147,12 @@ def parse_args(argv=None) -> dict:
     out = p.add_argument_group("output and run")
     out.add_argument(
         "--output-dir", help="(default: runs/merges/avg, runs/merges/regmean_{alpha} or runs/merges/regmeanpp_{alpha})"
+    )
+    out.add_argument(
+        "--output-format",
+        choices=["dense", "adapter"],
+        help="dense: a model folder; adapter: a PEFT LoRA adapter of rank the sum of the experts' ranks, the exact "
+        "merge, when every expert is a LoRA adapter of one base (default: dense)",
     )
     out.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     out.add_argument(

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
+from .adapters import Lora, adapter_config, adapter_spec, load_lora, resolve_base
 from .tensor_io import (
     ST_DTYPES,
     GramFile,
     checkpoint_files,
     config_fingerprint,
     model_fingerprint,
+    read_tensor,
     tensor_infos,
 )
 from .utils import PRESETS, UserError, first_line, natural_key, resolve_model_dir
@@ -35,6 +37,19 @@ class Expert:
     config: dict  # config.json
     files: dict[str, Path]  # tensor name -> safetensors file
     infos: dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, safetensors dtype)
+    lora: Lora | None = None  # a LoRA expert: dir, files and infos are its base's, the adapter folded in as read
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Rows `rows` (all when None) of the expert's tensor `name`; a LoRA expert's folded into its base."""
+        w = read_tensor(self.files[name], name, rows)
+        return self.lora.fold(name, w, rows) if self.lora else w
+
+    def fingerprint(self) -> str:
+        """What gram files record of their model (tensor_io.model_fingerprint; a LoRA's: base and adapter)."""
+        if not hasattr(self, "_fingerprint"):
+            base = model_fingerprint(self.files)
+            self._fingerprint = self.lora.fingerprint(base) if self.lora else base
+        return self._fingerprint
 
     @property
     def model_id(self) -> str:
@@ -81,17 +96,56 @@ def expert_labels(specs: list[str]) -> list[str]:
     return [spec if spec in PRESETS else Path(spec).name for spec in specs]
 
 
-def load_experts(specs: list[str]) -> list[Expert]:
-    """Each model's folder, config and tensor layout, checked to share one architecture and the
-    same tensor names and shapes."""
-    experts = []
-    for spec in specs:
+def load_expert(spec: str, base: str | None = None) -> Expert:
+    """One model's folder, config and tensor layout; a LoRA adapter (a folder, or BASE+ADAPTER; its base
+    from `base` else its config) as its base's, with the adapter to fold in."""
+    lora_spec = adapter_spec(spec, base)
+    if lora_spec is not None:
+        config = adapter_config(lora_spec[1])
+        model_dir = resolve_base(lora_spec[1], lora_spec[0], config)
+    else:
         model_dir = resolve_model_dir(spec)
-        config_file = model_dir / "config.json"
-        if not config_file.exists():
-            raise UserError(f"{model_dir} has no config.json")
-        files = checkpoint_files(model_dir)
-        experts.append(Expert(spec, model_dir, json.loads(config_file.read_text()), files, tensor_infos(files)))
+    config_file = model_dir / "config.json"
+    if not config_file.exists():
+        raise UserError(f"{model_dir} has no config.json")
+    files = checkpoint_files(model_dir)
+    expert = Expert(spec, model_dir, json.loads(config_file.read_text()), files, tensor_infos(files))
+    if lora_spec is not None:
+        expert.lora = load_lora(lora_spec[1], model_dir, config, expert.infos, lora_spec[0])
+    return expert
+
+
+def check_one_base(experts: list[Expert]) -> None:
+    """Every LoRA expert's base is one model (by fingerprint), and the one it names when that is a folder
+    here: an adapter of another base is refused, by name."""
+    prints = {}
+
+    def fingerprint(model_dir: Path) -> str:
+        if model_dir.resolve() not in prints:
+            prints[model_dir.resolve()] = model_fingerprint(checkpoint_files(model_dir))
+        return prints[model_dir.resolve()]
+
+    loras = [e for e in experts if e.lora]
+    for e in loras:
+        named = e.lora.config.get("base_model_name_or_path")
+        if named and Path(named).is_dir() and fingerprint(Path(named)) != fingerprint(e.dir):
+            raise UserError(
+                f"{e.lora.dir} is an adapter of {named} (its base_model_name_or_path), not of {e.dir}, the base "
+                "it was given"
+            )
+        if fingerprint(e.dir) != fingerprint(loras[0].dir):
+            raise UserError(
+                f"{e.lora.dir} is an adapter of {e.dir}, another base than {loras[0].dir} (the base of "
+                f"{loras[0].lora.dir}): the adapters of a merge must share one base"
+            )
+
+
+def load_experts(specs: list[str], base: str | None = None) -> list[Expert]:
+    """Each model's folder, config and tensor layout, checked to share one architecture and the
+    same tensor names and shapes; LoRA experts (adapter folders or BASE+ADAPTER, `base`: --base) to share
+    one base."""
+    experts = [load_expert(spec, base) for spec in specs]
+    check_one_base(experts)
     first = experts[0]
     for e in experts[1:]:
         for key in ("model_type", "architectures"):
@@ -211,7 +265,7 @@ def check_gram_models(experts: list[Expert], gram_files: list[GramFile], allow: 
 
     def ours(j):  # computed once per expert, and only when some gram file has something to compare
         if j not in mine:
-            mine[j] = (model_fingerprint(experts[j].files), config_fingerprint(experts[j].config))
+            mine[j] = (experts[j].fingerprint(), config_fingerprint(experts[j].config))
         return mine[j]
 
     def matches(grams, j):

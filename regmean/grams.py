@@ -34,12 +34,12 @@ from .calibration import (
     pad_batch,
     split_batches,
 )
+from .experts import load_expert
 from .layerwise import PARTS_DIR, DecoderAdapter, choose_plan, grams_by_layer
 from .ranks import PROCESS_GROUP_TIMEOUT, all_reduce_grams, meet, rank_placement, ranks_in_step
 from .tensor_io import (
     checkpoint_files,
     config_fingerprint,
-    model_fingerprint,
     save_grams,
     tensor_infos,
     write_safetensors,
@@ -57,7 +57,6 @@ from .utils import (
     dtype_name,
     first_line,
     peak_memory,
-    resolve_model_dir,
 )
 
 # The stage's settings beyond calibration.py's (SPLIT, NUM_EXAMPLES, MAX_LENGTH, BATCH_SIZE), declared once:
@@ -247,8 +246,11 @@ def load_model(
     dtype: torch.dtype,
     device_map: str | None = None,
     max_memory: dict[int, int] | None = None,
+    adapter: Path | None = None,
 ) -> nn.Module:
-    """The expert for the whole-model plan, in `dtype`, on `device` or spread by `device_map` (cuda)."""
+    """The expert for the whole-model plan, in `dtype`, on `device` or spread by `device_map` (cuda); a LoRA
+    expert as its base with the `adapter` folder folded in, in memory (peft's merge_and_unload): its linear
+    layers, their names and their inputs are then the folded dense model's."""
     from transformers import AutoModelForCausalLM
 
     # flash-attention-2 where installed (cuda only), else PyTorch's sdpa
@@ -263,6 +265,10 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn, **placement)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load a causal LM from {model_dir}: {first_line(e)}") from e
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return model.eval()
 
 
@@ -294,10 +300,12 @@ def whole_model_grams(
     settings: dict,
     state,
     padding: tuple[int, str] | None = None,
+    adapter: Path | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
-    """--plan model: this process's share through the whole expert, then every process's sums added up.
-    Returns ({stored key: packed gram, each on its device}, aliases, tokens run by all processes)."""
-    model = load_model(model_dir, device, dtype, device_map, max_memory)
+    """--plan model: this process's share through the whole expert (a LoRA: its base with `adapter` folded in),
+    then every process's sums added up. Returns ({stored key: packed gram, each on its device}, aliases, tokens
+    run by all processes)."""
+    model = load_model(model_dir, device, dtype, device_map, max_memory, adapter)
     grams, aliases, tokens_run = accumulate_grams(
         model,
         token_ids,
@@ -328,15 +336,17 @@ def layer_by_layer_grams(
     max_hidden_gb: float | None,
     settings: dict,
     state,
+    expert=None,
 ) -> tuple[dict, dict[str, str], int]:
     """--plan layers: this process's share through one decoder layer at a time (layerwise.grams_by_layer),
-    every process's sums added up after each layer. Returns (the grams, aliases, tokens run by all)."""
+    every process's sums added up after each layer (a LoRA `expert`: each layer's tensors folded as read).
+    Returns (the grams, aliases, tokens run by all)."""
     lengths = [len(ids) for ids in token_ids]
     batches = split_batches(length_batches(lengths, batch_size), lengths, state.num_processes)[state.process_index]
     adapter = DecoderAdapter(model_dir, tensor_infos(files), device, dtype, what="--plan layers")
     grams, aliases, tokens_run = grams_by_layer(
         adapter,
-        files,
+        expert if expert is not None and expert.lora else files,
         token_ids,
         batches,
         out_dir,
@@ -369,13 +379,16 @@ def compute_grams(
     checkpoint_every: int = CHECKPOINT_EVERY,
     max_hidden_gb: float | None = None,
     rows: str = ROW_RULE,
+    base: str | None = None,
 ) -> Path:
     """The grams of `model` (hub id or local folder) on the first `num_examples` rows of `dataset` (hub id
     or .json/.jsonl/.parquet/.csv file) in row format `fmt`, written to OUTPUT_DIR/gram.safetensors, whose
     path is returned. Under `accelerate launch` or `torchrun` each process runs its share and the main
     process writes the file; every process returns once it is there. A bad input raises UserError before
     the model loads. rows: "ours" (one BOS per row, padding left out) or "reference" (the reference's rows
-    and running mean, to reproduce its grams: docs/grams.md)."""
+    and running mean, to reproduce its grams: docs/grams.md). `model` may be a LoRA adapter folder (its base:
+    `base`, else its config's) or BASE+ADAPTER: the grams are then those of the base with the adapter applied,
+    on either plan."""
     from accelerate import PartialState
 
     model, dataset, out_dir = str(model), str(dataset), Path(output_dir)
@@ -403,7 +416,8 @@ def compute_grams(
 
     # Everything that can be wrong with the input is checked before the model loads; every
     # process reads and tokenizes all rows (cheap), so all agree on the batches and refuse alike.
-    model_dir = resolve_model_dir(model)
+    expert = load_expert(model, base)  # a LoRA adapter: its base, with the adapter folded in at load
+    model_dir, adapter = expert.dir, expert.lora.dir if expert.lora else None
     config = json.loads((model_dir / "config.json").read_text())
     width = config.get("hidden_size")
     forward_dtype = choose_dtype(dtype, device, width=width)  # auto on cpu: timed at that width
@@ -450,7 +464,7 @@ def compute_grams(
         row_format=fmt,  # not `format`: that metadata key holds the file's version
         dtype=dtype_name(forward_dtype),
         # what binds the grams to this expert: merge_model.py checks them against each model it merges
-        model_fingerprint=model_fingerprint(files),
+        model_fingerprint=expert.fingerprint(),  # a LoRA's: its base's and its adapter's
         config_sha256=config_fingerprint(config),
         data_sha256=fingerprint(token_ids),
         bos=bos_rule(tokenizer),  # calibration.tokenize_texts: one BOS per row, whatever the template writes
@@ -481,6 +495,7 @@ def compute_grams(
                 settings=settings,
                 state=state,
                 padding=padding,
+                adapter=adapter,
             )
         else:
             grams, aliases, tokens_run = layer_by_layer_grams(
@@ -495,6 +510,7 @@ def compute_grams(
                 max_hidden_gb=max_hidden_gb,
                 settings=settings,
                 state=state,
+                expert=expert,
             )
     path = out_dir / GRAM_FILE
     if state.is_main_process:  # the one writer; the gram is streamed to disk one tensor at a time

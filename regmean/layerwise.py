@@ -100,6 +100,12 @@ def hidden_states_plan(
 
 
 # ----------------------------------------------------------------------------- the model-specific steps
+def read_from(files, name: str) -> Tensor:
+    """Tensor `name` from a checkpoint's {tensor name: safetensors file}, or from an object that reads its own
+    tensors (experts.Expert: a LoRA expert's folded into its base as read)."""
+    return files.read(name) if hasattr(files, "read") else read_tensor(files[name], name)
+
+
 def load_module(
     template: nn.Module,
     prefix: str,
@@ -120,7 +126,7 @@ def load_module(
         )
     for key in state:
         name = f"{prefix}.{key}"
-        state[key] = (tensors[name] if tensors is not None else read_tensor(files[name], name)).to(device, dtype)
+        state[key] = (tensors[name] if tensors is not None else read_from(files, name)).to(device, dtype)
     module.load_state_dict(state)
     return module.eval()
 
@@ -437,7 +443,7 @@ def grams_by_layer(
         disk = plan["hidden_states"] == "disk"
         folder = spill.enter_context(temporary_of(out_dir / f"hidden-states-rank{process_rank()}")) if disk else None
         states = HiddenStates(device, folder, host=plan["hidden_states"] == "host")
-        embed = read_tensor(files[adapter.embed_name], adapter.embed_name)
+        embed = read_from(files, adapter.embed_name)
         for b, (input_ids, _, index) in enumerate(calib):
             states.put((0, b), adapter.embed(embed, input_ids.flatten()[index]))
         del embed

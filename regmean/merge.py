@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import is_adapter_dir
 from .calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
 from .experts import (
     Expert,
@@ -37,6 +38,7 @@ from .experts import (
     vocab_source,
 )
 from .layerwise import HiddenStates, check_supported, hidden_states_plan
+from .lora_merge import check_adapter_output, write_adapter_merge
 from .merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
 from .merging import BLOCK_MB, StreamingMerge, merge_tensors, summarize, unexcited_lines, writer_dtype
 from .model_card import copy_side_files, gram_provenance, options_of, write_model_card
@@ -89,6 +91,8 @@ class MergeSettings:
     config: str | None = None  # the recipe file the settings were read from (merge_model.py --config), recorded
     error_sample_every: int = SAMPLE_EVERY  # output error figures on every Nth output row (0: none)
     solve: str = "ours"  # regmean: ours (solver.RegMeanSystem) or reference (its lstsq, to reproduce its numbers)
+    base: str | None = None  # the base of LoRA experts given as adapter folders (default: their config's)
+    output_format: str = "dense"  # dense: a model folder; adapter: a LoRA adapter (every expert a LoRA of one base)
 
 
 SOLVES = ("ours", "reference")
@@ -137,6 +141,10 @@ def check_settings(s: MergeSettings) -> list[float]:
         raise UserError(f"--datasets and --formats are for regmean++; {s.method} takes {takes}")
     if s.method == "avg" and s.exclude:
         raise UserError("--exclude is for regmean and regmean++ (avg takes the mean of every tensor)")
+    if s.output_format not in ("dense", "adapter"):
+        raise UserError(f"--output-format must be dense or adapter, got {s.output_format!r}")
+    if s.output_format == "adapter" and s.solve == "reference":
+        raise UserError("--solve reference writes a dense model, as the reference did: leave out --output-format")
     check_at_least_one(num_examples=s.num_examples, max_length=s.max_length, batch_size=s.batch_size)
     return weights
 
@@ -158,7 +166,9 @@ class Inputs:
 
 def open_inputs(s: MergeSettings) -> Inputs:
     """The experts, and their gram files (regmean) or calibration data (regmean++), checked against each other."""
-    experts = load_experts(s.models)
+    experts = load_experts(s.models, s.base)
+    if s.output_format == "adapter":
+        check_adapter_output(experts, s.method)
     source = vocab_source(experts)
     gram_files, gram_paths, linear, calib, provenance, excluded = [], None, {}, None, [], []
     if s.method == "regmean":
@@ -225,6 +235,8 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
     Returns the merged folder."""
     s = MergeSettings(method, **plain_settings(settings))
     argv = options_of(s, repeated=("exclude",)) if argv is None else argv
+    if s.base:  # adapters in mergekit's BASE+ADAPTER form: the recipe then names their base
+        s.models = [f"{s.base}+{m}" if is_adapter_dir(m) else m for m in s.models]
     timer = Timer()
     pp = s.method == "regmean++"
     # Check every input before any heavy work.
@@ -240,6 +252,8 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
     reference = s.solve == "reference"  # the reference saved its merge in float32
     out_dtype = choose_dtype(s.dtype, device, default=torch.float32 if reference else experts_dtype(experts))
     plan = {name: (shape, writer_dtype(out_dtype, st_dtype)) for name, (shape, st_dtype) in infos.items()}
+    if s.output_format == "adapter":
+        return write_adapter_merge(s, inputs.experts, coefs, weights, inputs, device, out_dir, argv, timer)
     print_plan(s, inputs, len(infos), device, out_dtype, out_dir)
     if reference:
         print(REFERENCE_WARNING, file=sys.stderr)

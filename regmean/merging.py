@@ -128,7 +128,7 @@ class StreamingMerge:
         """The weighted mean of rows `rows` of tensor `name` over the experts `have` (their weights
         renormalized), in the written dtype."""
         with self.timer("load"):
-            blocks = [read_tensor(self.experts[i].files[name], name, rows) for i in have]
+            blocks = [self.experts[i].read(name, rows) for i in have]
         with self.timer("solve"):
             if not blocks[0].is_floating_point():  # integer buffers are not averaged: the last model's value
                 return blocks[-1]
@@ -192,10 +192,7 @@ class StreamingMerge:
                     merged = self.mean_block(member, rows, have)
                 else:
                     with self.timer("load"):
-                        blocks = [
-                            read_tensor(e.files[member], member, rows).to(self.device, torch.float32)
-                            for e in self.experts
-                        ]
+                        blocks = [e.read(member, rows).to(self.device, torch.float32) for e in self.experts]
                     with self.timer("solve"):
                         merged, residual, error = system.solve(blocks)
                         merged = merged.to(self.out_dtype)
@@ -345,7 +342,7 @@ def judge_tensors(
             for rows in row_blocks(infos[member][0], block_mb):
                 if block_slice(rows, step).start >= rows[1] - rows[0]:
                     continue  # no sampled row in this block
-                blocks = [read_tensor(e.files[member], member, rows).to(device) for e in experts]
+                blocks = [e.read(member, rows).to(device) for e in experts]
                 merged = read_tensor(merged_files[member], member, rows).to(device)
                 picks.setdefault(member, []).append(pick_rows(blocks, merged, rows, step))
             bar.update(1)

@@ -42,6 +42,7 @@ PARAMETERS = {
     "forward_dtype": str,
     "max_hidden_gb": float,
     "solve": str,  # regmean: ours or reference (merge_model.py --solve)
+    "output_format": str,  # adapter: the merge of LoRA adapters written as one (regmean/lora_merge.py)
 }
 TOP_KEYS = ("merge_method", "models", "parameters", "dtype")
 CARD_RECIPE = re.compile(r"^## Recipe\n.*?^```yaml\n(.*?)^```", re.M | re.S)
@@ -147,6 +148,8 @@ def recipe_of(
         parameters["solve"] = settings["solve"]
     if settings.get("allow_gram_mismatch"):
         parameters["allow_gram_mismatch"] = True
+    if settings.get("output_format", "dense") != "dense":
+        parameters["output_format"] = settings["output_format"]
     if calibration:
         parameters.update({k: settings[k] for k in ("split", "num_examples", "max_length", "batch_size")})
         parameters["forward_dtype"] = forward_dtype

@@ -31,7 +31,7 @@ from .calibration import (
     load_tokenizer,
 )
 from .experts import Expert
-from .layerwise import DecoderAdapter, HiddenStates, layer_grams
+from .layerwise import DecoderAdapter, HiddenStates, layer_grams, load_module
 from .merging import StreamingMerge
 from .utils import FORMATS, PRESETS, Progress, UserError
 
@@ -103,6 +103,15 @@ def calibration_sets(
 
 
 # ----------------------------------------------------------------------------- the recipe
+def expert_module(model: DecoderAdapter, template: torch.nn.Module, prefix: str, e: Expert) -> torch.nn.Module:
+    """One of expert e's modules (a decoder layer, the final norm) made real: from its files, or a LoRA expert's
+    tensors folded into its base as read (one layer's at a time)."""
+    if e.lora is None:
+        return load_module(template, prefix, model.device, model.dtype, files=e.files)
+    tensors = {f"{prefix}.{k}": e.read(f"{prefix}.{k}") for k in template.state_dict()}
+    return load_module(template, prefix, model.device, model.dtype, tensors=tensors)
+
+
 def merge_regmean_pp(
     merge: StreamingMerge, calib: list[CalibrationSet], forward_dtype: torch.dtype, states: HiddenStates
 ) -> list[dict]:
@@ -131,7 +140,7 @@ def merge_regmean_pp(
         grams, aliases = [], {}
         for i, e in enumerate(experts):
             with timer("load"):
-                layer = model.load_layer(l, files=e.files)
+                layer = expert_module(model, model.layers[l], prefix, e)
             with timer("forward"), torch.no_grad():  # no_grad, not inference_mode: version counters tell shared inputs
 
                 def run_batch(b, layer=layer, i=i, l=l):
@@ -166,7 +175,7 @@ def merge_regmean_pp(
         grams = []
         for i, e in enumerate(experts):
             with timer("forward"), torch.inference_mode():
-                norm = model.load_norm(e.files)
+                norm = expert_module(model, model.norm, model.norm_prefix, e)
                 gram = Gram(model.config.hidden_size, device)
                 for b in range(len(calib[i].batches)):
                     gram.add(norm(states.get((i, b))))
