@@ -106,6 +106,7 @@ class StreamingMerge:
     block_mb: float = BLOCK_MB
     averaged: frozenset[str] = frozenset()  # linear weights excluded from RegMean (--exclude): the mean
     sample_every: int = SAMPLE_EVERY
+    alphas: dict[str, float] | None = None  # α per input (gram key of the first expert), where not one for all
 
     def __post_init__(self):
         self.infos = merged_infos(self.experts)
@@ -151,13 +152,19 @@ class StreamingMerge:
         return None
 
     def linear_group(
-        self, members: list[str], grams: list[Tensor], tokens: list[int | None], keep: bool = False
+        self,
+        members: list[str],
+        grams: list[Tensor],
+        tokens: list[int | None],
+        keep: bool = False,
+        alpha: float | None = None,
     ) -> tuple[list[dict], dict[str, Tensor]]:
         """RegMean merge of the linear weights `members` that read one input (q/k/v, gate/up, or one
         layer alone) on one factorization of their system. grams: each expert's gram of that input;
         tokens: how many tokens each gram saw (None where unknown). Returns one report row per
-        weight and, with keep, {name: merged weight as written}."""
+        weight and, with keep, {name: merged weight as written}. alpha: this input's α (default: the merge's)."""
         infos, kept = self.infos, {}
+        alpha = self.alpha if alpha is None else alpha
         for member in [m for m in members if m in self.averaged]:
             merged = self.mean(member, keep)
             if keep:
@@ -169,7 +176,7 @@ class StreamingMerge:
         stats = [gram_stats(g, n) for g, n in zip(grams, tokens)]
         with self.timer("solve"):
             system = RegMeanSystem.factor(
-                grams, self.alpha, self.coefs, self.device, num_rows=sum(infos[m][0][0] for m in members)
+                grams, alpha, self.coefs, self.device, num_rows=sum(infos[m][0][0] for m in members)
             )
         factor_s = time.perf_counter() - t0
         report, picks = [], {}
@@ -202,6 +209,7 @@ class StreamingMerge:
             report.append(
                 dict(
                     tensor=member,
+                    alpha=alpha,
                     n=system.n,
                     **system.diagnostics(),
                     residual=worst_residual,
@@ -253,7 +261,8 @@ def merge_tensors(
         key = group_of[name]
         with merge.timer("load"):
             grams = [g.get(k) for g, k in zip(gram_files, key)]
-        rows, _ = merge.linear_group(groups[key], grams, tokens)
+        alpha = merge.alphas[key[0]] if merge.alphas is not None else None
+        rows, _ = merge.linear_group(groups[key], grams, tokens, alpha=alpha)
         del grams
         report += [dict(r, gram=key[0]) for r in rows]
         done.update(groups[key])

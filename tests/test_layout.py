@@ -15,6 +15,7 @@ PACKAGE = [  # regmean/: each module may use those after it
     "results",
     "regmeanpp",
     "merging",
+    "alpha_choice",
     "experts",
     "merge_report",
     "model_card",
