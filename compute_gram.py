@@ -9,6 +9,7 @@ plans, checkpoints and the file: docs/grams.md; several processes (data parallel
     python compute_gram.py code --model DIR --dataset rows.jsonl --num-examples 500 \
         --output-dir runs/grams/mine --checkpoint-every 20
     python compute_gram.py --model DIR --dataset rows.jsonl --format code   # your own expert, no preset
+    python compute_gram.py code --holdout 0.1  # every 10th row -> gram-holdout.safetensors (validation grams)
     python compute_gram.py code --plan layers  # one decoder layer at a time (auto: when the model does not fit)
     accelerate launch --multi_gpu --num_processes 8 compute_gram.py code   # 8 GPUs, data parallel
     accelerate launch --multi_gpu --num_processes 2 compute_gram.py code --device-map auto  # 2 copies, half the GPUs
@@ -89,6 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "a cpu with native bfloat16 (avx512_bf16 or AMX) where a timed product at the model's width runs it at least "
         f"{CPU_BF16_MIN_SPEEDUP}x float32's speed; else float32) (default: %(default)s)",
     )
+    what.add_argument(
+        "--holdout",
+        type=float,
+        metavar="F",
+        help="every round(1/F)-th row (F in (0, 1)) goes to a second gram file, OUTPUT_DIR/gram-holdout.safetensors: "
+        "validation grams for merge_model.py --alpha auto (default: none, every row in gram.safetensors)",
+    )
     args = p.parse_args(argv)
     if args.preset is None:
         missing = [flag for flag in ("model", "dataset", "format") if getattr(args, flag) is None]
@@ -119,6 +127,7 @@ def main(argv=None) -> Path:
         device_map=args.device_map,
         checkpoint_every=args.checkpoint_every,
         max_hidden_gb=args.max_hidden_gb,
+        holdout=args.holdout,
     )
 
 

@@ -33,6 +33,7 @@ from .calibration import (
 from .layerwise import PARTS_DIR, DecoderAdapter, choose_plan, grams_by_layer
 from .ranks import PROCESS_GROUP_TIMEOUT, all_reduce_grams, meet, rank_placement, ranks_in_step
 from .tensor_io import (
+    GramFile,
     checkpoint_files,
     config_fingerprint,
     model_fingerprint,
@@ -65,6 +66,26 @@ DTYPE = "auto"  # dtype of the forward passes (the grams are float32 sums whatev
 CHECKPOINT_EVERY = 0  # partial sums saved every K batches (the layer plan: every finished layer); 0: never
 
 CHECKPOINT_FILE = ".gram-checkpoint.safetensors"
+HOLDOUT = None  # --holdout F: every round(1/F)-th row goes to a second gram file (validation grams); None: no holdout
+HOLDOUT_FILE = "gram-holdout.safetensors"  # the held-out rows' grams, beside gram.safetensors
+HOLDOUT_WORK = ".holdout"  # the held-out pass's checkpoints and layer files, under the output folder
+
+
+def holdout_rows(num_rows: int, fraction: float | None) -> tuple[list[int], list[int], str]:
+    """The rows kept for the fit and the held-out ones: every k-th row, k = round(1 / fraction), from row
+    k - 1 (deterministic, no shuffling); and the rule as the provenance records it. Refused in one line when
+    the fraction is outside (0, 1) or leaves no fit row or no held-out row."""
+    if fraction is None:
+        return list(range(num_rows)), [], ""
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"--holdout must be in (0, 1), got {fraction}")
+    k = max(2, round(1 / fraction))
+    held = list(range(k - 1, num_rows, k))
+    fit = [i for i in range(num_rows) if (i + 1) % k]
+    if not held or not fit:
+        raise UserError(f"--holdout {fraction} holds out every {k}th row of {num_rows}: no row is held out")
+    rule = f"1 row in {k} held out (rows {k - 1}, {2 * k - 1}, ...; --holdout {fraction}): {len(held)} of {num_rows}"
+    return fit, held, rule
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -331,12 +352,14 @@ def compute_grams(
     device_map: str | None = None,
     checkpoint_every: int = CHECKPOINT_EVERY,
     max_hidden_gb: float | None = None,
+    holdout: float | None = HOLDOUT,
 ) -> Path:
     """The grams of `model` (hub id or local folder) on the first `num_examples` rows of `dataset` (hub id
     or .json/.jsonl/.parquet/.csv file) in row format `fmt`, written to OUTPUT_DIR/gram.safetensors, whose
     path is returned. Under `accelerate launch` or `torchrun` each process runs its share and the main
     process writes the file; every process returns once it is there. A bad input raises UserError before
-    the model loads."""
+    the model loads. With `holdout`, every round(1/holdout)-th row goes to OUTPUT_DIR/gram-holdout.safetensors
+    instead (its own token count and provenance), the validation grams of merge_model.py --alpha auto."""
     from accelerate import PartialState
 
     model, dataset, out_dir = str(model), str(dataset), Path(output_dir)
@@ -345,12 +368,11 @@ def compute_grams(
         raise UserError(f"--checkpoint-every must be >= 0, got {checkpoint_every}")
     if plan not in PLANS:
         raise UserError(f"--plan must be one of {', '.join(PLANS)}, got {plan!r}")
-    timer = Timer()
     device = choose_device(device)
     # Under `accelerate launch` (or torchrun) this joins the process group, gloo on cpu and
     # nccl on cuda; run alone it is one process and sets nothing up.
     state = PartialState(cpu=device.type == "cpu", timeout=PROCESS_GROUP_TIMEOUT)
-    rank, num_processes = state.process_index, state.num_processes
+    num_processes = state.num_processes
     device, max_memory = rank_placement(device, device_map, state)
 
     # Everything that can be wrong with the input is checked before the model loads; every
@@ -361,8 +383,76 @@ def compute_grams(
     forward_dtype = choose_dtype(dtype, device, width=width)  # auto on cpu: timed at that width
     tokenizer = load_tokenizer(model_dir)
     token_ids = calibration_tokens(tokenizer, dataset, fmt, split, num_examples, max_length)
+    fit_rows, held_rows, rule = holdout_rows(len(token_ids), holdout)
     if out_dir.exists():
         check_no_foreign_checkpoints(out_dir, num_processes)
+    meet()  # every rank checked its inputs (or one failed and all stop here) before the all-reduces below
+    if dtype == "auto" and device.type == "cpu":
+        forward_dtype = agree_on_dtype(forward_dtype)  # each rank timed its own: float32 on all if one chose it
+    run = dict(
+        model=model,
+        dataset=dataset,
+        model_dir=model_dir,
+        config=config,
+        fmt=fmt,
+        split=split,
+        max_length=max_length,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        forward_dtype=forward_dtype,
+        plan=plan,
+        device_map=device_map,
+        max_memory=max_memory,
+        checkpoint_every=checkpoint_every,
+        max_hidden_gb=max_hidden_gb,
+        state=state,
+        tokenizer=tokenizer,
+    )
+    if held_rows:  # the held-out rows first, in their own work folder: each pass resumes from its own checkpoints
+        held = [token_ids[i] for i in held_rows]
+        work = out_dir / HOLDOUT_WORK
+        if state.is_main_process:
+            print(f"holdout: {rule}", file=sys.stderr)
+        done = out_dir / HOLDOUT_FILE
+        if not (done.exists() and GramFile(done).metadata.get("data_sha256") == fingerprint(held)):
+            path = grams_of_rows(held, work, dict(holdout=f"held-out rows: {rule}"), **run)
+            if state.is_main_process:
+                path.replace(done)
+                shutil.rmtree(work, ignore_errors=True)
+            meet()
+        token_ids = [token_ids[i] for i in fit_rows]
+    return grams_of_rows(token_ids, out_dir, dict(holdout=f"fit rows: {rule}") if rule else {}, **run)
+
+
+def grams_of_rows(
+    token_ids: list[list[int]],
+    out_dir: Path,
+    extra: dict,
+    *,
+    model,
+    dataset,
+    model_dir,
+    config,
+    fmt,
+    split,
+    max_length,
+    batch_size,
+    device,
+    dtype,
+    forward_dtype,
+    plan,
+    device_map,
+    max_memory,
+    checkpoint_every,
+    max_hidden_gb,
+    state,
+    tokenizer,
+) -> Path:
+    """compute_grams' run on the rows `token_ids` into OUT_DIR/gram.safetensors (extra: provenance to add)."""
+    timer = Timer()
+    rank, num_processes = state.process_index, state.num_processes
+    width = config.get("hidden_size")
     files = checkpoint_files(model_dir)
     checkpoint = checkpoint_path(out_dir, rank, num_processes)
     resume = None  # a run to resume keeps its plan
@@ -370,9 +460,6 @@ def compute_grams(
         resume = "layers"
     resume = resume or ("model" if checkpoint.exists() else None)
     batch, length = min(batch_size, len(token_ids)), max(map(len, token_ids))  # the largest batch
-    meet()  # every rank checked its inputs (or one failed and all stop here) before the all-reduces below
-    if dtype == "auto" and device.type == "cpu":
-        forward_dtype = agree_on_dtype(forward_dtype)  # each rank timed its own: float32 on all if one chose it
     plan, why = choose_plan(plan, model_dir, files, device, forward_dtype, batch, length, device_map, resume)
     num_tokens = sum(map(len, token_ids))
     if state.is_main_process:
@@ -397,6 +484,7 @@ def compute_grams(
         config_sha256=config_fingerprint(config),
         data_sha256=fingerprint(token_ids),
         bos=bos_rule(tokenizer),  # calibration.tokenize_texts: one BOS per row, whatever the template writes
+        **extra,
     )
     # what must match for a checkpoint to resume (batch size and the number of processes fix
     # the batches each process runs; the data through data_sha256)
