@@ -162,3 +162,21 @@ def test_bad_inputs(experts, gram_sets, tmp_path, args, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")) as e:
         run(method, "--models", *experts, *grams, *args, "--output-dir", tmp_path / "m")
     assert "\n" not in str(e.value) and not (tmp_path / "m").exists() and not list(tmp_path.iterdir())
+
+
+def test_judge_reports_the_validation_error(experts, gram_sets, tmp_path):
+    from regmean.judge import judge
+
+    fixed = run(
+        "regmean", "--models", *experts, "--grams", *gram_sets["fit"], "--alpha", 1.0, "--output-dir", tmp_path / "f"
+    )
+    fit, val = gram_sets["fit"], gram_sets["val"]
+    on_fit = json.loads(judge(str(fixed), validation_grams=fit, output=str(tmp_path / "j1")).read_text())
+    assert on_fit["validation"]["layers"] == on_fit["layers"]  # the fit grams as validation grams: the same figures
+    total = on_fit["validation"]["total"]
+    assert total["merged_relative"] < total["average_relative"]  # α = 1 minimizes exactly this sum
+    on_val = json.loads(judge(str(fixed), validation_grams=val, output=str(tmp_path / "j2")).read_text())
+    assert on_val["validation"]["total"]["merged"] > 0 and on_val["validation"]["grams"] == val
+    with pytest.raises(UserError, match="--validation-grams: "):
+        judge(str(fixed), validation_grams=val[::-1], output=str(tmp_path / "j3"))
+    assert not (tmp_path / "j3").exists()
