@@ -12,7 +12,8 @@ D = diag(S), the system's matrix is αS + (1 − α)D = D^½ (αC + (1 − α)I)
 
 with P = Σ cᵢ Gᵢ Xᵢᵀ, Q = Σ cᵢ diag(Gᵢ) Xᵢᵀ, Xᵢ = Wᵢ − W_avg (the solver's deviation form). Directions whose
 curvature αλₖ + 1 − α lies below 30x their float32 precision floor keep the average, as in the solver. The
-criterion is taken on sampled output rows (every ALPHA_SAMPLE_EVERY-th, at least 16 a layer), which cost
+criterion is taken on sampled output rows (every ALPHA_SAMPLE_EVERY-th, at least 16 and about at most
+ALPHA_MAX_ROWS a layer), which cost
 O(n² rows) per α; the rows of a layer are independent, so the sampled sum estimates the full one. The final
 weights are then solved by solver.RegMeanSystem at the chosen α, with all its guarantees.
 
@@ -33,7 +34,8 @@ from .utils import Progress, UserError
 
 ALPHA_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]  # --alpha-grid's default
 AUTO = ("auto", "auto-global")  # --alpha's values that choose it from validation grams
-ALPHA_SAMPLE_EVERY = 16  # the criterion is taken on every 16th output row of a layer (at least 16 rows)
+ALPHA_SAMPLE_EVERY = 16  # the criterion is taken on every 16th output row of a layer (at least 16 rows) ...
+ALPHA_MAX_ROWS = 128  # ... and on at most about this many rows per layer (lm_head: 128 of 128256, not 8016)
 HOW_TO_VALIDATE = (
     "give each expert's validation grams with --validation-grams V1 V2 ... (one gram file per model, in the "
     "models' order): compute_gram.py --holdout 0.1 writes held-out grams next to the fit grams, or run "
@@ -80,16 +82,17 @@ def alpha_curve(
     del g, xt
     vals = [v.double() for v in val_grams]
     energy = torch.stack([torch.linalg.vecdot(wi @ v, wi).sum() for wi, v in zip(w, vals)])
-    per_expert = []
-    for alpha in grid:
-        curvature = alpha * evals + (1 - alpha)
-        keep = curvature > floors
-        step = torch.where(keep, 1 / torch.where(keep, curvature, torch.ones_like(curvature)), 0.0)
-        merged = avg + (dinv[:, None] * (u @ (step[:, None] * (alpha * p_hat + (1 - alpha) * q_hat)))).T
-        per_expert.append(
-            torch.stack([torch.linalg.vecdot((merged - wi) @ v, merged - wi).sum() for wi, v in zip(w, vals)])
-        )
-    return dict(per_expert=torch.stack(per_expert), energy=energy)
+    alphas = torch.tensor(grid, dtype=torch.float64)[:, None]  # every α at once: [grid, n, rows] products
+    curvature = alphas * evals + (1 - alphas)
+    keep = curvature > floors
+    step = torch.where(keep, 1 / torch.where(keep, curvature, torch.ones_like(curvature)), 0.0)
+    z = step[:, :, None] * (alphas[:, :, None] * p_hat + (1 - alphas[:, :, None]) * q_hat)
+    merged = avg + (dinv[:, None] * (u @ z)).transpose(1, 2)  # [grid, rows, n]
+    del z
+    per_expert = torch.stack(
+        [torch.linalg.vecdot((merged - wi) @ v, merged - wi).sum(-1) for wi, v in zip(w, vals)], dim=1
+    )
+    return dict(per_expert=per_expert, energy=energy)
 
 
 def sampled_rows(expert: Expert, name: str, num_rows: int, step: int, block_rows: int = 4096) -> Tensor:
@@ -124,7 +127,7 @@ def group_curves(
         rows, scale, used = [[] for _ in experts], [], 0
         for member in members:
             num_rows = min(e.infos[member][0][0] for e in experts)  # rows every expert has
-            step = sample_step(num_rows, sample_every)
+            step = max(sample_step(num_rows, sample_every), num_rows // ALPHA_MAX_ROWS)
             for i, e in enumerate(experts):
                 rows[i].append(sampled_rows(e, member, num_rows, step))
             taken = len(rows[0][-1])
