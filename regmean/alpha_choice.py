@@ -187,3 +187,30 @@ def alpha_summary(alphas: dict[str, float], mode: str) -> list[str]:
                 f"over depth: {' '.join(f'{a:g}' for _, a in got)}"
             )
     return lines
+
+
+def draw_alphas(alphas: dict[str, float], grid: list[float], path, title: str):
+    """merge_report_alpha.png: the chosen α over depth, one line per module kind (lm_head: a point at the right)."""
+    from matplotlib.figure import Figure  # no pyplot: no display, no global state (Agg canvas)
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(9, 4))
+    fig.subplots_adjust(left=0.08, right=0.72, bottom=0.14, top=0.88)
+    ax = fig.subplots()
+    last = max((depth(k) or 0 for k in alphas), default=0)
+    for i, (title_, _) in enumerate([*KINDS, ("other", ())]):
+        got = sorted(
+            (depth(k) if depth(k) is not None else last + 1, a) for k, a in alphas.items() if module_kind(k) == title_
+        )
+        if got:
+            ax.plot(*zip(*got), marker="o", linestyle="-" if len(got) > 1 else "none", color=f"C{i}", label=title_)
+    ax.set_ylim(min(grid) - 0.05, max(grid) + 0.05)
+    ax.set_yticks(grid)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer (lm_head right of the last)")
+    ax.set_ylabel("α chosen")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.savefig(path, dpi=100)
+    return path

@@ -26,6 +26,7 @@ from .alpha_choice import (
     alpha_summary,
     check_grid,
     choose_alphas,
+    draw_alphas,
     group_curves,
     validation_row,
 )
@@ -328,6 +329,11 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
             writer.close()
         writer.finish()
         summary = summarize(report)
+        if choice and s.alpha == "auto":
+            with timer("picture"):
+                draw_alphas(
+                    alphas, choice["grid"], tmp / "merge_report_alpha.png", f"α chosen per input -> {out_dir.name}"
+                )
         if choice:
             for row in report:
                 curve = choice["curves"].get(row["gram"])

@@ -119,6 +119,7 @@ def test_auto_merge_report_card_and_recipe_round_trip(experts, gram_sets, tmp_pa
         assert row["alpha"] == alphas[row["gram"]] and len(row["validation"]["experts"]) == 2
     card = (out / "README.md").read_text()
     assert "alpha chosen per input on validation grams" in card and "- o_proj: median" in card
+    assert (out / "merge_report_alpha.png").stat().st_size > 0
     again = run("--config", out / "README.md", "--output-dir", tmp_path / "again")
     assert [r["alpha"] for r in report_of(again)["layers"]] == [r["alpha"] for r in report["layers"]]
     first, second = read_folder(out), read_folder(again)
