@@ -14,7 +14,7 @@ appears under its final name only when complete.
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -114,7 +114,8 @@ UNUSED = {
 
 def used_settings(s: MergeSettings) -> dict:
     """The settings of a merge that its method uses, for merge_report.json."""
-    return {k: v for k, v in asdict(s).items() if k not in UNUSED[s.method]}
+    unused = (*UNUSED[s.method], *(k for k in AUTO_ONLY if getattr(s, k) is None))  # fixed α: no auto settings
+    return {k: v for k, v in asdict(s).items() if k not in unused}
 
 
 def check_settings(s: MergeSettings) -> list[float]:
@@ -278,7 +279,8 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
     came from, for the model card and merge_report.json (default: the options that give these settings).
     Returns the merged folder."""
     s = MergeSettings(method, **settings)
-    argv = options_of(s, repeated=("exclude",)) if argv is None else argv
+    # a recipe's per-input alphas have no option: its recipe (the card's, merge_report.json's) remakes them
+    argv = options_of(replace(s, alphas=None), repeated=("exclude",)) if argv is None else argv
     timer = Timer()
     pp = s.method == "regmean++"
     # Check every input before any heavy work.
