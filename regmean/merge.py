@@ -209,7 +209,9 @@ def open_inputs(s: MergeSettings) -> Inputs:
     return Inputs(experts, source, gram_paths, gram_files, linear, calib, provenance, excluded, tied, val_files)
 
 
-def resolve_alphas(s: MergeSettings, inputs: Inputs, coefs: list[float], timer) -> tuple[dict | None, dict | None]:
+def resolve_alphas(
+    s: MergeSettings, inputs: Inputs, coefs: list[float], timer, device
+) -> tuple[dict | None, dict | None]:
     """The α of each solved input: None (one α for all), chosen on validation grams (--alpha auto, auto-global),
     or a recipe's parameters.alphas, checked to name every solved input. Returns (alphas, the choice for the
     report: mode, grid, per input criterion)."""
@@ -227,7 +229,7 @@ def resolve_alphas(s: MergeSettings, inputs: Inputs, coefs: list[float], timer) 
         return dict(s.alphas), None
     grid = check_grid(s.alpha_grid or ALPHA_GRID)
     with timer("alpha"):
-        curves = group_curves(inputs.experts, coefs, inputs.gram_files, inputs.val_files, groups, grid)
+        curves = group_curves(inputs.experts, coefs, inputs.gram_files, inputs.val_files, groups, grid, device=device)
     alphas = choose_alphas(curves, coefs, grid, s.alpha)
     return alphas, dict(mode=s.alpha, grid=grid, curves=curves)
 
@@ -297,7 +299,7 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
     plan = {name: (shape, writer_dtype(out_dtype, st_dtype)) for name, (shape, st_dtype) in infos.items()}
     print_plan(s, inputs, len(infos), device, out_dtype, out_dir)
     forward_dtype, num_tokens, extra_settings = plan_hidden_states(s, inputs, device) if pp else (None, 0, {})
-    alphas, choice = resolve_alphas(s, inputs, coefs, timer)
+    alphas, choice = resolve_alphas(s, inputs, coefs, timer, device)
     alpha_lines = alpha_summary(alphas, s.alpha if choice else "recipe") if alphas else []
     for line in alpha_lines:
         print(line)
