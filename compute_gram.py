@@ -10,6 +10,7 @@ plans, checkpoints and the file: docs/grams.md; several processes (data parallel
         --output-dir runs/grams/mine --checkpoint-every 20
     python compute_gram.py --model DIR --dataset rows.jsonl --format code   # your own expert, no preset
     python compute_gram.py --model BASE+ADAPTER --dataset rows.jsonl --format code   # a LoRA adapter, applied
+    python compute_gram.py code --holdout 0.1  # every 10th row -> gram-holdout.safetensors (validation grams)
     python compute_gram.py code --plan layers  # one decoder layer at a time (auto: when the model does not fit)
     python compute_gram.py code --rows reference   # the reference's rows and running mean, to reproduce its grams
     accelerate launch --multi_gpu --num_processes 8 compute_gram.py code   # 8 GPUs, data parallel
@@ -105,6 +106,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "a cpu with native bfloat16 (avx512_bf16 or AMX) where a timed product at the model's width runs it at least "
         f"{CPU_BF16_MIN_SPEEDUP}x float32's speed; else float32) (default: %(default)s)",
     )
+    what.add_argument(
+        "--holdout",
+        type=float,
+        metavar="F",
+        help="every round(1/F)-th row (F in (0, 1)) goes to a second gram file, OUTPUT_DIR/gram-holdout.safetensors: "
+        "validation grams for merge_model.py --alpha auto (default: none, every row in gram.safetensors)",
+    )
     args = p.parse_args(argv)
     if args.preset is None:
         missing = [flag for flag in ("model", "dataset", "format") if getattr(args, flag) is None]
@@ -137,6 +145,7 @@ def main(argv=None) -> Path:
         max_hidden_gb=args.max_hidden_gb,
         rows=args.rows,
         base=args.base,
+        holdout=args.holdout,
     )
 
 

@@ -43,6 +43,12 @@ def parse_args(argv=None) -> dict:
     )
     p.add_argument("--device", help="auto, cuda or cpu (default: auto)")
     p.add_argument(
+        "--validation-grams",
+        nargs="+",
+        help="one gram file per model (e.g. compute_gram.py --holdout's gram-holdout.safetensors): the same figures "
+        "on those inputs too, and the model's total validation error (what merge_model.py --alpha auto minimizes)",
+    )
+    p.add_argument(
         "--allow-gram-mismatch",
         action="store_true",
         help="judge even when a gram file records another model than the expert at its position (refused by default)",

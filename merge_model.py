@@ -19,16 +19,28 @@ regmean.merge.merge; what it computes, checks and writes: docs/merging.md and do
     python merge_model.py regmean --exclude lm_head --exclude 'down_proj$'   # averaged, not solved
     python merge_model.py regmean --solve reference   # the reference's own lstsq, to reproduce its numbers
     python merge_model.py regmean --models lora/a BASE+lora/b --grams ga gb --output-format adapter  # LoRA in and out
+    python merge_model.py regmean --models A B --grams gA gB --alpha auto --validation-grams vA vB   # α per input
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+from regmean.alpha_choice import ALPHA_GRID, AUTO
 from regmean.merge import MergeSettings, merge
 from regmean.recipe import read_recipe
 from regmean.utils import CPU_BF16_MIN_SPEEDUP, DTYPES, FORMATS, MERGE_METHODS
 from utils import run_main
+
+
+def alpha_value(text: str) -> float | str:
+    """--alpha: a number, or auto / auto-global."""
+    if text in AUTO:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number in [0, 1], auto or auto-global, not {text!r}") from None
 
 
 def parse_args(argv=None) -> dict:
@@ -76,7 +88,22 @@ def parse_args(argv=None) -> dict:
 
     solve = p.add_argument_group("regmean and regmean++")
     solve.add_argument(
-        "--alpha", type=float, help=f"off-diagonal scale of the grams; 1.0 is plain RegMean (default: {d.alpha})"
+        "--alpha",
+        type=alpha_value,
+        help="off-diagonal scale of the grams; 1.0 is plain RegMean; regmean: auto chooses it per input, auto-global "
+        f"one for the whole model, on --validation-grams (default: {d.alpha})",
+    )
+    solve.add_argument(
+        "--validation-grams",
+        nargs="+",
+        help="regmean --alpha auto: one gram file or folder per model, in the models' order (e.g. the held-out grams "
+        "of compute_gram.py --holdout), on which α is chosen",
+    )
+    solve.add_argument(
+        "--alpha-grid",
+        nargs="+",
+        type=float,
+        help=f"regmean --alpha auto: the values tried, in [0, 1] (default: {' '.join(map(str, ALPHA_GRID))})",
     )
     solve.add_argument(
         "--solve",

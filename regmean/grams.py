@@ -34,10 +34,11 @@ from .calibration import (
     pad_batch,
     split_batches,
 )
-from .experts import load_expert
+from .experts import Expert, load_expert
 from .layerwise import PARTS_DIR, DecoderAdapter, choose_plan, grams_by_layer
 from .ranks import PROCESS_GROUP_TIMEOUT, all_reduce_grams, meet, rank_placement, ranks_in_step
 from .tensor_io import (
+    GramFile,
     checkpoint_files,
     config_fingerprint,
     save_grams,
@@ -69,6 +70,26 @@ CHECKPOINT_EVERY = 0  # partial sums saved every K batches (the layer plan: ever
 ROW_RULE = "ours"  # calibration.ROWS: ours, or the reference's rows and running mean (docs/grams.md)
 
 CHECKPOINT_FILE = ".gram-checkpoint.safetensors"
+HOLDOUT = None  # --holdout F: every round(1/F)-th row goes to a second gram file (validation grams); None: no holdout
+HOLDOUT_FILE = "gram-holdout.safetensors"  # the held-out rows' grams, beside gram.safetensors
+HOLDOUT_WORK = ".holdout"  # the held-out pass's checkpoints and layer files, under the output folder
+
+
+def holdout_rows(num_rows: int, fraction: float | None) -> tuple[list[int], list[int], str]:
+    """The rows kept for the fit and the held-out ones: every k-th row, k = round(1 / fraction), from row
+    k - 1 (deterministic, no shuffling); and the rule as the provenance records it. Refused in one line when
+    the fraction is outside (0, 1) or leaves no fit row or no held-out row."""
+    if fraction is None:
+        return list(range(num_rows)), [], ""
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"--holdout must be in (0, 1), got {fraction}")
+    k = max(2, round(1 / fraction))
+    held = list(range(k - 1, num_rows, k))
+    fit = [i for i in range(num_rows) if (i + 1) % k]
+    if not held or not fit:
+        raise UserError(f"--holdout {fraction} holds out every {k}th row of {num_rows}: no row is held out")
+    rule = f"1 row in {k} held out (rows {k - 1}, {2 * k - 1}, ...; --holdout {fraction}): {len(held)} of {num_rows}"
+    return fit, held, rule
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -380,6 +401,7 @@ def compute_grams(
     max_hidden_gb: float | None = None,
     rows: str = ROW_RULE,
     base: str | None = None,
+    holdout: float | None = HOLDOUT,
 ) -> Path:
     """The grams of `model` (hub id or local folder) on the first `num_examples` rows of `dataset` (hub id
     or .json/.jsonl/.parquet/.csv file) in row format `fmt`, written to OUTPUT_DIR/gram.safetensors, whose
@@ -388,7 +410,8 @@ def compute_grams(
     the model loads. rows: "ours" (one BOS per row, padding left out) or "reference" (the reference's rows
     and running mean, to reproduce its grams: docs/grams.md). `model` may be a LoRA adapter folder (its base:
     `base`, else its config's) or BASE+ADAPTER: the grams are then those of the base with the adapter applied,
-    on either plan."""
+    on either plan. With `holdout`, every round(1/holdout)-th row goes to OUTPUT_DIR/gram-holdout.safetensors
+    instead (its own token count and provenance), the validation grams of merge_model.py --alpha auto."""
     from accelerate import PartialState
 
     model, dataset, out_dir = str(model), str(dataset), Path(output_dir)
@@ -402,12 +425,13 @@ def compute_grams(
     reference = rows == "reference"
     if reference and plan == "layers":
         raise UserError(REFERENCE_PLAN)
-    timer = Timer()
+    if reference and holdout:
+        raise UserError("--holdout is not the reference's: leave it out with --rows reference")
     device = choose_device(device)
     # Under `accelerate launch` (or torchrun) this joins the process group, gloo on cpu and
     # nccl on cuda; run alone it is one process and sets nothing up.
     state = PartialState(cpu=device.type == "cpu", timeout=PROCESS_GROUP_TIMEOUT)
-    rank, num_processes = state.process_index, state.num_processes
+    num_processes = state.num_processes
     if reference and num_processes > 1:
         raise UserError(
             "--rows reference runs in one process: the reference's running mean goes over its batches in file order"
@@ -424,8 +448,84 @@ def compute_grams(
     tokenizer = load_tokenizer(model_dir)
     token_ids = calibration_tokens(tokenizer, dataset, fmt, split, num_examples, max_length, rows)
     padding = reference_padding(tokenizer, model) if reference else None
+    fit_rows, held_rows, rule = holdout_rows(len(token_ids), holdout)
     if out_dir.exists():
         check_no_foreign_checkpoints(out_dir, num_processes)
+    meet()  # every rank checked its inputs (or one failed and all stop here) before the all-reduces below
+    if dtype == "auto" and device.type == "cpu":
+        forward_dtype = agree_on_dtype(forward_dtype)  # each rank timed its own: float32 on all if one chose it
+    run = dict(
+        model=model,
+        dataset=dataset,
+        model_dir=model_dir,
+        config=config,
+        fmt=fmt,
+        split=split,
+        max_length=max_length,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        forward_dtype=forward_dtype,
+        plan=plan,
+        device_map=device_map,
+        max_memory=max_memory,
+        checkpoint_every=checkpoint_every,
+        max_hidden_gb=max_hidden_gb,
+        state=state,
+        tokenizer=tokenizer,
+        expert=expert,
+        adapter=adapter,
+        reference=reference,
+        padding=padding,
+    )
+    if held_rows:  # the held-out rows first, in their own work folder: each pass resumes from its own checkpoints
+        held = [token_ids[i] for i in held_rows]
+        work = out_dir / HOLDOUT_WORK
+        if state.is_main_process:
+            print(f"holdout: {rule}", file=sys.stderr)
+        done = out_dir / HOLDOUT_FILE
+        if not (done.exists() and GramFile(done).metadata.get("data_sha256") == fingerprint(held)):
+            path = grams_of_rows(held, work, dict(holdout=f"held-out rows: {rule}"), **run)
+            if state.is_main_process:
+                path.replace(done)
+                shutil.rmtree(work, ignore_errors=True)
+            meet()
+        token_ids = [token_ids[i] for i in fit_rows]
+    return grams_of_rows(token_ids, out_dir, dict(holdout=f"fit rows: {rule}") if rule else {}, **run)
+
+
+def grams_of_rows(
+    token_ids: list[list[int]],
+    out_dir: Path,
+    extra: dict,
+    *,
+    model,
+    dataset,
+    model_dir,
+    config,
+    fmt,
+    split,
+    max_length,
+    batch_size,
+    device,
+    dtype,
+    forward_dtype,
+    plan,
+    device_map,
+    max_memory,
+    checkpoint_every,
+    max_hidden_gb,
+    state,
+    tokenizer,
+    expert: Expert,
+    adapter: Path | None,
+    reference: bool,
+    padding: tuple[int, str] | None,
+) -> Path:
+    """compute_grams' run on the rows `token_ids` into OUT_DIR/gram.safetensors (extra: provenance to add)."""
+    timer = Timer()
+    rank, num_processes = state.process_index, state.num_processes
+    width = config.get("hidden_size")
     files = checkpoint_files(model_dir)
     checkpoint = checkpoint_path(out_dir, rank, num_processes)
     resume = None  # a run to resume keeps its plan
@@ -435,9 +535,6 @@ def compute_grams(
     batch, length = min(batch_size, len(token_ids)), max(map(len, token_ids))  # the largest batch
     if reference and resume == "layers":
         raise UserError(REFERENCE_PLAN)
-    meet()  # every rank checked its inputs (or one failed and all stop here) before the all-reduces below
-    if dtype == "auto" and device.type == "cpu":
-        forward_dtype = agree_on_dtype(forward_dtype)  # each rank timed its own: float32 on all if one chose it
     plan, why = choose_plan(plan, model_dir, files, device, forward_dtype, batch, length, device_map, resume)
     if reference and plan == "layers":
         raise UserError(f"{REFERENCE_PLAN}; the whole model does not fit here ({why})")
@@ -468,6 +565,7 @@ def compute_grams(
         config_sha256=config_fingerprint(config),
         data_sha256=fingerprint(token_ids),
         bos=bos_rule(tokenizer),  # calibration.tokenize_texts: one BOS per row, whatever the template writes
+        **extra,
     )
     if reference:  # the reference's rows: its tokenization, batches and padding decide the grams
         provenance.update(

@@ -43,6 +43,7 @@ class JudgeSettings:
     sample_every: int = SAMPLE_EVERY  # figures on every Nth output row of a layer (1: all rows)
     device: str = "auto"
     allow_gram_mismatch: bool = False  # judge even when a gram file records another model than its expert
+    validation_grams: list[str] | None = None  # one gram file per model: the same figures on held-out inputs too
 
 
 def recorded_recipe(merged_dir: Path) -> dict:
@@ -83,6 +84,23 @@ def check_merged_shapes(merged_dir: Path, merged_infos: dict, expert: Expert, li
             )
 
 
+def validation_total(layers: list[dict], coefs: list[float]) -> dict:
+    """The validation error of a whole merged model from its layers' figures on validation grams: the criterion of
+    --alpha auto summed over layers, Σ_layers Σᵢ cᵢ tr((W − Wᵢ) Vᵢ (W − Wᵢ)ᵀ) (scaled to all rows), and the same
+    relative to Σ_layers Σᵢ cᵢ tr(Wᵢ Vᵢ Wᵢᵀ), for the merge and for the weighted average."""
+    out = {}
+    for kind in ("merged", "average"):
+        error = energy = 0.0
+        for row in layers:
+            figures = row.get("output_error") or {}
+            for c, e, x in zip(coefs, figures.get(kind) or [], figures.get("energy") or []):
+                if e is not None:
+                    error, energy = error + c * e * x, energy + c * x
+        out[kind] = error
+        out[f"{kind}_relative"] = error / energy if energy > 0 else None
+    return out
+
+
 def judge(merged: str | Path, *, argv: list[str] | None = None, **settings) -> Path:
     """Judge the merged folder `merged` with `settings`, any of JudgeSettings' fields (models, grams, weights,
     output, ...; its defaults for the others). argv: the judge_merge.py command line the settings came from, for
@@ -110,6 +128,7 @@ def judge(merged: str | Path, *, argv: list[str] | None = None, **settings) -> P
         merged_files = checkpoint_files(merged_dir)
         merged_infos = tensor_infos(merged_files)
     check_merged_shapes(merged_dir, merged_infos, experts[0], linear)
+    val_files = open_validation_grams(s, experts, linear) if s.validation_grams else None
     names = expert_labels(s.models)
     print(f"judging {merged_dir} against {', '.join(names)}: {len(linear)} linear layers on {device}")
 
@@ -128,9 +147,43 @@ def judge(merged: str | Path, *, argv: list[str] | None = None, **settings) -> P
         output_errors=summary,
         layers=layers,
     )
+    if val_files:
+        report["validation"] = judge_validation(
+            val_files, experts, coefs, linear, merged_files, device, names, timer, s.sample_every
+        )
+        lines += report["validation"].pop("lines")
     tmp = out_dir / "judge_report.json.tmp"  # complete or absent
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out_dir / "judge_report.json")
     print("\n".join(lines))
     print(f"done in {timer.total():.1f}s; {peak_memory(device)} -> {out_dir / 'judge_report.json'}, {picture}")
     return out_dir / "judge_report.json"
+
+
+def open_validation_grams(s: JudgeSettings, experts, linear) -> list:
+    """--validation-grams, one per expert, each checked against its expert as --grams are, covering the same layers."""
+    if len(s.validation_grams) != len(s.models):
+        raise UserError(f"--validation-grams has {len(s.validation_grams)} files for {len(s.models)} models")
+    try:
+        val_files = open_gram_files(experts, [str(v) for v in s.validation_grams], s.allow_gram_mismatch)
+    except UserError as e:
+        raise UserError(f"--validation-grams: {e}") from e
+    if linear_modules(experts[0].infos, val_files) != linear:
+        raise UserError("--validation-grams: the validation grams cover other linear layers than --grams")
+    return val_files
+
+
+def judge_validation(val_files, experts, coefs, linear, merged_files, device, names, timer, sample_every) -> dict:
+    """The figures on each expert's validation grams (--validation-grams): per layer, the summary, and the total
+    validation error (validation_total), the number --alpha auto minimizes, comparable across merged folders."""
+    with timer("validation"):
+        layers = judge_tensors(merged_files, experts, coefs, val_files, linear, device, sample_every)
+    summary = error_summary(layers, names)
+    total = validation_total(layers, coefs)
+    lines = [
+        f"validation error (on --validation-grams, summed over {len(layers)} layers): "
+        f"{total['merged_relative']:.4g} of the experts' output energy (the weighted average: "
+        f"{total['average_relative']:.4g})",
+        *summary_lines(summary, "merged", every="--sample-every"),
+    ]
+    return dict(grams=[str(g.path) for g in val_files], total=total, output_errors=summary, layers=layers, lines=lines)

@@ -15,12 +15,23 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .adapters import is_adapter_dir
+from .alpha_choice import (
+    ALPHA_GRID,
+    AUTO,
+    HOW_TO_VALIDATE,
+    alpha_summary,
+    check_grid,
+    choose_alphas,
+    draw_alphas,
+    group_curves,
+    validation_row,
+)
 from .calibration import BATCH_SIZE, MAX_LENGTH, NUM_EXAMPLES, SPLIT
 from .experts import (
     Expert,
@@ -40,7 +51,7 @@ from .experts import (
 from .layerwise import HiddenStates, check_supported, hidden_states_plan
 from .lora_merge import check_adapter_output, write_adapter_merge
 from .merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lines
-from .merging import BLOCK_MB, StreamingMerge, merge_tensors, summarize, unexcited_lines, writer_dtype
+from .merging import BLOCK_MB, StreamingMerge, gram_groups, merge_tensors, summarize, unexcited_lines, writer_dtype
 from .model_card import copy_side_files, gram_provenance, options_of, write_model_card
 from .recipe import recipe_of
 from .regmeanpp import CalibrationSet, CalibrationSettings, calibration_sets, merge_regmean_pp
@@ -71,7 +82,10 @@ class MergeSettings:
     models: list[str] = field(default_factory=lambda: ["code", "math"])
     grams: list[str] | None = None  # regmean: one gram file or folder per model
     weights: list[float] | None = None  # per-expert weights, normalized to sum 1
-    alpha: float = 0.1  # off-diagonal scale of the grams
+    alpha: float | str = 0.1  # off-diagonal scale of the grams; auto, auto-global: chosen on validation grams
+    validation_grams: list[str] | None = None  # --alpha auto: one gram file per model, the criterion's data
+    alpha_grid: list[float] | None = None  # --alpha auto: the values tried (default: alpha_choice.ALPHA_GRID)
+    alphas: dict[str, float] | None = None  # α per input (gram key -> α), as a recipe of an auto merge writes it
     datasets: list[str] | None = None  # regmean++: calibration data, one per model
     formats: list[str] | None = None  # regmean++: row format of each dataset, or one for all
     split: str = SPLIT
@@ -107,23 +121,24 @@ REFERENCE_WARNING = (
 
 # The settings a method does not use: merge_report.json leaves them out rather than list values that played no part.
 PP_ONLY = ("datasets", "formats", "split", "num_examples", "max_length", "batch_size", "forward_dtype", "max_hidden_gb")
+AUTO_ONLY = ("validation_grams", "alpha_grid", "alphas")
 UNUSED = {
-    "avg": (*PP_ONLY, "grams", "alpha", "exclude", "allow_gram_mismatch", "error_sample_every", "solve"),
+    "avg": (*PP_ONLY, *AUTO_ONLY, "grams", "alpha", "exclude", "allow_gram_mismatch", "error_sample_every", "solve"),
     "regmean": PP_ONLY,
-    "regmean++": ("grams", "allow_gram_mismatch", "solve"),
+    "regmean++": ("grams", "allow_gram_mismatch", "solve", *AUTO_ONLY),
 }
 
 
 def used_settings(s: MergeSettings) -> dict:
     """The settings of a merge that its method uses, for merge_report.json."""
-    return {k: v for k, v in asdict(s).items() if k not in UNUSED[s.method]}
+    unused = (*UNUSED[s.method], *(k for k in AUTO_ONLY if getattr(s, k) is None))  # fixed α: no auto settings
+    return {k: v for k, v in asdict(s).items() if k not in unused}
 
 
 def check_settings(s: MergeSettings) -> list[float]:
     """Everything about the settings that can be wrong, before any file is read. Returns the per-expert weights."""
     weights = expert_weights(s.models, s.weights)
-    if not 0.0 <= s.alpha <= 1.0:
-        raise UserError(f"--alpha must be in [0, 1], got {s.alpha}")
+    check_alpha(s)
     if s.error_sample_every < 0:
         raise UserError(f"--error-sample-every must be >= 0, got {s.error_sample_every}")
     if s.block_mb <= 0:
@@ -145,8 +160,38 @@ def check_settings(s: MergeSettings) -> list[float]:
         raise UserError(f"--output-format must be dense or adapter, got {s.output_format!r}")
     if s.output_format == "adapter" and s.solve == "reference":
         raise UserError("--solve reference writes a dense model, as the reference did: leave out --output-format")
+    if s.alpha in AUTO and (s.solve == "reference" or s.output_format == "adapter"):
+        with_what = "--solve reference" if s.solve == "reference" else "--output-format adapter"
+        raise UserError(f"--alpha {s.alpha} is not supported with {with_what} yet: give α as a number")
     check_at_least_one(num_examples=s.num_examples, max_length=s.max_length, batch_size=s.batch_size)
     return weights
+
+
+def check_alpha(s: MergeSettings) -> None:
+    """--alpha (a number, auto or auto-global), --validation-grams, --alpha-grid and a recipe's per-input alphas."""
+    auto = s.alpha in AUTO
+    if isinstance(s.alpha, str) and not auto:
+        raise UserError(f"--alpha must be a number in [0, 1], auto or auto-global, got {s.alpha!r}")
+    if not auto and not 0.0 <= s.alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1], got {s.alpha}")
+    if auto and s.method != "regmean":
+        raise UserError(f"--alpha {s.alpha} is for regmean (it needs gram files); {s.method} takes a number")
+    if auto and s.alphas:
+        raise UserError(f"--alpha {s.alpha} and a recipe's parameters.alphas (α per input) exclude each other")
+    if auto and not s.validation_grams:
+        raise UserError(f"--alpha {s.alpha} needs validation grams: {HOW_TO_VALIDATE}")
+    if auto and len(s.validation_grams) != len(s.models):
+        raise UserError(f"--validation-grams has {len(s.validation_grams)} files for {len(s.models)} models")
+    if not auto and (s.validation_grams or s.alpha_grid):
+        raise UserError("--validation-grams and --alpha-grid are for --alpha auto or auto-global")
+    if s.alpha_grid is not None:
+        check_grid(s.alpha_grid)
+    if s.alphas:
+        if s.method != "regmean":
+            raise UserError(f"parameters.alphas (α per input) is for regmean, not {s.method}")
+        bad = next(((k, a) for k, a in s.alphas.items() if not 0.0 <= a <= 1.0), None)
+        if bad:
+            raise UserError(f"parameters.alphas: the α of {bad[0]} must be in [0, 1], got {bad[1]}")
 
 
 @dataclass
@@ -162,6 +207,7 @@ class Inputs:
     provenance: list[dict]  # per expert: where its grams come from (regmean), or its data (regmean++)
     excluded: list[str]  # linear layers averaged (--exclude)
     tied: dict[str, str] | None  # {lm_head: embedding} when the experts tie them (merged by the mean)
+    val_files: list[GramFile] = field(default_factory=list)  # --alpha auto: each expert's validation grams
 
 
 def open_inputs(s: MergeSettings) -> Inputs:
@@ -170,11 +216,18 @@ def open_inputs(s: MergeSettings) -> Inputs:
     if s.output_format == "adapter":
         check_adapter_output(experts, s.method)
     source = vocab_source(experts)
-    gram_files, gram_paths, linear, calib, provenance, excluded = [], None, {}, None, [], []
+    gram_files, gram_paths, linear, calib, provenance, excluded, val_files = [], None, {}, None, [], [], []
     if s.method == "regmean":
         gram_paths = resolve_gram_paths(s.models, s.grams)
         gram_files = open_gram_files(experts, gram_paths, s.allow_gram_mismatch)
         linear = linear_modules(experts[0].infos, gram_files)
+        if s.alpha in AUTO:
+            try:
+                val_files = open_gram_files(experts, [str(v) for v in s.validation_grams], s.allow_gram_mismatch)
+            except UserError as e:
+                raise UserError(f"--validation-grams: {e}") from e
+            if linear_modules(experts[0].infos, gram_files + val_files) != linear:
+                raise UserError("--validation-grams: the validation grams cover other linear layers than --grams")
         provenance = [gram_provenance(g) for g in gram_files]
     elif s.method == "regmean++":
         check_supported(experts[0].config.get("model_type"))
@@ -184,7 +237,33 @@ def open_inputs(s: MergeSettings) -> Inputs:
     if s.exclude:
         candidates = list(linear) if linear else linear_weight_names(source.dir, experts[0].infos)
         excluded = match_exclusions(s.exclude, candidates)
-    return Inputs(experts, source, gram_paths, gram_files, linear, calib, provenance, excluded, tied_head(experts[-1]))
+    tied = tied_head(experts[-1])
+    return Inputs(experts, source, gram_paths, gram_files, linear, calib, provenance, excluded, tied, val_files)
+
+
+def resolve_alphas(
+    s: MergeSettings, inputs: Inputs, coefs: list[float], timer, device
+) -> tuple[dict | None, dict | None]:
+    """The α of each solved input: None (one α for all), chosen on validation grams (--alpha auto, auto-global),
+    or a recipe's parameters.alphas, checked to name every solved input. Returns (alphas, the choice for the
+    report: mode, grid, per input criterion)."""
+    if s.method != "regmean" or not (s.alpha in AUTO or s.alphas):
+        return None, None
+    solved = {m: n for m, n in inputs.linear.items() if m not in inputs.excluded}
+    groups = gram_groups(inputs.gram_files, solved)
+    keys = [k[0] for k in groups]
+    if s.alphas:
+        missing = [k for k in keys if k not in s.alphas]
+        extra = [k for k in s.alphas if k not in keys]
+        if missing or extra:
+            what = f"has no α for {missing[0]}" if missing else f"names {extra[0]}, which is no solved input"
+            raise UserError(f"parameters.alphas {what} (α per input, keyed by the input's first linear layer)")
+        return dict(s.alphas), None
+    grid = check_grid(s.alpha_grid or ALPHA_GRID)
+    with timer("alpha"):
+        curves = group_curves(inputs.experts, coefs, inputs.gram_files, inputs.val_files, groups, grid, device=device)
+    alphas = choose_alphas(curves, coefs, grid, s.alpha)
+    return alphas, dict(mode=s.alpha, grid=grid, curves=curves)
 
 
 def print_plan(s: MergeSettings, inputs: Inputs, tensors: int, device, out_dtype, out_dir: Path) -> None:
@@ -234,7 +313,8 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
     came from, for the model card and merge_report.json (default: the options that give these settings).
     Returns the merged folder."""
     s = MergeSettings(method, **plain_settings(settings))
-    argv = options_of(s, repeated=("exclude",)) if argv is None else argv
+    # a recipe's per-input alphas have no option: its recipe (the card's, merge_report.json's) remakes them
+    argv = options_of(replace(s, alphas=None), repeated=("exclude",)) if argv is None else argv
     if s.base:  # adapters in mergekit's BASE+ADAPTER form: the recipe then names their base
         s.models = [f"{s.base}+{m}" if is_adapter_dir(m) else m for m in s.models]
     timer = Timer()
@@ -243,7 +323,7 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
     weights = check_settings(s)
     coefs = [w / sum(weights) for w in weights]
     device = choose_device(s.device)
-    out_dir = Path(s.output_dir or Path(MERGES_DIR) / merge_dir_name(s.method, s.alpha))
+    out_dir = Path(s.output_dir or Path(MERGES_DIR) / merge_dir_name(s.method, "per-layer" if s.alphas else s.alpha))
     check_output_free(out_dir, s.overwrite)
     with timer("load"):
         inputs = open_inputs(s)
@@ -258,13 +338,28 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
     if reference:
         print(REFERENCE_WARNING, file=sys.stderr)
     forward_dtype, num_tokens, extra_settings = plan_hidden_states(s, inputs, device) if pp else (None, 0, {})
+    alphas, choice = resolve_alphas(s, inputs, coefs, timer, device)
+    alpha_lines = alpha_summary(alphas, s.alpha if choice else "recipe") if alphas else []
+    for line in alpha_lines:
+        print(line)
 
     with atomic_dir(out_dir, overwrite=s.overwrite) as tmp:
         writer = ShardWriter(tmp, plan, s.max_shard_size)
         averaged = frozenset(m + ".weight" for m in excluded)
         block_mb = WHOLE_TENSORS_MB if reference else s.block_mb
         streaming = StreamingMerge(
-            experts, coefs, s.alpha, device, out_dtype, writer, timer, block_mb, averaged, s.error_sample_every, s.solve
+            experts,
+            coefs,
+            s.alpha if alphas is None else None,
+            device,
+            out_dtype,
+            writer,
+            timer,
+            block_mb,
+            averaged,
+            s.error_sample_every,
+            s.solve,
+            alphas,
         )
         try:
             if pp:
@@ -279,6 +374,15 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
             writer.close()
         writer.finish()
         summary = summarize(report)
+        if choice and s.alpha == "auto":
+            with timer("picture"):
+                draw_alphas(
+                    alphas, choice["grid"], tmp / "merge_report_alpha.png", f"α chosen per input -> {out_dir.name}"
+                )
+        if choice:
+            for row in report:
+                curve = choice["curves"].get(row["gram"])
+                row["validation"] = validation_row(curve, coefs, choice["grid"], row["alpha"])
         names = expert_labels([e.spec for e in experts])
         errors = error_summary(report, names)
         error_lines = summary_lines(errors, s.method)
@@ -289,7 +393,10 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
             copy_side_files(inputs.source.dir, tmp, out_dtype)
             calibration = [c.provenance for c in calib] if pp else None
             forward = dtype_name(forward_dtype) if pp else None
-            recipe = recipe_of(asdict(s), weights, dtype_name(out_dtype), inputs.gram_paths, calibration, forward)
+            resolved = dict(asdict(s), alpha=alphas[next(iter(alphas))] if s.alpha == "auto-global" else s.alpha)
+            if s.alpha == "auto" or s.alphas:
+                resolved["alphas"] = alphas
+            recipe = recipe_of(resolved, weights, dtype_name(out_dtype), inputs.gram_paths, calibration, forward)
             write_model_card(
                 tmp,
                 s,
@@ -302,7 +409,7 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
                 inputs.source,
                 recipe,
                 excluded,
-                error_lines,
+                [*alpha_lines, *([""] if alpha_lines else []), *error_lines],
                 card=out_dir / "README.md",
             )
             total_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in plan.values())
@@ -326,6 +433,14 @@ def merge(method: str, *, argv: list[str] | None = None, **settings) -> Path:
                 command="python merge_model.py " + " ".join(argv),
                 experts=[dict(model=e.model_id, dir=str(e.dir), weight=c) for e, c in zip(experts, coefs)],
                 grams=inputs.provenance,
+                alpha_choice=None
+                if not choice
+                else dict(
+                    mode=choice["mode"],
+                    grid=choice["grid"],
+                    validation_grams=[gram_provenance(v) for v in inputs.val_files],
+                    alphas=alphas,
+                ),
                 recipe=recipe,
                 excluded=dict(patterns=s.exclude or [], modules=excluded),
                 config_from=str(inputs.source.dir),

@@ -107,6 +107,7 @@ class StreamingMerge:
     averaged: frozenset[str] = frozenset()  # linear weights excluded from RegMean (--exclude): the mean
     sample_every: int = SAMPLE_EVERY
     solve: str = "ours"  # ours: RegMeanSystem; reference: the reference's lstsq (ReferenceSystem)
+    alphas: dict[str, float] | None = None  # α per input (gram key of the first expert), where not one for all
 
     def __post_init__(self):
         self.infos = merged_infos(self.experts)
@@ -158,13 +159,16 @@ class StreamingMerge:
         tokens: list[int | None],
         keep: bool = False,
         system=None,
+        alpha: float | None = None,
     ) -> tuple[list[dict], dict[str, Tensor]]:
         """RegMean merge of the linear weights `members` that read one input (q/k/v, gate/up, or one
         layer alone) on one factorization of their system. grams: each expert's gram of that input;
         tokens: how many tokens each gram saw (None where unknown); system: a factorization of these
-        very grams to reuse (see merge_tensors), else one is made and left in self.system. Returns one
-        report row per weight and, with keep, {name: merged weight as written}."""
+        very grams at this α to reuse (see merge_tensors), else one is made and left in self.system;
+        alpha: this input's α (default: the merge's). Returns one report row per weight and, with
+        keep, {name: merged weight as written}."""
         infos, kept = self.infos, {}
+        alpha = self.alpha if alpha is None else alpha
         for member in [m for m in members if m in self.averaged]:
             merged = self.mean(member, keep)
             if keep:
@@ -178,7 +182,7 @@ class StreamingMerge:
         if not reused:
             with self.timer("solve"):
                 system = (ReferenceSystem if self.solve == "reference" else RegMeanSystem).factor(
-                    grams, self.alpha, self.coefs, self.device, num_rows=sum(infos[m][0][0] for m in members)
+                    grams, alpha, self.coefs, self.device, num_rows=sum(infos[m][0][0] for m in members)
                 )
         self.system = system
         factor_s = time.perf_counter() - t0
@@ -209,6 +213,7 @@ class StreamingMerge:
             report.append(
                 dict(
                     tensor=member,
+                    alpha=alpha,
                     n=system.n,
                     **system.diagnostics(),
                     residual=worst_residual,
@@ -271,14 +276,15 @@ def merge_tensors(
             done.add(name)
             bar.update(1)
             continue
-        factored = []  # (grams, system) of the family so far: identical grams, read again, are factored once
+        factored = []  # (grams, α, system) of the family so far: identical grams, read again, are factored once
         for key in families[family_of[group_of[name]]]:
             with merge.timer("load"):
                 grams = [g.get(k) for g, k in zip(gram_files, key)]
-            same = next((s for seen, s in factored if all(map(torch.equal, seen, grams))), None)
-            rows, _ = merge.linear_group(groups[key], grams, tokens, system=same)
+            alpha = merge.alphas[key[0]] if merge.alphas is not None else None
+            same = next((s for seen, a, s in factored if a == alpha and all(map(torch.equal, seen, grams))), None)
+            rows, _ = merge.linear_group(groups[key], grams, tokens, system=same, alpha=alpha)
             if same is None and rows:
-                factored.append((grams, merge.system))
+                factored.append((grams, alpha, merge.system))
             report += [dict(r, gram=key[0]) for r in rows]
             done.update(groups[key])
             bar.update(len(groups[key]))

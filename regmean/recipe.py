@@ -33,6 +33,7 @@ MODEL_KEYS = {"model": "models", "grams": "grams", "weight": "weights", "dataset
 # parameters -> their type (a float also takes an int)
 PARAMETERS = {
     "alpha": float,
+    "alphas": dict,  # α per input (its first linear layer -> α), as an --alpha auto merge chose them
     "exclude": list,
     "allow_gram_mismatch": bool,
     "split": str,  # regmean++ calibration data, as merge_model.py's options of the same names
@@ -61,6 +62,12 @@ def typed(where: str, value, kind):
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
         raise UserError(f"{where}: expected a regular expression or a list of them, got {value!r}")
+    if kind is dict:
+        if isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()
+        ):
+            return {k: float(v) for k, v in value.items()}
+        raise UserError(f"{where}: expected a mapping of linear layer names to numbers, got {value!r}")
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -142,6 +149,8 @@ def recipe_of(
     """The recipe of a merge as it was run, every value resolved: settings are asdict of regmean/merge.py's
     MergeSettings, calibration regmean++'s data provenance per expert."""
     parameters = {} if settings["method"] == "avg" else dict(alpha=settings["alpha"])
+    if settings.get("alphas") and settings["method"] == "regmean":  # every input's own α: they remake the merge
+        parameters = dict(alphas=dict(settings["alphas"]))
     if settings.get("exclude"):
         parameters["exclude"] = settings["exclude"]
     if settings.get("solve", "ours") != "ours":

@@ -16,6 +16,7 @@ PACKAGE = [  # regmean/: each module may use those after it
     "results",
     "regmeanpp",
     "merging",
+    "alpha_choice",
     "experts",
     "adapters",
     "merge_report",

@@ -1,0 +1,87 @@
+"""The cost of merge_model.py regmean --alpha auto against a fixed-α merge, on synthetic Llama-shaped experts
+(bench/merge_inputs.py; validation grams are a second set of synthetic grams of the same shapes).
+
+    python bench/bench_alpha_auto.py                       # SmolLM2-135M-shaped (576 / 1536, GQA 9:3, vocab 49152),
+                                                           # 30 layers
+    python bench/bench_alpha_auto.py --layers 4 --repeat 2 # fewer layers; alternate the runs, keep the fastest
+    python bench/bench_alpha_auto.py --hidden 4096 --intermediate 14336 --vocab 128256 --heads 32 --kv-heads 8 \
+        --layers 1                                         # one Llama-3-8B-shaped layer (+ lm_head)
+
+Prints the wall time of each merge (the fastest of --repeat) and auto's over the fixed one's, and auto's
+own phase ("alpha": choosing α, the rest the same merge as fixed).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from merge_inputs import NUM_EXPERTS, input_key, linear_shapes, prepare, synthetic_gram  # noqa: E402
+
+
+def validation_grams(folder, args):
+    """A second set of synthetic grams per expert (other seeds), as validation grams."""
+    from regmean.tensor_io import save_grams
+
+    shapes = linear_shapes(args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads, args.layers)
+    paths = []
+    for i in range(NUM_EXPERTS):
+        path = folder / f"expert{i}" / "gram-validation.safetensors"
+        if not path.exists():
+            aliases = {m: input_key(m) for m in shapes if input_key(m) != m}
+            stored = {m: synthetic_gram(shapes[m][1], f"{m}/{i}/validation") for m in shapes if m not in aliases}
+            save_grams(path, stored, aliases, 10000, dict(model="synthetic", dataset="synthetic-validation"))
+        paths.append(str(path))
+    return paths
+
+
+def run_merge(folder, args, extra, name):
+    import merge_model
+
+    experts = [str(folder / f"expert{i}") for i in range(NUM_EXPERTS)]
+    t0 = time.perf_counter()
+    out = merge_model.main(
+        ["regmean", "--models", *experts, "--grams", *experts, "--output-dir", str(folder / name), "--overwrite"]
+        + ["--device", args.device, *extra]
+    )
+    wall = time.perf_counter() - t0
+    return wall, json.loads((out / "merge_report.json").read_text())["figures"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--heads", type=int, default=9)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--alpha", type=float, default=0.1, help="the fixed merge's α")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--work-dir", default="runs/bench/alpha_auto")
+    args = p.parse_args(argv)
+    args.ill_conditioned = False  # merge_inputs.prepare reads it
+    folder = Path(args.work_dir) / f"h{args.hidden}-i{args.intermediate}-v{args.vocab}-l{args.layers}"
+    prepare(folder, args, args.layers)
+    val = validation_grams(folder, args)
+    best = {}
+    for _ in range(args.repeat):
+        for name, extra in (
+            ("fixed", ["--alpha", str(args.alpha)]),
+            ("auto", ["--alpha", "auto", "--validation-grams", *val]),
+        ):
+            wall, figures = run_merge(folder, args, extra, f"out-{name}")
+            if name not in best or wall < best[name][0]:
+                best[name] = (wall, figures)
+    for name, (wall, figures) in best.items():
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in figures.items() if k.endswith("_s") and k != "wall_s")
+        print(f"{name}: wall {wall:.1f} s ({phases}); {figures['peak_memory']}")
+    print(f"auto / fixed wall time: {best['auto'][0] / best['fixed'][0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
