@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from regmean.calibration import format_rows, load_tokenizer, tokenize_texts  # noqa: E402
-from regmean.grams import accumulate_grams  # noqa: E402
+from regmean.model_plan import accumulate_grams  # noqa: E402
 from regmean.solver import merge_weight  # noqa: E402
 
 

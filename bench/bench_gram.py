@@ -45,7 +45,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from regmean.calibration import Gram, collate, find_shared_inputs, length_batches  # noqa: E402
-from regmean.grams import accumulate_grams  # noqa: E402
+from regmean.model_plan import accumulate_grams  # noqa: E402
 from regmean.ranks import all_reduce_grams  # noqa: E402
 from regmean.utils import DTYPES, auto_dtype, choose_device, dtype_name  # noqa: E402
 

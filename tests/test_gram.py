@@ -14,7 +14,7 @@ from torch import nn
 from compute_gram import main
 from conftest import ROOT, make_rows, save_expert, tiny_qwen2, write_jsonl
 from regmean.calibration import Gram
-from regmean.grams import CHECKPOINT_FILE
+from regmean.model_plan import CHECKPOINT_FILE
 from regmean.tensor_io import GramFile
 from regmean.utils import FORMATS, GRAM_FILE, UserError, first_line
 

@@ -15,7 +15,7 @@ import torch
 from compute_gram import main
 from conftest import ROOT
 from regmean.calibration import Gram, length_batches, split_batches
-from regmean.grams import accumulate_grams, checkpoint_path, save_checkpoint
+from regmean.model_plan import accumulate_grams, checkpoint_path, save_checkpoint
 from regmean.tensor_io import GramFile, save_grams, write_safetensors
 from regmean.utils import GRAM_FILE, UserError
 
@@ -249,7 +249,7 @@ from torch import nn
 from accelerate import PartialState
 sys.path.insert(0, {root!r})
 from compute_gram import main
-from regmean.grams import checkpoint_path
+from regmean.model_plan import checkpoint_path
 
 out = {out!r}
 

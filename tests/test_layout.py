@@ -9,6 +9,7 @@ STAGES = ["compute_gram", "merge_model", "evaluate", "judge_merge"]  # demo.py r
 SCRIPTS = [*STAGES, "demo", "smollm2", "utils"]  # the root: the stage scripts and what only they share
 PACKAGE = [  # regmean/: each module may use those after it
     "grams",
+    "model_plan",
     "merge",
     "lora_merge",
     "judge",
