@@ -13,7 +13,7 @@ squares), then `merge_model.py regmean` on them, in this process, with three cou
   read so (GramFile), the safetensors weights are not (they are memory-mapped), so a merge that
   reads each gram once has rchar ≈ the gram files' size;
 - the file bytes GramFile.get took (its bytes_read, summed over the merge's gram files);
-- the bytes of expert weights the merge asked for (merging.read_tensor, wrapped to count).
+- the bytes of expert weights the merge asked for (experts.read_tensor, behind Expert.read, wrapped to count).
 The figures go to stdout and, as JSON, to --output (a folder that also holds the inputs, reused
 by later runs with the same sizes, and the merged model, replaced each run).
 """
@@ -32,10 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_llama3_8b_shaped import write_weights  # noqa: E402
 
 import merge_model  # noqa: E402
-from regmean import (
-    merging,  # noqa: E402
-    tensor_io,  # noqa: E402
-)
+from regmean import experts as expert_io  # noqa: E402
+from regmean import tensor_io  # noqa: E402
 from regmean.tensor_io import GramFile, save_grams, write_safetensors  # noqa: E402
 
 
@@ -127,7 +125,7 @@ def main(argv=None):
     weight_bytes = sum(f.stat().st_size for e in experts for f in e.glob("model*.safetensors"))
 
     counts = {"grams": 0, "weights": 0}
-    read_tensor, get = merging.read_tensor, GramFile.get
+    read_tensor, get = expert_io.read_tensor, GramFile.get
 
     def counting_read(file, name, rows=None):
         t = read_tensor(file, name, rows)
@@ -141,7 +139,7 @@ def main(argv=None):
         finally:
             counts["grams"] += self.bytes_read - before
 
-    merging.read_tensor, tensor_io.GramFile.get = counting_read, counting_get
+    expert_io.read_tensor, tensor_io.GramFile.get = counting_read, counting_get
     out = folder / "merged"
     command = ["regmean", "--models", *map(str, experts), "--grams", *map(str, grams)]
     command += ["--output-dir", str(out), "--overwrite", "--device", args.device, "--error-sample-every", "0"]
@@ -149,7 +147,7 @@ def main(argv=None):
     try:
         merge_model.main(command)
     finally:
-        merging.read_tensor, tensor_io.GramFile.get = read_tensor, get
+        expert_io.read_tensor, tensor_io.GramFile.get = read_tensor, get
     read, seconds = rchar() - before, time.perf_counter() - start
     figures = dict(
         format=args.format,
