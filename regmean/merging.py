@@ -191,13 +191,15 @@ class StreamingMerge:
         if self.solve == "reference":  # the reference's arithmetic: its N grams at once, as it held them
             return self.held_group(members, [grams(i) for i in range(len(self.experts))], tokens, keep, family, alpha)
         t0, n, num = time.perf_counter(), self.infos[members[0]][0][1], len(self.experts)
-        blocks, out = [], {}  # blocks of rows every expert has: solved; out: (member, start) -> merged block
+        blocks, out = [], {}  # blocks of rows every expert has: solved; out (keep): (member, start) -> merged block
         for member in members:
             for rows, have in self.blocks(member):
                 if len(have) < num:  # tokens only some experts have: their rows' mean
-                    out[member, rows[0]] = self.mean_block(member, rows, have)
+                    merged = self.mean_block(member, rows, have)
                     with self.timer("write"):
-                        self.writer.write(member, out[member, rows[0]], rows[0])
+                        self.writer.write(member, merged, rows[0])
+                    if keep:
+                        out[member, rows[0]] = merged
                 else:
                     blocks.append((member, rows))
         steps = {m: sample_step(self.infos[m][0][0], self.sample_every) for m in members} if self.sample_every else {}
@@ -228,7 +230,9 @@ class StreamingMerge:
             merged, residual, error = solved
             merged, start = merged.to(self.out_dtype), 0
             for member, rows in chunk:
-                out[member, rows[0]] = block = merged[start : start + rows[1] - rows[0]]
+                block = merged[start : start + rows[1] - rows[0]]
+                if keep:
+                    out[member, rows[0]] = block
                 start += rows[1] - rows[0]
                 worst[member] = (max(worst[member][0], residual), max(worst[member][1], error))
                 with self.timer("write"):
