@@ -8,8 +8,9 @@ wide enough that the grams outweigh the weights (default hidden 1024, MLP 4096, 
 a 4096-wide down_proj gram is 64 MB in float32), and a random gram per distinct input each (v2 files).
 Each `merge_model.py regmean` runs in its own process; its peak RSS is that child's ru_maxrss (os.wait4),
 and its rchar (bytes read through read() during merge_model.main: the gram files, as weights are
-memory-mapped, plus the configs, tokenizer and lazily imported modules) is read by the child. --before DIR runs the same merges with the code checked out in DIR (e.g. `git worktree add
-/tmp/before 971233f`), alternating with this one. Figures to stdout and, as JSON, to --output.
+memory-mapped, plus the configs, tokenizer and lazily imported modules) is read by the child.
+--before DIR runs the same merges with the code checked out in DIR (e.g. `git worktree add /tmp/before
+971233f`), alternating with this one. Figures to stdout and, as JSON, to --output.
 """
 
 import argparse
