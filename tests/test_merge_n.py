@@ -161,3 +161,21 @@ def test_merge_of_three_weighted_experts_in_chunks(tokenizer, tmp_path, alpha, c
     rows = {r["tensor"]: r for r in report["layers"]}
     assert rows[unexcited + ".weight"]["unexcited"] == (6 if alpha == 1.0 else 0)
     assert all("output_error" in r for r in report["layers"])
+
+
+def test_bench_merge_n_runs(tmp_path):
+    """bench/bench_merge_n.py at tiny shapes: each merge in its own process, its peak RSS and reads counted."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_merge_n import main
+
+    shapes = ["--hidden", "64", "--intermediate", "256", "--layers", "1", "--vocab", "128", "--heads", "4"]
+    rows = main(
+        [*shapes, "--kv-heads", "2", "--experts", "2", "3", "--error-sample-every", "0", "--output", str(tmp_path)]
+    )
+    assert [r["experts"] for r in rows] == [2, 3]
+    for r in rows:
+        assert r["peak_rss_gib"] > 0.1 and r["rchar_gb"] >= r["gram_files_gb"] > 0
+        assert r["log_lines"][0].startswith("grams: one expert's at a time")
