@@ -16,8 +16,8 @@ or, holding one expert's gram at a time (the streamed merge: memory independent 
     system = RegMeanSystem.start(n, alpha, coefs, device)
     for i, gram in enumerate(grams): system.add_gram(i, gram)          # A = Σ cᵢ G̃ᵢ + λI, in float64
     system.finish()                                                       # factored as above
-    rhs, spread = deviation_sums(n, rows, wide_rhs(n, alpha))             # then per expert i:
-    add_deviation(rhs, spread, gram, coef, alpha, expert_rows - first_expert_rows)
+    rhs, spread = deviation_sums(num_rows, n, wide_rhs(n, alpha))         # then per expert i > 0:
+    add_deviation(rhs, spread, gram, coefs[i], alpha, expert_rows - first_expert_rows)
     merged, residual, error = system.solve_deviation(first_expert_rows, spread, rhs)
 
 The solve is float32 Cholesky where that is accurate (its error is measured on random probes),
