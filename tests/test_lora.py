@@ -398,3 +398,23 @@ def test_smollm2_adapters_round_trip_through_the_adapter_output(smollm2_dir, cal
     weights = model.merge_and_unload().state_dict()
     for name, w in tensors_of(dense).items():
         assert rel(weights[name], w) < 1e-5, name  # the default solve: within solver.TOLERANCE (test above)
+
+
+def test_judge_an_adapter_output(loras):
+    """judge_merge.py on an adapter-output folder (its experts and grams from its card): the merged adapter folded
+    into its base as read, the same figures as for the dense output of the same merge."""
+    from judge_merge import main
+
+    d, grams, adapters = loras["dir"], [str(g) for g in loras["grams"][:2]], [str(a) for a in loras["adapters"][:2]]
+    common = dict(method="regmean", grams=grams, alpha=0.5, device="cpu", dtype="float32", error_sample_every=0)
+    dense = merge(models=adapters, output_dir=str(d / "judge-dense"), **common)
+    out = merge(models=adapters, output_format="adapter", output_dir=str(d / "judge-adapter"), **common)
+    figures = {}
+    for folder in (dense, out):
+        args = [str(folder), "--models", *adapters, "--grams", *grams, "--sample-every", "1", "--device", "cpu"]
+        report = json.loads(main(args if folder == dense else [str(folder), "--sample-every", "1"]).read_text())
+        figures[folder] = {r["tensor"]: r["output_error"] for r in report["layers"]}
+    assert figures[dense].keys() == figures[out].keys() and len(figures[out]) == 15
+    for name, f in figures[dense].items():
+        for mine, theirs in zip(figures[out][name]["merged"], f["merged"]):
+            assert abs(mine - theirs) <= 1e-4 * theirs + 1e-12, name
