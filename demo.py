@@ -28,7 +28,7 @@ from regmean.adapters import is_adapter_dir
 from regmean.evaluation import evaluate
 from regmean.finetune import drift_table, greedy_accuracy, is_lora, sft_examples, train, weight_drift, with_lora
 from regmean.results import results_table
-from regmean.utils import Timer, atomic_dir, merge_dir_name, peak_memory
+from regmean.utils import PRESETS, Timer, atomic_dir, merge_dir_name, peak_memory
 from utils import run_main
 
 # A Llama-3-style chat template: the template writes BOS itself, so calibration text is
@@ -467,7 +467,8 @@ def compute_grams(experts: dict[str, Path], root: Path, rows: int) -> dict[str, 
     for kind, folder in experts.items():
         grams[kind] = root / "grams" / folder.name
         data = root / "data" / f"{kind}_calib.jsonl"
-        args = [folder.name, "--model", str(folder), "--dataset", str(data), "--format", kind]
+        args = [folder.name] * (folder.name in PRESETS)  # a preset names the expert; the LoRA ones are none
+        args += ["--model", str(folder), "--dataset", str(data), "--format", kind]
         compute_gram.main(args + ["--num-examples", str(rows), "--output-dir", str(grams[kind]), "--device", "cpu"])
     return grams
 
