@@ -388,7 +388,7 @@ MERGES = {
     "RegMean (α=1.0)": ("regmean", 1.0),
     "RegMean++ (α=0.1)": ("regmean++", 0.1),
 }
-LORA_MERGES = {  # the dense outputs are the same models as the adapters up to float32 rounding: scored as a check
+LORA_MERGES = {  # the dense outputs are the adapters in the base's dtype (bfloat16): scored to show what that costs
     "Average (adapter)": ("avg", None, "adapter"),
     "Average (dense)": ("avg", None, "dense"),
     "RegMean (α=0.1, adapter)": ("regmean", 0.1, "adapter"),
