@@ -9,6 +9,7 @@ that the presets name. What it builds and why, and its figures: docs/demo.md.
     python demo.py            # SmolLM2-135M-Instruct -> two experts in runs/demo/ (once), then
                               # gram -> merge (avg, regmean 0.1, regmean 1.0, regmean++ 0.1) -> lm_eval -> table
     python demo.py --rebuild  # fine-tune the experts again
+    python demo.py --lora     # two LoRA adapters instead, merged into adapters and dense folders, into runs/demo-lora/
     python demo.py --toy      # the same flow on a 0.9M-parameter toy Llama built from scratch, into runs/toy/
     python demo.py --quick    # the toy at tiny sizes and few rows, into runs/toy-quick/ (the tests' smoke run)
     python merge_model.py regmean --models smollm2-code smollm2-math --alpha 0.1   # after a demo
@@ -23,10 +24,11 @@ from pathlib import Path
 
 import torch
 
+from regmean.adapters import is_adapter_dir
 from regmean.evaluation import evaluate
-from regmean.finetune import drift_table, greedy_accuracy, sft_examples, train, weight_drift
+from regmean.finetune import drift_table, greedy_accuracy, is_lora, sft_examples, train, weight_drift, with_lora
 from regmean.results import results_table
-from regmean.utils import Timer, atomic_dir, merge_dir_name, peak_memory
+from regmean.utils import PRESETS, Timer, atomic_dir, merge_dir_name, peak_memory
 from utils import run_main
 
 # A Llama-3-style chat template: the template writes BOS itself, so calibration text is
@@ -52,6 +54,9 @@ KINDS = ("code", "math")  # the two skills; expert i learns KINDS[i]
 # enough to learn its reply format in that time. Only the replies (~27% of the tokens) are trained on. Float32:
 # bfloat16 autocast was about 3x slower on that CPU (no native bfloat16).
 SMOLLM2 = dict(train_rows=192, calib_rows=64, test_rows=40, expert_steps=24, batch_size=8, lr=3e-4, autocast=False)
+# --lora: the same rows and steps, rank-16 LoRA factors on every projection (scaling 32/16 = 2); a LoRA learns at a
+# higher rate than a full fine-tune (its B starts at zero).
+SMOLLM2_LORA = dict(SMOLLM2, rank=16, lora_alpha=32, lr=1e-3)
 
 # Sizes of the toy world. "toy" is what `python demo.py --toy` builds; "quick" only checks that
 # the flow runs end to end (its experts learn little).
@@ -301,6 +306,33 @@ def build_smollm2_experts(base_dir, root, sizes, seed=0):
     return experts
 
 
+def build_smollm2_adapters(base_dir, root, sizes, seed=0):
+    """Data and two LoRA adapters of SmolLM2-135M-Instruct under `root` (peft adapter folders, their base named by
+    base_dir), each trained on its own skill only, the base frozen, float32. Returns {name: folder}."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    timer = Timer()
+    splits = write_data(root / "data", sizes, seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    experts = {}
+    for i, kind in enumerate(KINDS):
+        name = f"smollm2-{kind}-lora"
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        model = with_lora(base, sizes["rank"], sizes["lora_alpha"])
+        examples = sft_examples(tokenizer, splits[kind]["train"], kind)
+        with timer(name):
+            steps, batch, lr = sizes["expert_steps"], sizes["batch_size"], sizes["lr"]
+            loss, tokens = train(model.base_model.model, examples, steps, batch, lr, seed + 1 + i, name, is_lora)
+        print(
+            f"{name}: rank {sizes['rank']}, {sizes['expert_steps']} steps of {sizes['batch_size']} {kind} rows, "
+            f"loss {loss:.3f}, {timer.phases[name]:.0f} s ({tokens / timer.phases[name]:.0f} tokens/s)"
+        )
+        with atomic_dir(root / name, overwrite=True) as tmp:
+            model.save_pretrained(str(tmp))
+        experts[name] = root / name
+    return experts
+
+
 def base_copy(base_dir, out_dir):
     """The base model's files linked (or copied) into out_dir, so that lm_eval writes its results for this demo
     there and not into the shared model folder."""
@@ -356,6 +388,13 @@ MERGES = {
     "RegMean (α=1.0)": ("regmean", 1.0),
     "RegMean++ (α=0.1)": ("regmean++", 0.1),
 }
+LORA_MERGES = {  # the dense outputs are the adapters in the base's dtype (bfloat16): scored to show what that costs
+    "Average (adapter)": ("avg", None, "adapter"),
+    "Average (dense)": ("avg", None, "dense"),
+    "RegMean (α=0.1, adapter)": ("regmean", 0.1, "adapter"),
+    "RegMean (α=0.1, dense)": ("regmean", 0.1, "dense"),
+    "RegMean (α=1.0, adapter)": ("regmean", 1.0, "adapter"),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -377,6 +416,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--root", help="folder of the experts, data and results (default runs/demo, runs/toy or runs/toy-quick)"
     )
+    p.add_argument("--lora", action="store_true", help="LoRA experts of SmolLM2 instead (root runs/demo-lora)")
     p.add_argument("--rebuild", action="store_true", help="build data and experts again even when present")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the training runs (default 0)")
     p.add_argument("--eval-batch-size", type=int, default=64, help="lm_eval --batch_size (default 64)")
@@ -427,20 +467,22 @@ def compute_grams(experts: dict[str, Path], root: Path, rows: int) -> dict[str, 
     for kind, folder in experts.items():
         grams[kind] = root / "grams" / folder.name
         data = root / "data" / f"{kind}_calib.jsonl"
-        args = [folder.name, "--model", str(folder), "--dataset", str(data), "--format", kind]
+        args = [folder.name] * (folder.name in PRESETS)  # a preset names the expert; the LoRA ones are none
+        args += ["--model", str(folder), "--dataset", str(data), "--format", kind]
         compute_gram.main(args + ["--num-examples", str(rows), "--output-dir", str(grams[kind]), "--device", "cpu"])
     return grams
 
 
-def merge_all(experts: dict[str, Path], grams: dict[str, Path], root: Path, rows: int) -> dict[str, Path]:
-    """{row label: merged folder}: merge_model.py for each of MERGES, into root/merges/."""
+def merge_all(experts: dict[str, Path], grams: dict[str, Path], root: Path, rows: int, todo=None) -> dict[str, Path]:
+    """{row label: merged folder}: merge_model.py for each of todo (MERGES by default; (method, alpha, output
+    format) for LORA_MERGES), into root/merges/."""
     import merge_model
 
     merges = {}
-    for label, (method, alpha) in MERGES.items():
-        out = root / "merges" / merge_dir_name(method, alpha)
+    for label, (method, alpha, *output) in (todo or MERGES).items():
+        out = root / "merges" / (merge_dir_name(method, alpha) + "".join(f"_{f}" for f in output))
         cmd = [method, "--models", *map(str, experts.values()), "--output-dir", str(out), "--overwrite"]
-        cmd += ["--device", "cpu"]
+        cmd += ["--device", "cpu"] + [a for f in output for a in ("--output-format", f)]
         if method == "regmean":
             cmd += ["--grams", *map(str, grams.values()), "--alpha", str(alpha)]
         elif method == "regmean++":  # the same calibration rows as the grams, through the merged layers
@@ -495,10 +537,37 @@ def write_report(root: Path, table: str, sections: list[str], timer: Timer) -> P
     return root / "results.md"
 
 
+def lora_demo(args, timer: Timer) -> Path:
+    """demo.py --lora: two LoRA adapters of SmolLM2 fine-tuned on the two skills (once), their grams, LORA_MERGES,
+    then lm_eval on the base (a linked copy), the adapters and the merges (adapters on their base: peft=)."""
+    import smollm2
+
+    sizes, root = SMOLLM2_LORA, Path(args.root or "runs/demo-lora")
+    with timer("model"):
+        base = smollm2.materialize()
+    experts = {kind: root / f"smollm2-{kind}-lora" for kind in KINDS}
+    with timer("fine-tune"):
+        if args.rebuild or not (is_built(root, ()) and all(map(is_adapter_dir, experts.values()))):
+            build_smollm2_adapters(base, root, sizes, args.seed)
+        else:
+            print(f"reusing the adapters in {root} (--rebuild fine-tunes them again)")
+    with timer("gram"):
+        grams = compute_grams(experts, root, sizes["calib_rows"])
+    with timer("merge"):
+        merges = merge_all(experts, grams, root, sizes["calib_rows"], LORA_MERGES)
+    labelled = {f"{kind.capitalize()} LoRA expert": folder for kind, folder in experts.items()}
+    with timer("evaluate"):
+        bases = {"Base model": base_copy(base, root / "base")}
+        table = evaluate_all(bases, labelled, merges, root, args.eval_batch_size)
+    return write_report(root, table, [], timer)
+
+
 def main(argv=None):
     args = parse_args(argv)
     use_threads()
     timer = Timer()
+    if args.lora:
+        return lora_demo(args, timer)
     if args.quick or args.toy:
         sizes = SIZES["quick" if args.quick else "toy"]
         root = Path(args.root or ("runs/toy-quick" if args.quick else "runs/toy"))

@@ -27,7 +27,7 @@ def parse_args(argv=None) -> dict:
         description="Output error figures of a merged model against its experts' grams.",
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("merged", help="the merged model folder (safetensors)")
+    p.add_argument("merged", help="the merged model folder (safetensors), or a merged LoRA adapter folder")
     p.add_argument(
         "--models",
         nargs="+",

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import adapter_config, is_adapter_dir, resolve_base
 from .recipe import CARD_RECIPE, read_recipe
 from .results import result_files, results_dir, task_name, warn
 from .utils import PRESETS, UserError, choose_device, choose_dtype, did_you_mean, dtype_name, first_line
@@ -45,10 +46,13 @@ MANAGED_OPTIONS = {"--model", "-M", "--output_path", "-o", "--include_path", "-t
 
 # ----------------------------------------------------------------------------- checks
 def check_model_folder(folder: str | Path) -> None:
-    """A folder lm_eval can load: config.json and weights."""
+    """A folder lm_eval can load: config.json and weights, or a LoRA adapter whose base is here."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder{did_you_mean(folder)}")
+    if is_adapter_dir(folder):
+        adapter_base(folder)
+        return
     has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
     if not (folder / "config.json").is_file() or not has_weights:
         raise UserError(f"{folder} holds no model (it needs config.json and .safetensors/.bin weights)")
@@ -112,6 +116,16 @@ def choose_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def adapter_base(folder: str | Path) -> Path:
+    """The base model folder of a LoRA adapter folder (its base_model_name_or_path), checked to be here."""
+    return resolve_base(Path(folder), None, adapter_config(Path(folder)))
+
+
+def model_config_dir(folder: str | Path) -> Path:
+    """Where a folder's config.json is: the folder, or an adapter's base."""
+    return adapter_base(folder) if is_adapter_dir(folder) else Path(folder)
+
+
 # ----------------------------------------------------------------------------- running lm_eval
 def lm_eval_command(
     folder: str | Path,
@@ -126,14 +140,22 @@ def lm_eval_command(
     tokenizer: str | None = None,
 ) -> list[str]:
     """The seed's lm_eval command line for one folder (+ --include_path, + the hf backend's device,
-    + add_bos_token as the reference's harness had it, + the tokenizer when one is named)."""
+    + add_bos_token as the reference's harness had it, + the tokenizer when one is named). A LoRA adapter folder
+    runs on its base: the hf backend's peft=, vLLM's lora_local_path= (enable_lora, max_lora_rank)."""
     own = sorted({kv.split("=", 1)[0].strip() for kv in model_args.split(",")} & {"add_bos_token", "tokenizer"})
     if own:
         raise UserError(f"--model-args sets {', '.join(own)}: use --add-bos-token / --tokenizer instead")
+    model, adapter = folder, ""
+    if is_adapter_dir(folder):
+        model, config = adapter_base(folder), adapter_config(Path(folder))
+        rank = max([config.get("r", 8), *(config.get("rank_pattern") or {}).values()])
+        vllm_rank = max(8, 1 << (rank - 1).bit_length())  # vLLM takes powers of two (8, 16, ..., 256, 512)
+        adapter = f",lora_local_path={folder},max_lora_rank={vllm_rank}" if backend == "vllm" else f",peft={folder}"
     if backend == "vllm":
-        args = f"pretrained={folder},tensor_parallel_size=1,dtype={dtype_name(dtype)}"
+        args = f"pretrained={model},tensor_parallel_size=1,dtype={dtype_name(dtype)}"
     else:
-        args = f"pretrained={folder},dtype={dtype_name(dtype)}"
+        args = f"pretrained={model},dtype={dtype_name(dtype)}"
+    args += adapter
     if add_bos_token != "tokenizer":  # "tokenizer": leave it to the tokenizer (lm-eval 0.4.13's default)
         args += f",add_bos_token={add_bos_token == 'true'}"
     if tokenizer:
@@ -268,7 +290,8 @@ def evaluate(
     if not todo:
         return Evaluation("", {}, 0, skipped)
     torch_device = choose_device(device)
-    width = json.loads(Path(next(iter(todo)), "config.json").read_text()).get("hidden_size")  # auto times it on cpu
+    config = model_config_dir(next(iter(todo))) / "config.json"
+    width = json.loads(config.read_text()).get("hidden_size")  # auto times it on cpu
     torch_dtype = choose_dtype(dtype, torch_device, width=width)
     backend = choose_backend(backend, torch_device)
     check_tasks(tasks, passthrough_metadata(lm_eval_args))

@@ -2,6 +2,8 @@
 
 examples = sft_examples(tokenizer, rows, "math")            # (token ids, loss mask) per row
 train(model, examples, steps=40, batch_size=8, lr=1e-4, seed=0, desc="math", trainable=lambda n: "embed" not in n)
+lora = with_lora(model, rank=16, lora_alpha=32)            # peft: fresh LoRA factors on every projection
+train(lora.base_model.model, examples, 24, 8, 1e-3, 0, "math", trainable=is_lora)   # then lora.save_pretrained(dir)
 weight_drift(base_dir, {"code": code_dir, "math": math_dir})  # per module kind, relative to the base's norm
 """
 
@@ -17,6 +19,8 @@ from .tensor_io import checkpoint_files, read_tensor
 from .utils import FORMATS, Progress
 
 Example = tuple[list[int], list[int]]  # token ids, loss mask (1 where the token is a target)
+# The linear layers a LoRA expert adapts: every projection of a Llama-style decoder layer (not the tied head).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def sft_examples(tokenizer, rows: list[dict], fmt: str, reply_only: bool = True) -> list[Example]:
@@ -36,6 +40,19 @@ def sft_examples(tokenizer, rows: list[dict], fmt: str, reply_only: bool = True)
             mask = [0] + [1] * (len(ids) - 1)
         out.append((ids, mask))
     return out
+
+
+def with_lora(model, rank: int, lora_alpha: int, targets=LORA_TARGETS):
+    """The model wrapped by peft with fresh LoRA factors (B = 0, so it starts as the model) on `targets`."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=list(targets))
+    return get_peft_model(model, config)
+
+
+def is_lora(name: str) -> bool:
+    """A parameter that LoRA training trains: the factors, not the base."""
+    return "lora_A" in name or "lora_B" in name
 
 
 def reply_loss(model, ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

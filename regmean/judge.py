@@ -19,6 +19,7 @@ from .experts import (
     expert_labels,
     expert_weights,
     linear_modules,
+    load_expert,
     load_experts,
     open_gram_files,
     resolve_gram_paths,
@@ -27,7 +28,6 @@ from .merge_report import SAMPLE_EVERY, draw_picture, error_summary, summary_lin
 from .merging import judge_tensors
 from .model_card import options_of
 from .recipe import CARD_RECIPE, read_recipe
-from .tensor_io import checkpoint_files, tensor_infos
 from .utils import Timer, UserError, choose_device, did_you_mean, peak_memory, plain_settings
 
 DEFAULT_MODELS = ["code", "math"]  # for a folder whose model card records no recipe
@@ -125,15 +125,14 @@ def judge(merged: str | Path, *, argv: list[str] | None = None, **settings) -> P
         experts = load_experts(s.models)
         gram_files = open_gram_files(experts, gram_paths, s.allow_gram_mismatch)
         linear = linear_modules(experts[0].infos, gram_files)
-        merged_files = checkpoint_files(merged_dir)
-        merged_infos = tensor_infos(merged_files)
-    check_merged_shapes(merged_dir, merged_infos, experts[0], linear)
+        merged = load_expert(str(merged_dir))  # a dense folder, or a LoRA adapter folded into its base as read
+    check_merged_shapes(merged_dir, merged.infos, experts[0], linear)
     val_files = open_validation_grams(s, experts, linear) if s.validation_grams else None
     names = expert_labels(s.models)
     print(f"judging {merged_dir} against {', '.join(names)}: {len(linear)} linear layers on {device}")
 
     with timer("figures"):
-        layers = judge_tensors(merged_files, experts, coefs, gram_files, linear, device, s.sample_every)
+        layers = judge_tensors(merged, experts, coefs, gram_files, linear, device, s.sample_every)
     summary = error_summary(layers, names)
     lines = summary_lines(summary, recipe.get("method", "merged"), every="--sample-every")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +148,7 @@ def judge(merged: str | Path, *, argv: list[str] | None = None, **settings) -> P
     )
     if val_files:
         report["validation"] = judge_validation(
-            val_files, experts, coefs, linear, merged_files, device, names, timer, s.sample_every
+            val_files, experts, coefs, linear, merged, device, names, timer, s.sample_every
         )
         lines += report["validation"].pop("lines")
     tmp = out_dir / "judge_report.json.tmp"  # complete or absent
@@ -173,11 +172,11 @@ def open_validation_grams(s: JudgeSettings, experts, linear) -> list:
     return val_files
 
 
-def judge_validation(val_files, experts, coefs, linear, merged_files, device, names, timer, sample_every) -> dict:
+def judge_validation(val_files, experts, coefs, linear, merged, device, names, timer, sample_every) -> dict:
     """The figures on each expert's validation grams (--validation-grams): per layer, the summary, and the total
     validation error (validation_total), the number --alpha auto minimizes, comparable across merged folders."""
     with timer("validation"):
-        layers = judge_tensors(merged_files, experts, coefs, val_files, linear, device, sample_every)
+        layers = judge_tensors(merged, experts, coefs, val_files, linear, device, sample_every)
     summary = error_summary(layers, names)
     total = validation_total(layers, coefs)
     lines = [

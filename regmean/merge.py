@@ -274,8 +274,9 @@ def print_plan(s: MergeSettings, inputs: Inputs, tensors: int, device, out_dtype
         "regmean": f"{len(inputs.linear) - len(inputs.excluded)} by RegMean",
         "regmean++": "linear layers by RegMean++",
     }[s.method]
+    folders = ", ".join(str(e.lora.dir if e.lora else e.dir) for e in experts)  # an adapter: its own folder
     print(
-        f"merging {len(s.models)} models ({', '.join(str(e.dir) for e in experts)}) by {s.method}: "
+        f"merging {len(s.models)} models ({folders}) by {s.method}: "
         f"{tensors} tensors, {what}, on {device}, output {dtype_name(out_dtype)} -> {out_dir}"
     )
     if inputs.tied and s.method != "avg":

@@ -9,7 +9,7 @@ before (regmean/experts.py).
     experts = load_experts(["code", "math"])
     merge = StreamingMerge(experts, coefs, alpha, device, out_dtype, writer, timer, block_mb)
     report = merge_tensors(merge, gram_files, linear_modules(experts[0].infos, gram_files))
-    judged = judge_tensors(merged_files, experts, coefs, gram_files, linear, device)   # any merged folder
+    judged = judge_tensors(load_expert(folder), experts, coefs, gram_files, linear, device)   # any merged folder
 
 Each linear layer's report row carries its output error figures (regmean/merge_report.py), taken on the
 solver's own float32 rows and grams as the merge runs.
@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -35,7 +34,6 @@ from .tensor_io import (
     ST_DTYPES,
     GramFile,
     ShardWriter,
-    read_tensor,
 )
 from .utils import Progress, Timer
 
@@ -495,7 +493,7 @@ def unexcited_lines(report: list[dict]) -> list[str]:
 
 
 def judge_tensors(
-    merged_files: dict[str, Path],
+    merged: Expert,
     experts: list[Expert],
     coefs: list[float],
     gram_files: list[GramFile],
@@ -504,8 +502,8 @@ def judge_tensors(
     sample_every: int = SAMPLE_EVERY,
     block_mb: float = BLOCK_MB,
 ) -> list[dict]:
-    """The output error figures of an existing merged model (merged_files: tensor name -> its
-    safetensors file) against the experts, for every linear layer in `linear`, on the same sampled
+    """The output error figures of an existing merged model (a dense folder, or a LoRA adapter folded into its
+    base as read, as experts are) against the experts, for every linear layer in `linear`, on the same sampled
     rows as a merge takes them. Returns one report row per weight: tensor, gram, output_error."""
     infos, report = experts[0].infos, []
     groups = gram_groups(gram_files, linear)
@@ -518,8 +516,8 @@ def judge_tensors(
                 if block_slice(rows, step).start >= rows[1] - rows[0]:
                     continue  # no sampled row in this block
                 blocks = [e.read(member, rows).to(device) for e in experts]
-                merged = read_tensor(merged_files[member], member, rows).to(device)
-                picks.setdefault(member, []).append(pick_rows(blocks, merged, rows, step))
+                merged_rows = merged.read(member, rows).to(device)
+                picks.setdefault(member, []).append(pick_rows(blocks, merged_rows, rows, step))
             bar.update(1)
         figures = group_error_figures(
             lambda i, key=key: gram_files[i].get(key[i]), picks, {m: infos[m][0][0] for m in members}, coefs

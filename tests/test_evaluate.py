@@ -391,3 +391,25 @@ def test_error_managed_lm_eval_options(experts):
         evaluate.main([str(experts[0]), "--output_path", "elsewhere"])
     with pytest.raises(UserError, match="^evaluate.py sets --model itself; use --backend"):
         evaluate.main([str(experts[0]), "--model=hf"])
+
+
+def test_an_adapter_folder_runs_on_its_base(tmp_path, experts):
+    """A LoRA adapter folder: lm_eval loads its base (base_model_name_or_path) with peft= on the hf backend, and
+    with lora_local_path= and a vLLM rank (a power of two) on vLLM; a missing base is one line."""
+    import torch
+
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    config = dict(peft_type="LORA", r=24, lora_alpha=24, base_model_name_or_path=str(experts[0]))
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    args = (torch.device("cpu"), torch.float32, ["gsm8k"], None, "", [])
+    hf = lm_eval_command(adapter, "hf", *args)
+    assert hf[hf.index("--model_args") + 1].startswith(f"pretrained={experts[0]},dtype=float32,peft={adapter},")
+    vllm = lm_eval_command(adapter, "vllm", *args)
+    model_args = vllm[vllm.index("--model_args") + 1]
+    assert f"pretrained={experts[0]}," in model_args and f"lora_local_path={adapter},max_lora_rank=32" in model_args
+    assert "--output_path" in hf and hf[hf.index("--output_path") + 1] == str(adapter / RESULTS_DIR)
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert "the base model is missing" in one_error_line(run([adapter, "--backend", "hf"]))
