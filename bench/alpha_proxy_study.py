@@ -2,7 +2,7 @@
 the demo's two SmolLM2-135M experts (run `make demo` first; its experts and data are read, never written).
 
     python bench/alpha_proxy_study.py                          # runs/demo -> runs/alpha_proxy/ (about an hour here)
-    python bench/alpha_proxy_study.py --merges auto auto-global  # only some merges (a second process may do the rest)
+    python bench/alpha_proxy_study.py --merges auto auto-global  # only these (another process may make the rest)
     python bench/alpha_proxy_study.py --root runs/toy --experts toy-code toy-math --out runs/alpha_proxy_toy
 
 Fit and validation grams come from one `compute_gram.py --holdout F` run per expert on the demo's calibration rows
@@ -12,7 +12,8 @@ error (the criterion auto minimizes, summed over layers, relative to the experts
 and the real `lm_eval` CLI scores every merge on the demo's tasks exactly as the demo runs it. It writes
 OUT/proxy_study.md (the table, the Spearman rank correlation of the validation error with each score and their mean
 over the grid, auto's score against the best and the median fixed α) and OUT/proxy_study.png. Each step is skipped
-when its output is there, so a rerun resumes. The figures and their reading: docs/merging.md.
+when its output is there, so a rerun resumes; the report covers the merges that have all their scores. The figures
+and their reading: docs/merging.md.
 """
 
 import argparse
@@ -42,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--holdout", type=float, default=0.25, help="compute_gram.py --holdout (default 1 row in 4)")
     p.add_argument("--num-examples", type=int, default=64, help="calibration rows per expert (the demo's 64)")
     p.add_argument("--alpha-grid", type=float, nargs="+", default=ALPHA_GRID, help="the fixed αs (auto's grid)")
-    p.add_argument("--merges", nargs="+", default=None, help="only these merges: grid, auto, auto-global")
+    p.add_argument("--merges", nargs="+", default=None, choices=["grid", *AUTO], help="make only these merges")
     p.add_argument("--eval-batch-size", type=int, default=64, help="lm_eval --batch_size (the demo's 64)")
     p.add_argument("--limit", type=float, default=None, help="lm_eval --limit (tests only: the demo runs all)")
     return p.parse_args(argv)
@@ -234,14 +235,11 @@ def main(argv=None) -> Path:
     extra = ["--apply_chat_template", "--batch_size", str(args.eval_batch_size), "--metadata", data_dir]
     evaluate(wanted, tasks=demo.TASKS, backend="hf", device="cpu", dtype="float32",
              limit=args.limit, lm_eval_args=extra)  # fmt: skip
-    if args.merges:  # a partial run: the report is the full run's
-        return out
-    rows = {}
+    rows = {}  # every merge there with all its scores (a partial run's report covers what is done so far)
     for key, folder in merges.items():
-        row = validation_errors(folder, models, fit, held_out)
-        row["scores"] = scores(folder)
-        row["mean"] = None if None in row["scores"] else statistics.fmean(row["scores"])
-        rows[key] = row
+        if None not in (row_scores := scores(folder)):
+            rows[key] = validation_errors(folder, models, fit, held_out)
+            rows[key] |= dict(scores=row_scores, mean=statistics.fmean(row_scores))
     titles = [title for title, *_ in demo.COLUMNS]
     text, figures = report(rows, titles, merges, args.alpha_grid)
     draw(rows, titles, args.alpha_grid, merges, out / "proxy_study.png")
