@@ -156,7 +156,8 @@ def report(rows: dict, titles: list[str], merges: dict, grid: list[float]) -> tu
         label = f"{key:g}" if key not in AUTO else f"{key} ({chosen_alpha(merges[key])})"
         cells = [fmt(r["total"], ".3e"), *(fmt(e, ".3e") for e in r["experts"]), *map(fmt, r["scores"]), fmt(r["mean"])]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    on_grid = [rows[a] for a in grid if a in rows and None not in rows[a]["scores"]]
+    alphas = [a for a in grid if a in rows]
+    on_grid = [rows[a] for a in alphas]
     errors = [r["total"] for r in on_grid]
     figures = {"spearman": {}}
     text = ["", f"Spearman rank correlation with the validation error over the {len(on_grid)} grid merges "]
@@ -168,12 +169,18 @@ def report(rows: dict, titles: list[str], merges: dict, grid: list[float]) -> tu
     means = [r["mean"] for r in on_grid]
     if means:
         best = max(range(len(on_grid)), key=lambda i: means[i])
+        least = alphas[errors.index(min(errors))]
         figures |= dict(best=means[best], median=statistics.median(means))
-        best_alphas = ", ".join(f"{a:g}" for a in grid if a in rows and rows[a]["mean"] == means[best])
+        best_alphas = ", ".join(f"{a:g}" for a in alphas if rows[a]["mean"] == means[best])
         text.append(
             f"\nFixed α: best mean score {means[best]:.2f} (α = {best_alphas}), median {figures['median']:.2f}, "
-            f"worst {min(means):.2f}; lowest validation error at α = {grid[errors.index(min(errors))]:g}."
+            f"worst {min(means):.2f}; lowest validation error at α = {least:g}."
         )
+        if "auto-global" not in rows:  # its weights are the fixed merge's at its α, which a rerun would make again
+            text.append(
+                f"auto-global (not merged in this run) takes the grid's α of least summed validation error: "
+                f"α = {least:g} here (as the judge estimates it), the fixed merge's weights."
+            )
         for mode in AUTO:
             if mode in rows and rows[mode]["mean"] is not None:
                 m = rows[mode]["mean"]
@@ -206,7 +213,9 @@ def draw(rows: dict, titles: list[str], grid: list[float], merges: dict, path: P
             auto = rows["auto"]["scores"][i] if i < len(titles) else rows["auto"]["mean"]
             if auto is not None:
                 bottom.axhline(auto, color=line.get_color(), linestyle=":", linewidth=1)
+    least = min(xs, key=lambda a: rows[a]["total"])
     for ax in (top, bottom):
+        ax.axvline(least, color="gray", linestyle="--", linewidth=1, label=f"least validation error (α = {least:g})")
         if "auto" in rows:
             ax.plot([], [], ":", color="gray", label=f"auto ({chosen_alpha(merges['auto'])})")
         if "auto-global" in rows:
