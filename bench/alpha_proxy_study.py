@@ -3,6 +3,7 @@ the demo's two SmolLM2-135M experts (run `make demo` first; its experts and data
 
     python bench/alpha_proxy_study.py                          # runs/demo -> runs/alpha_proxy/ (about an hour here)
     python bench/alpha_proxy_study.py --merges auto auto-global  # only these (another process may make the rest)
+    python bench/alpha_proxy_study.py --merges none              # the report from the merges scored so far
     python bench/alpha_proxy_study.py --root runs/toy --experts toy-code toy-math --out runs/alpha_proxy_toy
 
 Fit and validation grams come from one `compute_gram.py --holdout F` run per expert on the demo's calibration rows
@@ -43,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--holdout", type=float, default=0.25, help="compute_gram.py --holdout (default 1 row in 4)")
     p.add_argument("--num-examples", type=int, default=64, help="calibration rows per expert (the demo's 64)")
     p.add_argument("--alpha-grid", type=float, nargs="+", default=ALPHA_GRID, help="the fixed αs (auto's grid)")
-    p.add_argument("--merges", nargs="+", default=None, choices=["grid", *AUTO], help="make only these merges")
+    p.add_argument("--merges", nargs="+", choices=["grid", *AUTO, "none"], help="make (and score) only these merges")
     p.add_argument("--eval-batch-size", type=int, default=64, help="lm_eval --batch_size (the demo's 64)")
     p.add_argument("--limit", type=float, default=None, help="lm_eval --limit (tests only: the demo runs all)")
     return p.parse_args(argv)
@@ -242,8 +243,9 @@ def main(argv=None) -> Path:
     wanted = [f for k, f in merges.items() if not args.merges or ("grid" if k not in AUTO else k) in args.merges]
     data_dir = json.dumps({"toy_data_dir": str((root / "data").resolve())})
     extra = ["--apply_chat_template", "--batch_size", str(args.eval_batch_size), "--metadata", data_dir]
-    evaluate(wanted, tasks=demo.TASKS, backend="hf", device="cpu", dtype="float32",
-             limit=args.limit, lm_eval_args=extra)  # fmt: skip
+    if wanted:
+        evaluate(wanted, tasks=demo.TASKS, backend="hf", device="cpu", dtype="float32",
+                 limit=args.limit, lm_eval_args=extra)  # fmt: skip
     rows = {}  # every merge there with all its scores (a partial run's report covers what is done so far)
     for key, folder in merges.items():
         if None not in (row_scores := scores(folder)):
