@@ -193,7 +193,7 @@ def report(rows: dict, titles: list[str], merges: dict, grid: list[float]) -> tu
     return "\n".join(lines + text) + "\n", figures
 
 
-def draw(rows: dict, titles: list[str], grid: list[float], merges: dict, path: Path) -> None:
+def draw(rows: dict, titles: list[str], grid: list[float], merges: dict, experts: list[str], path: Path) -> None:
     """Validation error (top) and scores (bottom) against α; auto's as horizontal lines, auto-global's α marked."""
     import matplotlib
 
@@ -203,8 +203,8 @@ def draw(rows: dict, titles: list[str], grid: list[float], merges: dict, path: P
     xs = [a for a in grid if a in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
     top.plot(xs, [rows[a]["total"] for a in xs], "o-", color="black", label="all experts")
-    for i in range(len(rows[xs[0]]["experts"])):
-        top.plot(xs, [rows[a]["experts"][i] for a in xs], ".--", label=f"expert {i + 1}")
+    for i, name in enumerate(experts):
+        top.plot(xs, [rows[a]["experts"][i] for a in xs], ".--", label=name)
     top.set_yscale("log")
     top.set_ylabel("validation error\n(relative to output energy)")
     for i, title in enumerate([*titles, "mean"]):
@@ -253,7 +253,7 @@ def main(argv=None) -> Path:
             rows[key] |= dict(scores=row_scores, mean=statistics.fmean(row_scores))
     titles = [title for title, *_ in demo.COLUMNS]
     text, figures = report(rows, titles, merges, args.alpha_grid)
-    draw(rows, titles, args.alpha_grid, merges, out / "proxy_study.png")
+    draw(rows, titles, args.alpha_grid, merges, args.experts, out / "proxy_study.png")
     (out / "proxy_study.md").write_text(text)
     (out / "proxy_study.json").write_text(json.dumps(dict(rows={str(k): v for k, v in rows.items()}, **figures)))
     print(text)
