@@ -1,7 +1,7 @@
 """Does the validation error that `--alpha auto` minimizes predict the benchmark scores? Issue 30's proxy study on
 the demo's two SmolLM2-135M experts (run `make demo` first; its experts and data are read, never written).
 
-    python bench/alpha_proxy_study.py                          # runs/demo -> runs/alpha_proxy/ (about an hour here)
+    python bench/alpha_proxy_study.py                          # runs/demo -> runs/alpha_proxy/ (hours on 2 busy cores)
     python bench/alpha_proxy_study.py --merges auto auto-global  # only these (another process may make the rest)
     python bench/alpha_proxy_study.py --merges none              # the report from the merges scored so far
     python bench/alpha_proxy_study.py --root runs/toy --experts toy-code toy-math --out runs/alpha_proxy_toy
