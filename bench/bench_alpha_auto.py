@@ -6,13 +6,18 @@
     python bench/bench_alpha_auto.py --layers 4 --repeat 2 # fewer layers; alternate the runs, keep the fastest
     python bench/bench_alpha_auto.py --hidden 4096 --intermediate 14336 --vocab 128256 --heads 32 --kv-heads 8 \
         --layers 1                                         # one Llama-3-8B-shaped layer (+ lm_head)
+    python bench/bench_alpha_auto.py --models runs/demo/smollm2-code runs/demo/smollm2-math \
+        --grams runs/demo/grams/smollm2-code runs/demo/grams/smollm2-math \
+        --validation-grams VAL_CODE VAL_MATH --fixed 0.1 1.0  # real experts: the demo's SmolLM2-135M pair
 
-Prints the wall time of each merge (the fastest of --repeat) and auto's over the fixed one's, and auto's
-own phase ("alpha": choosing α, the rest the same merge as fixed).
+Runs the fixed-α merges (--fixed, α 0.1 by default) and --alpha auto alternately in one process, --repeat
+times, and prints the wall time of each (the fastest of its runs), auto's phases ("alpha": choosing α, the
+rest the same merge as a fixed one) and auto's wall time over each fixed merge's, side by side.
 """
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,11 +46,10 @@ def validation_grams(folder, args):
 def run_merge(folder, args, extra, name):
     import merge_model
 
-    experts = [str(folder / f"expert{i}") for i in range(NUM_EXPERTS)]
     t0 = time.perf_counter()
     out = merge_model.main(
-        ["regmean", "--models", *experts, "--grams", *experts, "--output-dir", str(folder / name), "--overwrite"]
-        + ["--device", args.device, *extra]
+        ["regmean", "--models", *args.models, "--grams", *args.grams, "--output-dir", str(folder / name)]
+        + ["--overwrite", "--device", args.device, *extra]
     )
     wall = time.perf_counter() - t0
     return wall, json.loads((out / "merge_report.json").read_text())["figures"]
@@ -59,28 +63,37 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=9)
     p.add_argument("--kv-heads", type=int, default=3)
     p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--alpha", type=float, default=0.1, help="the fixed merge's α")
+    p.add_argument("--fixed", type=float, nargs="+", default=[0.1], help="the fixed merges' α")
+    p.add_argument("--models", nargs="+", help="real experts instead of synthetic ones (then --grams and ...")
+    p.add_argument("--grams", nargs="+", help="... --validation-grams, one per model)")
+    p.add_argument("--validation-grams", nargs="+")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--work-dir", default="runs/bench/alpha_auto")
     args = p.parse_args(argv)
     args.ill_conditioned = False  # merge_inputs.prepare reads it
-    folder = Path(args.work_dir) / f"h{args.hidden}-i{args.intermediate}-v{args.vocab}-l{args.layers}"
-    prepare(folder, args, args.layers)
-    val = validation_grams(folder, args)
+    if args.models:
+        folder, val = Path(args.work_dir) / "real", args.validation_grams
+    else:
+        folder = Path(args.work_dir) / f"h{args.hidden}-i{args.intermediate}-v{args.vocab}-l{args.layers}"
+        prepare(folder, args, args.layers)
+        val = validation_grams(folder, args)
+        args.models = args.grams = [str(folder / f"expert{i}") for i in range(NUM_EXPERTS)]
+    runs = {f"fixed {a:g}": ["--alpha", str(a)] for a in args.fixed}
+    runs["auto"] = ["--alpha", "auto", "--validation-grams", *val]
     best = {}
     for _ in range(args.repeat):
-        for name, extra in (
-            ("fixed", ["--alpha", str(args.alpha)]),
-            ("auto", ["--alpha", "auto", "--validation-grams", *val]),
-        ):
-            wall, figures = run_merge(folder, args, extra, f"out-{name}")
+        for name, extra in runs.items():
+            wall, figures = run_merge(folder, args, extra, "out-" + name.replace(" ", "-"))
+            print(f"{name}: {wall:.1f} s", flush=True)
             if name not in best or wall < best[name][0]:
                 best[name] = (wall, figures)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cpus)")
     for name, (wall, figures) in best.items():
         phases = ", ".join(f"{k} {v:.1f}" for k, v in figures.items() if k.endswith("_s") and k != "wall_s")
         print(f"{name}: wall {wall:.1f} s ({phases}); {figures['peak_memory']}")
-    print(f"auto / fixed wall time: {best['auto'][0] / best['fixed'][0]:.2f}x")
+    auto = best["auto"][0]
+    print("auto / fixed wall time: " + ", ".join(f"{auto / best[n][0]:.2f}x ({n})" for n in runs if n != "auto"))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .experts import Expert
 from .merge_report import KINDS, block_slice, depth, module_kind, sample_step
-from .solver import DOUBT, EPS32, RIDGE, RegMeanSystem
+from .solver import DOUBT, EPS32, RIDGE, RegMeanSystem, symmetric_eigh
 from .tensor_io import GramFile, read_tensor
 from .utils import Progress, UserError
 
@@ -64,48 +64,61 @@ def alpha_curve(
     expert_rows: list[Tensor],
     coefs: list[float],
     grid: list[float],
-    how: str = "solver",
+    how: str = "eigh",
 ) -> dict | None:
     """The validation criterion of one group over the grid, on some output rows of its weights.
 
     fit_grams, val_grams: per expert, [n, n]; expert_rows: per expert, the same rows of its weights ([rows, n],
     the members of the group stacked). Returns per_expert [len(grid), N] (tr((W(α) − Wᵢ) Vᵢ (W(α) − Wᵢ)ᵀ) on
-    these rows) and energy [N] (tr(Wᵢ Vᵢ Wᵢᵀ) on these rows), float64; None where the data never reached this
-    input (the solver leaves it at the average whatever α). how: "solver" (RegMeanSystem at each α) or "eigh"
-    (one eigendecomposition for all α, see above)."""
+    these rows), energy [N] (tr(Wᵢ Vᵢ Wᵢᵀ) on these rows), float64, and solved (the α taken by the solver);
+    None where the data never reached this input (the solver leaves it at the average whatever α). how: "eigh"
+    (one eigendecomposition for the α where the solver keeps every direction, the solver for the others, see
+    above) or "solver" (the solver at every α, the slow reference)."""
     if how == "solver":
         return solver_curve(fit_grams, val_grams, expert_rows, coefs, grid)
-    g = [x.double() for x in fit_grams]
-    s = sum(c * x for c, x in zip(coefs, g))
+    n, device = fit_grams[0].shape[0], fit_grams[0].device
+    s = torch.zeros(n, n, dtype=torch.float64, device=device)
+    for c, g in zip(coefs, fit_grams):
+        s.add_(g.double(), alpha=c)
     scale = s.diagonal().mean().item()
     if not scale > 0:
         return None
-    ridge = RIDGE * scale
-    s.diagonal().add_(ridge)
-    d = s.diagonal().clamp_min(ridge)
-    dinv = d.rsqrt()
-    evals, u = torch.linalg.eigh(dinv[:, None] * s * dinv[None, :])
+    s.diagonal().add_(RIDGE * scale)  # S + λI: A(α) = α(S + λI) + (1 − α) diag(S + λI), the solver's λ
+    dinv = s.diagonal().rsqrt()
+    s.mul_(dinv[:, None]).mul_(dinv[None, :])  # C, in place
+    evals, u = symmetric_eigh(s)
     del s
-    floors = DOUBT * EPS32 * u.abs().sum(0).square()  # precision floor of each direction of C (unit diagonal)
-    w = [x.double() for x in expert_rows]
-    avg = sum(c * x for c, x in zip(coefs, w))
-    xt = [(x - avg).T for x in w]  # Xᵢᵀ, [n, rows]
-    p_hat = u.T @ (dinv[:, None] * sum(c * (gi @ x) for c, gi, x in zip(coefs, g, xt)))
-    q_hat = u.T @ (dinv[:, None] * sum(c * gi.diagonal()[:, None] * x for c, gi, x in zip(coefs, g, xt)))
-    del g, xt
-    vals = [v.double() for v in val_grams]
+    # α whose smallest curvature α λ_min + 1 − α is over 2x DOUBT times the largest precision floor a direction
+    # of C can have (n eps32, C's diagonal being 1): the solver keeps every direction, the closed form is its
+    # solution. The others (α near 1 where the fit grams leave directions unexcited) go to the solver itself.
+    closed = [a for a in grid if (a * evals[0].item() + 1 - a) / (n * EPS32) > 2 * DOUBT]
+    rows32 = [x.to(device, torch.float32) for x in expert_rows]
+    w = [x.double() for x in rows32]
+    vals = [v.to(device, torch.float64) for v in val_grams]
     energy = torch.stack([torch.linalg.vecdot(wi @ v, wi).sum() for wi, v in zip(w, vals)])
-    alphas = torch.tensor(grid, dtype=torch.float64)[:, None]  # every α at once: [grid, n, rows] products
-    curvature = alphas * evals + (1 - alphas)
-    keep = curvature > floors
-    step = torch.where(keep, 1 / torch.where(keep, curvature, torch.ones_like(curvature)), 0.0)
-    z = step[:, :, None] * (alphas[:, :, None] * p_hat + (1 - alphas[:, :, None]) * q_hat)
-    merged = avg + (dinv[:, None] * (u @ z)).transpose(1, 2)  # [grid, rows, n]
-    del z
+    merged = {}
+    if closed:
+        avg = sum(c * x for c, x in zip(coefs, w))
+        xt = [(x - avg).T for x in w]  # Xᵢᵀ, [n, rows]
+        p_hat = u.T @ (dinv[:, None] * sum(c * (g.double() @ x) for c, g, x in zip(coefs, fit_grams, xt)))
+        q_hat = u.T @ (
+            dinv[:, None] * sum(c * g.diagonal().double()[:, None] * x for c, g, x in zip(coefs, fit_grams, xt))
+        )
+        del xt
+        alphas = torch.tensor(closed, dtype=torch.float64, device=device)[:, None, None]  # [k, 1, 1]
+        z = (alphas * p_hat + (1 - alphas) * q_hat) / (alphas * evals[:, None] + 1 - alphas)
+        merged.update(zip(closed, avg + (dinv[:, None] * (u @ z)).transpose(1, 2)))  # [k, rows, n]
+        del z, p_hat, q_hat
+    del u
+    for alpha in grid:
+        if alpha not in merged:
+            solved, _, _ = RegMeanSystem.factor(fit_grams, alpha, coefs, device).solve(rows32)
+            merged[alpha] = solved.double()
+    stacked = torch.stack([merged[a] for a in grid])  # [grid, rows, n]: one product per expert for all α
     per_expert = torch.stack(
-        [torch.linalg.vecdot((merged - wi) @ v, merged - wi).sum(-1) for wi, v in zip(w, vals)], dim=1
+        [torch.linalg.vecdot((stacked - wi) @ v, stacked - wi).sum(-1) for wi, v in zip(w, vals)], 1
     )
-    return dict(per_expert=per_expert, energy=energy)
+    return dict(per_expert=per_expert.cpu(), energy=energy.cpu(), solved=[a for a in grid if a not in closed])
 
 
 def solver_curve(fit_grams, val_grams, expert_rows, coefs, grid) -> dict | None:
@@ -222,7 +235,8 @@ def validation_row(curve: dict | None, coefs: list[float], grid: list[float], al
     norm = (curve["energy"] * c).sum().clamp_min(1e-300)
     at = grid.index(alpha)
     per = (curve["per_expert"][at] / curve["energy"].clamp_min(1e-300)).tolist()
-    return dict(curve=((curve["per_expert"] * c).sum(-1) / norm).tolist(), experts=per, rows=curve["rows"])
+    curve_ = ((curve["per_expert"] * c).sum(-1) / norm).tolist()
+    return dict(curve=curve_, experts=per, rows=curve["rows"], solver_alphas=curve.get("solved", grid))
 
 
 def alpha_summary(alphas: dict[str, float], mode: str) -> list[str]:
