@@ -9,6 +9,9 @@
     python bench/bench_alpha_auto.py --models runs/demo/smollm2-code runs/demo/smollm2-math \
         --grams runs/demo/grams/smollm2-code runs/demo/grams/smollm2-math \
         --validation-grams VAL_CODE VAL_MATH --fixed 0.1 1.0  # real experts: the demo's SmolLM2-135M pair
+    python bench/bench_alpha_auto.py --curve-only --hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8
+                          # one Llama-3-8B-shaped layer, in memory: the criterion of its 4 inputs against the
+                          # fixed-α solve of all their rows (no files; what --alpha auto adds per layer)
 
 Runs the fixed-α merges (--fixed, α 0.1 by default) and --alpha auto alternately in one process, --repeat
 times, and prints the wall time of each (the fastest of its runs), auto's phases ("alpha": choosing α, the
@@ -24,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from merge_inputs import NUM_EXPERTS, input_key, linear_shapes, prepare, synthetic_gram  # noqa: E402
+from merge_inputs import NUM_EXPERTS, input_key, linear_shapes, prepare, seeded, synthetic_gram  # noqa: E402
 
 
 def validation_grams(folder, args):
@@ -55,6 +58,46 @@ def run_merge(folder, args, extra, name):
     return wall, json.loads((out / "merge_report.json").read_text())["figures"]
 
 
+def curve_only(args):
+    """The criterion (alpha_choice.alpha_curve on the rows --alpha auto samples) of each input of one layer, and
+    the fixed-α solve of all its rows (solver.merge_weight), timed side by side on synthetic grams and weights."""
+    import torch
+
+    from regmean.alpha_choice import ALPHA_GRID, ALPHA_MAX_ROWS, ALPHA_SAMPLE_EVERY, alpha_curve
+    from regmean.merge_report import sample_step
+    from regmean.solver import RegMeanSystem
+
+    shapes = linear_shapes(args.hidden, args.intermediate, args.vocab, args.heads, args.kv_heads, 1)
+    groups = {}
+    for m, (rows, n) in shapes.items():
+        if m != "lm_head":
+            groups.setdefault(input_key(m), []).append((m, rows, n))
+    coefs, totals = [0.5, 0.5], {"auto": 0.0, "fixed": 0.0}
+    for key, members in groups.items():
+        n = members[0][2]
+        fit = [synthetic_gram(n, f"{key}/{i}") for i in range(NUM_EXPERTS)]
+        val = [synthetic_gram(n, f"{key}/{i}/validation") for i in range(NUM_EXPERTS)]
+        weights = [[torch.randn(rows, n, generator=seeded(m, i)) * 0.02 for m, rows, _ in members] for i in range(2)]
+        t0 = time.perf_counter()
+        for member in zip(*weights):
+            system = RegMeanSystem.factor(fit, args.fixed[0], coefs, num_rows=member[0].shape[0])
+            system.solve(list(member))
+        fixed = time.perf_counter() - t0
+        steps = [max(sample_step(w.shape[0], ALPHA_SAMPLE_EVERY), w.shape[0] // ALPHA_MAX_ROWS) for w in weights[0]]
+        sampled = [torch.cat([w[s // 2 :: s] for w, s in zip(ws, steps)]) for ws in weights]
+        t0 = time.perf_counter()
+        curve = alpha_curve(fit, val, sampled, coefs, ALPHA_GRID)
+        auto = time.perf_counter() - t0
+        totals["auto"] += auto
+        totals["fixed"] += fixed
+        what = f"{key} ({n} wide, {sampled[0].shape[0]} rows sampled)"
+        solved = f"{sum(r for _, r, _ in members)} rows {fixed:.1f} s, solver at α {curve['solved']}"
+        print(f"{what}: criterion {auto:.1f} s, fixed-α solve of {solved}", flush=True)
+        del fit, val, weights
+    load = f"load average {os.getloadavg()[0]:.1f} ({os.cpu_count()} cpus)"
+    print(f"one layer: criterion {totals['auto']:.1f} s, fixed-α solves {totals['fixed']:.1f} s; {load}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=576)
@@ -67,11 +110,14 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", help="real experts instead of synthetic ones (then --grams and ...")
     p.add_argument("--grams", nargs="+", help="... --validation-grams, one per model)")
     p.add_argument("--validation-grams", nargs="+")
+    p.add_argument("--curve-only", action="store_true", help="one layer in memory, no merge (see above)")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--work-dir", default="runs/bench/alpha_auto")
     args = p.parse_args(argv)
     args.ill_conditioned = False  # merge_inputs.prepare reads it
+    if args.curve_only:
+        return curve_only(args)
     if args.models:
         folder, val = Path(args.work_dir) / "real", args.validation_grams
     else:
