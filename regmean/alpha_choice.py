@@ -5,22 +5,23 @@ validation grams Vᵢ, the objective RegMean fits:
 
     Σᵢ cᵢ tr((W(α) − Wᵢ) Vᵢ (W(α) − Wᵢ)ᵀ)        W(α): the RegMean solution on the fit grams Gᵢ at α
 
-W(α) is the merge's own: solver.RegMeanSystem factored at each α of the grid and solved on the sampled rows
-(how="solver", the default), so the criterion scores exactly the weights the merge would write, unexcited
-directions and fallbacks included. On a CPU that is the cheaper way: 12 float32 Cholesky factorizations of a
-1536-wide system took 4.7 s where one float64 eigendecomposition took 53 s (2-core machine, load ~14).
-The issue's alternative (how="eigh"): one eigendecomposition per group gives every α's solution. With
+W(α) is the merge's own solution. One eigendecomposition per group gives every α's (the issue's hint). With
 S = Σ cᵢ Gᵢ + λI (λ: the solver's ridge) and D = diag(S), the system's matrix is
 αS + (1 − α)D = D^½ (αC + (1 − α)I) D^½, C = D^−½ S D^−½ = U Λ Uᵀ, so
 
     W(α)ᵀ = W_avgᵀ + D^−½ U diag(1 / (αΛ + 1 − α)) Uᵀ D^−½ (α P + (1 − α) Q)
 
-with P = Σ cᵢ Gᵢ Xᵢᵀ, Q = Σ cᵢ diag(Gᵢ) Xᵢᵀ, Xᵢ = Wᵢ − W_avg (the solver's deviation form). Directions whose
-curvature αλₖ + 1 − α lies below 30x their float32 precision floor keep the average, as in the solver. The
-criterion is taken on sampled output rows (every ALPHA_SAMPLE_EVERY-th, at least 16 and about at most
-ALPHA_MAX_ROWS a layer), which cost
-O(n² rows) per α; the rows of a layer are independent, so the sampled sum estimates the full one. The final
-weights are then solved by solver.RegMeanSystem at the chosen α, with all its guarantees.
+with P = Σ cᵢ Gᵢ Xᵢᵀ, Q = Σ cᵢ diag(Gᵢ) Xᵢᵀ, Xᵢ = Wᵢ − W_avg (the solver's deviation form). That is the solver's
+own solution wherever the solver keeps every direction, which holds by construction when the smallest curvature
+α λ_min + 1 − α is above 2x DOUBT times the largest precision floor of a direction of C (n eps32: C's diagonal
+is 1; the floor's ratio to a curvature is the same in C's coordinates as in the solver's). The α of the grid
+below that (α near 1 where the fit grams leave directions unexcited) are solved by solver.RegMeanSystem itself,
+fallbacks and unexcited directions included, so the criterion scores exactly the weights the merge would write
+at every α (how="solver": the solver at every α, the slow reference of the tests). The criterion is taken on
+sampled output rows (every ALPHA_SAMPLE_EVERY-th, at least 16 and about at most ALPHA_MAX_ROWS a layer), all α
+in one product per expert; the rows of a layer are independent, so the sampled sum estimates the full one. The
+final weights are then solved by solver.RegMeanSystem at the chosen α, with all its guarantees. Cost and
+figures: docs/merging.md#choosing-α-from-data---alpha-auto.
 
     curve = alpha_curve(fit_grams, val_grams, expert_rows, coefs, grid)   # one group, float64 numbers
     alphas, table = choose_alphas(experts, coefs, gram_files, val_files, linear, grid, global_=False, ...)
