@@ -42,6 +42,7 @@ ALPHA_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]  # --
 AUTO = ("auto", "auto-global")  # --alpha's values that choose it from validation grams
 ALPHA_SAMPLE_EVERY = 16  # the criterion is taken on every 16th output row of a layer (at least 16 rows) ...
 ALPHA_MAX_ROWS = 128  # ... and on at most about this many rows per layer (lm_head: 128 of 128256, not 8016)
+EIGH_MIN_GRID = 20  # larger grids: one eigendecomposition (about 18 Cholesky factorizations) serves all α
 HOW_TO_VALIDATE = (
     "give each expert's validation grams with --validation-grams V1 V2 ... (one gram file per model, in the "
     "models' order): compute_gram.py --holdout 0.1 writes held-out grams next to the fit grams, or run "
@@ -65,7 +66,7 @@ def alpha_curve(
     expert_rows: list[Tensor],
     coefs: list[float],
     grid: list[float],
-    how: str = "eigh",
+    how: str = "auto",
 ) -> dict | None:
     """The validation criterion of one group over the grid, on some output rows of its weights.
 
@@ -74,9 +75,12 @@ def alpha_curve(
     these rows), energy [N] (tr(Wᵢ Vᵢ Wᵢᵀ) on these rows), float64, and solved (the α taken by the solver);
     None where the data never reached this input (the solver leaves it at the average whatever α). how: "eigh"
     (one eigendecomposition for the α where the solver keeps every direction, the solver for the others, see
-    above) or "solver" (the solver at every α, the slow reference)."""
+    above), "cholesky" (the same closed form by one float64 Cholesky per such α), "auto" (eigh for grids of more
+    than EIGH_MIN_GRID values, else cholesky) or "solver" (the solver at every α, the slow reference)."""
     if how == "solver":
         return solver_curve(fit_grams, val_grams, expert_rows, coefs, grid)
+    if how == "auto":
+        how = "eigh" if len(grid) > EIGH_MIN_GRID else "cholesky"
     n, device = fit_grams[0].shape[0], fit_grams[0].device
     s = torch.zeros(n, n, dtype=torch.float64, device=device)
     for c, g in zip(coefs, fit_grams):
@@ -86,13 +90,17 @@ def alpha_curve(
         return None
     s.diagonal().add_(RIDGE * scale)  # S + λI: A(α) = α(S + λI) + (1 − α) diag(S + λI), the solver's λ
     dinv = s.diagonal().rsqrt()
-    s.mul_(dinv[:, None]).mul_(dinv[None, :])  # C, in place
-    evals, u = symmetric_eigh(s)
-    del s
+    if how == "eigh":
+        s.mul_(dinv[:, None]).mul_(dinv[None, :])  # C, in place
+        evals, u = symmetric_eigh(s)
+        s = None  # C's memory back before the products below
+        smallest = evals[0].item()
+    else:
+        smallest = 0.0  # C is positive semi-definite: α λ_min + 1 − α >= 1 − α
     # α whose smallest curvature α λ_min + 1 − α is over 2x DOUBT times the largest precision floor a direction
     # of C can have (n eps32, C's diagonal being 1): the solver keeps every direction, the closed form is its
     # solution. The others (α near 1 where the fit grams leave directions unexcited) go to the solver itself.
-    closed = [a for a in grid if (a * evals[0].item() + 1 - a) / (n * EPS32) > 2 * DOUBT]
+    closed = [a for a in grid if (a * smallest + 1 - a) / (n * EPS32) > 2 * DOUBT]
     rows32 = [x.to(device, torch.float32) for x in expert_rows]
     w = [x.double() for x in rows32]
     vals = [v.to(device, torch.float64) for v in val_grams]
@@ -101,16 +109,23 @@ def alpha_curve(
     if closed:
         avg = sum(c * x for c, x in zip(coefs, w))
         xt = [(x - avg).T for x in w]  # Xᵢᵀ, [n, rows]
-        p_hat = u.T @ (dinv[:, None] * sum(c * (g.double() @ x) for c, g, x in zip(coefs, fit_grams, xt)))
-        q_hat = u.T @ (
-            dinv[:, None] * sum(c * g.diagonal().double()[:, None] * x for c, g, x in zip(coefs, fit_grams, xt))
-        )
+        p = sum(c * (g.double() @ x) for c, g, x in zip(coefs, fit_grams, xt))  # Σ cᵢ Gᵢ Xᵢᵀ
+        q = sum(c * g.diagonal().double()[:, None] * x for c, g, x in zip(coefs, fit_grams, xt))  # Σ cᵢ diag(Gᵢ) Xᵢᵀ
         del xt
-        alphas = torch.tensor(closed, dtype=torch.float64, device=device)[:, None, None]  # [k, 1, 1]
-        z = (alphas * p_hat + (1 - alphas) * q_hat) / (alphas * evals[:, None] + 1 - alphas)
-        merged.update(zip(closed, avg + (dinv[:, None] * (u @ z)).transpose(1, 2)))  # [k, rows, n]
-        del z, p_hat, q_hat
-    del u
+        if how == "eigh":
+            p_hat, q_hat = u.T @ (dinv[:, None] * p), u.T @ (dinv[:, None] * q)
+            alphas = torch.tensor(closed, dtype=torch.float64, device=device)[:, None, None]  # [k, 1, 1]
+            z = (alphas * p_hat + (1 - alphas) * q_hat) / (alphas * evals[:, None] + 1 - alphas)
+            merged.update(zip(closed, avg + (dinv[:, None] * (u @ z)).transpose(1, 2)))  # [k, rows, n]
+            del z, p_hat, q_hat, u
+        else:
+            for alpha in closed:  # A(α) = α S + (1 − α) diag(S), S with its ridge: diag(A) = diag(S)
+                a = s * alpha
+                a.diagonal().copy_(s.diagonal())
+                merged[alpha] = avg + torch.cholesky_solve(alpha * p + (1 - alpha) * q, torch.linalg.cholesky(a)).T
+                del a
+        del p, q
+    del s
     for alpha in grid:
         if alpha not in merged:
             solved, _, _ = RegMeanSystem.factor(fit_grams, alpha, coefs, device).solve(rows32)
