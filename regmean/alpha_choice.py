@@ -103,8 +103,6 @@ def alpha_curve(
     closed = [a for a in grid if (a * smallest + 1 - a) / (n * EPS32) > 2 * DOUBT]
     rows32 = [x.to(device, torch.float32) for x in expert_rows]
     w = [x.double() for x in rows32]
-    vals = [v.to(device, torch.float64) for v in val_grams]
-    energy = torch.stack([torch.linalg.vecdot(wi @ v, wi).sum() for wi, v in zip(w, vals)])
     merged = {}
     if closed:
         avg = sum(c * x for c, x in zip(coefs, w))
@@ -131,9 +129,13 @@ def alpha_curve(
             solved, _, _ = RegMeanSystem.factor(fit_grams, alpha, coefs, device).solve(rows32)
             merged[alpha] = solved.double()
     stacked = torch.stack([merged[a] for a in grid])  # [grid, rows, n]: one product per expert for all α
-    per_expert = torch.stack(
-        [torch.linalg.vecdot((stacked - wi) @ v, stacked - wi).sum(-1) for wi, v in zip(w, vals)], 1
-    )
+    per_expert, energy = [], []
+    for wi, v in zip(w, val_grams):  # one float64 validation gram at a time
+        v = v.to(device, torch.float64)
+        energy.append(torch.linalg.vecdot(wi @ v, wi).sum())
+        per_expert.append(torch.linalg.vecdot((stacked - wi) @ v, stacked - wi).sum(-1))
+        del v
+    per_expert, energy = torch.stack(per_expert, 1), torch.stack(energy)
     return dict(per_expert=per_expert.cpu(), energy=energy.cpu(), solved=[a for a in grid if a not in closed])
 
 
