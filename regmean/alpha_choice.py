@@ -5,22 +5,23 @@ validation grams Vᵢ, the objective RegMean fits:
 
     Σᵢ cᵢ tr((W(α) − Wᵢ) Vᵢ (W(α) − Wᵢ)ᵀ)        W(α): the RegMean solution on the fit grams Gᵢ at α
 
-W(α) is the merge's own: solver.RegMeanSystem factored at each α of the grid and solved on the sampled rows
-(how="solver", the default), so the criterion scores exactly the weights the merge would write, unexcited
-directions and fallbacks included. On a CPU that is the cheaper way: 12 float32 Cholesky factorizations of a
-1536-wide system took 4.7 s where one float64 eigendecomposition took 53 s (2-core machine, load ~14).
-The issue's alternative (how="eigh"): one eigendecomposition per group gives every α's solution. With
+W(α) is the merge's own solution. One eigendecomposition per group gives every α's (the issue's hint). With
 S = Σ cᵢ Gᵢ + λI (λ: the solver's ridge) and D = diag(S), the system's matrix is
 αS + (1 − α)D = D^½ (αC + (1 − α)I) D^½, C = D^−½ S D^−½ = U Λ Uᵀ, so
 
     W(α)ᵀ = W_avgᵀ + D^−½ U diag(1 / (αΛ + 1 − α)) Uᵀ D^−½ (α P + (1 − α) Q)
 
-with P = Σ cᵢ Gᵢ Xᵢᵀ, Q = Σ cᵢ diag(Gᵢ) Xᵢᵀ, Xᵢ = Wᵢ − W_avg (the solver's deviation form). Directions whose
-curvature αλₖ + 1 − α lies below 30x their float32 precision floor keep the average, as in the solver. The
-criterion is taken on sampled output rows (every ALPHA_SAMPLE_EVERY-th, at least 16 and about at most
-ALPHA_MAX_ROWS a layer), which cost
-O(n² rows) per α; the rows of a layer are independent, so the sampled sum estimates the full one. The final
-weights are then solved by solver.RegMeanSystem at the chosen α, with all its guarantees.
+with P = Σ cᵢ Gᵢ Xᵢᵀ, Q = Σ cᵢ diag(Gᵢ) Xᵢᵀ, Xᵢ = Wᵢ − W_avg (the solver's deviation form). That is the solver's
+own solution wherever the solver keeps every direction, which holds by construction when the smallest curvature
+α λ_min + 1 − α is above 2x DOUBT times the largest precision floor of a direction of C (n eps32: C's diagonal
+is 1; the floor's ratio to a curvature is the same in C's coordinates as in the solver's). The α of the grid
+below that (α near 1 where the fit grams leave directions unexcited) are solved by solver.RegMeanSystem itself,
+fallbacks and unexcited directions included, so the criterion scores exactly the weights the merge would write
+at every α (how="solver": the solver at every α, the slow reference of the tests). The criterion is taken on
+sampled output rows (every ALPHA_SAMPLE_EVERY-th, at least 16 and about at most ALPHA_MAX_ROWS a layer), all α
+in one product per expert; the rows of a layer are independent, so the sampled sum estimates the full one. The
+final weights are then solved by solver.RegMeanSystem at the chosen α, with all its guarantees. Cost and
+figures: docs/merging.md#choosing-α-from-data---alpha-auto.
 
     curve = alpha_curve(fit_grams, val_grams, expert_rows, coefs, grid)   # one group, float64 numbers
     alphas, table = choose_alphas(experts, coefs, gram_files, val_files, linear, grid, global_=False, ...)
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from .experts import Expert
 from .merge_report import KINDS, block_slice, depth, module_kind, sample_step
-from .solver import DOUBT, EPS32, RIDGE, RegMeanSystem
+from .solver import DOUBT, EPS32, RIDGE, RegMeanSystem, symmetric_eigh
 from .tensor_io import GramFile, read_tensor
 from .utils import Progress, UserError
 
@@ -41,6 +42,7 @@ ALPHA_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]  # --
 AUTO = ("auto", "auto-global")  # --alpha's values that choose it from validation grams
 ALPHA_SAMPLE_EVERY = 16  # the criterion is taken on every 16th output row of a layer (at least 16 rows) ...
 ALPHA_MAX_ROWS = 128  # ... and on at most about this many rows per layer (lm_head: 128 of 128256, not 8016)
+EIGH_MIN_GRID = 20  # larger grids: one eigendecomposition (about 18 Cholesky factorizations) serves all α
 HOW_TO_VALIDATE = (
     "give each expert's validation grams with --validation-grams V1 V2 ... (one gram file per model, in the "
     "models' order): compute_gram.py --holdout 0.1 writes held-out grams next to the fit grams, or run "
@@ -64,48 +66,77 @@ def alpha_curve(
     expert_rows: list[Tensor],
     coefs: list[float],
     grid: list[float],
-    how: str = "solver",
+    how: str = "auto",
 ) -> dict | None:
     """The validation criterion of one group over the grid, on some output rows of its weights.
 
     fit_grams, val_grams: per expert, [n, n]; expert_rows: per expert, the same rows of its weights ([rows, n],
     the members of the group stacked). Returns per_expert [len(grid), N] (tr((W(α) − Wᵢ) Vᵢ (W(α) − Wᵢ)ᵀ) on
-    these rows) and energy [N] (tr(Wᵢ Vᵢ Wᵢᵀ) on these rows), float64; None where the data never reached this
-    input (the solver leaves it at the average whatever α). how: "solver" (RegMeanSystem at each α) or "eigh"
-    (one eigendecomposition for all α, see above)."""
+    these rows), energy [N] (tr(Wᵢ Vᵢ Wᵢᵀ) on these rows), float64, and solved (the α taken by the solver);
+    None where the data never reached this input (the solver leaves it at the average whatever α). how: "eigh"
+    (one eigendecomposition for the α where the solver keeps every direction, the solver for the others, see
+    above), "cholesky" (the same closed form by one float64 Cholesky per such α), "auto" (eigh for grids of more
+    than EIGH_MIN_GRID values, else cholesky) or "solver" (the solver at every α, the slow reference)."""
     if how == "solver":
         return solver_curve(fit_grams, val_grams, expert_rows, coefs, grid)
-    g = [x.double() for x in fit_grams]
-    s = sum(c * x for c, x in zip(coefs, g))
+    if how == "auto":
+        how = "eigh" if len(grid) > EIGH_MIN_GRID else "cholesky"
+    n, device = fit_grams[0].shape[0], fit_grams[0].device
+    s = torch.zeros(n, n, dtype=torch.float64, device=device)
+    for c, g in zip(coefs, fit_grams):
+        s.add_(g.double(), alpha=c)
     scale = s.diagonal().mean().item()
     if not scale > 0:
         return None
-    ridge = RIDGE * scale
-    s.diagonal().add_(ridge)
-    d = s.diagonal().clamp_min(ridge)
-    dinv = d.rsqrt()
-    evals, u = torch.linalg.eigh(dinv[:, None] * s * dinv[None, :])
+    s.diagonal().add_(RIDGE * scale)  # S + λI: A(α) = α(S + λI) + (1 − α) diag(S + λI), the solver's λ
+    dinv = s.diagonal().rsqrt()
+    if how == "eigh":
+        s.mul_(dinv[:, None]).mul_(dinv[None, :])  # C, in place
+        evals, u = symmetric_eigh(s)
+        s = None  # C's memory back before the products below
+        smallest = evals[0].item()
+    else:
+        smallest = 0.0  # C is positive semi-definite: α λ_min + 1 − α >= 1 − α
+    # α whose smallest curvature α λ_min + 1 − α is over 2x DOUBT times the largest precision floor a direction
+    # of C can have (n eps32, C's diagonal being 1): the solver keeps every direction, the closed form is its
+    # solution. The others (α near 1 where the fit grams leave directions unexcited) go to the solver itself.
+    closed = [a for a in grid if (a * smallest + 1 - a) / (n * EPS32) > 2 * DOUBT]
+    rows32 = [x.to(device, torch.float32) for x in expert_rows]
+    w = [x.double() for x in rows32]
+    merged = {}
+    if closed:
+        avg = sum(c * x for c, x in zip(coefs, w))
+        xt = [(x - avg).T for x in w]  # Xᵢᵀ, [n, rows]
+        p = sum(c * (g.double() @ x) for c, g, x in zip(coefs, fit_grams, xt))  # Σ cᵢ Gᵢ Xᵢᵀ
+        q = sum(c * g.diagonal().double()[:, None] * x for c, g, x in zip(coefs, fit_grams, xt))  # Σ cᵢ diag(Gᵢ) Xᵢᵀ
+        del xt
+        if how == "eigh":
+            p_hat, q_hat = u.T @ (dinv[:, None] * p), u.T @ (dinv[:, None] * q)
+            alphas = torch.tensor(closed, dtype=torch.float64, device=device)[:, None, None]  # [k, 1, 1]
+            z = (alphas * p_hat + (1 - alphas) * q_hat) / (alphas * evals[:, None] + 1 - alphas)
+            merged.update(zip(closed, avg + (dinv[:, None] * (u @ z)).transpose(1, 2)))  # [k, rows, n]
+            del z, p_hat, q_hat, u
+        else:
+            for alpha in closed:  # A(α) = α S + (1 − α) diag(S), S with its ridge: diag(A) = diag(S)
+                a = s * alpha
+                a.diagonal().copy_(s.diagonal())
+                merged[alpha] = avg + torch.cholesky_solve(alpha * p + (1 - alpha) * q, torch.linalg.cholesky(a)).T
+                del a
+        del p, q
     del s
-    floors = DOUBT * EPS32 * u.abs().sum(0).square()  # precision floor of each direction of C (unit diagonal)
-    w = [x.double() for x in expert_rows]
-    avg = sum(c * x for c, x in zip(coefs, w))
-    xt = [(x - avg).T for x in w]  # Xᵢᵀ, [n, rows]
-    p_hat = u.T @ (dinv[:, None] * sum(c * (gi @ x) for c, gi, x in zip(coefs, g, xt)))
-    q_hat = u.T @ (dinv[:, None] * sum(c * gi.diagonal()[:, None] * x for c, gi, x in zip(coefs, g, xt)))
-    del g, xt
-    vals = [v.double() for v in val_grams]
-    energy = torch.stack([torch.linalg.vecdot(wi @ v, wi).sum() for wi, v in zip(w, vals)])
-    alphas = torch.tensor(grid, dtype=torch.float64)[:, None]  # every α at once: [grid, n, rows] products
-    curvature = alphas * evals + (1 - alphas)
-    keep = curvature > floors
-    step = torch.where(keep, 1 / torch.where(keep, curvature, torch.ones_like(curvature)), 0.0)
-    z = step[:, :, None] * (alphas[:, :, None] * p_hat + (1 - alphas[:, :, None]) * q_hat)
-    merged = avg + (dinv[:, None] * (u @ z)).transpose(1, 2)  # [grid, rows, n]
-    del z
-    per_expert = torch.stack(
-        [torch.linalg.vecdot((merged - wi) @ v, merged - wi).sum(-1) for wi, v in zip(w, vals)], dim=1
-    )
-    return dict(per_expert=per_expert, energy=energy)
+    for alpha in grid:
+        if alpha not in merged:
+            solved, _, _ = RegMeanSystem.factor(fit_grams, alpha, coefs, device).solve(rows32)
+            merged[alpha] = solved.double()
+    stacked = torch.stack([merged[a] for a in grid])  # [grid, rows, n]: one product per expert for all α
+    per_expert, energy = [], []
+    for wi, v in zip(w, val_grams):  # one float64 validation gram at a time
+        v = v.to(device, torch.float64)
+        energy.append(torch.linalg.vecdot(wi @ v, wi).sum())
+        per_expert.append(torch.linalg.vecdot((stacked - wi) @ v, stacked - wi).sum(-1))
+        del v
+    per_expert, energy = torch.stack(per_expert, 1), torch.stack(energy)
+    return dict(per_expert=per_expert.cpu(), energy=energy.cpu(), solved=[a for a in grid if a not in closed])
 
 
 def solver_curve(fit_grams, val_grams, expert_rows, coefs, grid) -> dict | None:
@@ -222,7 +253,8 @@ def validation_row(curve: dict | None, coefs: list[float], grid: list[float], al
     norm = (curve["energy"] * c).sum().clamp_min(1e-300)
     at = grid.index(alpha)
     per = (curve["per_expert"][at] / curve["energy"].clamp_min(1e-300)).tolist()
-    return dict(curve=((curve["per_expert"] * c).sum(-1) / norm).tolist(), experts=per, rows=curve["rows"])
+    curve_ = ((curve["per_expert"] * c).sum(-1) / norm).tolist()
+    return dict(curve=curve_, experts=per, rows=curve["rows"], solver_alphas=curve.get("solved", grid))
 
 
 def alpha_summary(alphas: dict[str, float], mode: str) -> list[str]:

@@ -29,7 +29,7 @@ from .calibration import (
 )
 from .experts import Expert, load_expert
 from .layerwise import PARTS_DIR, DecoderAdapter, choose_plan, grams_by_layer
-from .model_plan import check_no_foreign_checkpoints, checkpoint_path, whole_model_grams
+from .model_plan import HELD, check_no_foreign_checkpoints, checkpoint_path, whole_model_grams
 from .ranks import PROCESS_GROUP_TIMEOUT, all_reduce_grams, meet, rank_placement, ranks_in_step
 from .tensor_io import (
     GramFile,
@@ -62,7 +62,7 @@ ROW_RULE = "ours"  # calibration.ROWS: ours, or the reference's rows and running
 
 HOLDOUT = None  # --holdout F: every round(1/F)-th row goes to a second gram file (validation grams); None: no holdout
 HOLDOUT_FILE = "gram-holdout.safetensors"  # the held-out rows' grams, beside gram.safetensors
-HOLDOUT_WORK = ".holdout"  # the held-out pass's checkpoints and layer files, under the output folder
+HOLDOUT_WORK = ".holdout"  # the layer plan's held-out pass: its checkpoints and layer files, under the output folder
 
 
 def holdout_rows(num_rows: int, fraction: float | None) -> tuple[list[int], list[int], str]:
@@ -241,11 +241,14 @@ def compute_grams(
         reference=reference,
         padding=padding,
     )
-    if held_rows:  # the held-out rows first, in their own work folder: each pass resumes from its own checkpoints
+    if held_rows and state.is_main_process:
+        print(f"holdout: {rule}", file=sys.stderr)
+    if held_rows and pick_plan(token_ids, out_dir, **run)[0] == "model":  # one pass, two accumulators per input
+        return grams_of_rows(token_ids, out_dir, {}, holdout=(fit_rows, held_rows, rule), **run)
+    if held_rows:  # the layer plan: the held-out rows first, in a pass and a work folder of their own
+        run["plan"] = "layers"
         held = [token_ids[i] for i in held_rows]
         work = out_dir / HOLDOUT_WORK
-        if state.is_main_process:
-            print(f"holdout: {rule}", file=sys.stderr)
         done = out_dir / HOLDOUT_FILE
         if not (done.exists() and GramFile(done).metadata.get("data_sha256") == fingerprint(held)):
             path = grams_of_rows(held, work, dict(holdout=f"held-out rows: {rule}"), **run)
@@ -255,6 +258,26 @@ def compute_grams(
             meet()
         token_ids = [token_ids[i] for i in fit_rows]
     return grams_of_rows(token_ids, out_dir, dict(holdout=f"fit rows: {rule}") if rule else {}, **run)
+
+
+def pick_plan(
+    token_ids, out_dir, plan, model_dir, device, forward_dtype, batch_size, device_map, checkpoint_every, reference,
+    state, **_,
+) -> tuple[str, str]:  # fmt: skip
+    """The plan of a run on `token_ids` into `out_dir` and why: a run to resume keeps its plan, else choose_plan."""
+    resume = None
+    if checkpoint_every and (Path(out_dir) / PARTS_DIR).exists():
+        resume = "layers"
+    checkpoint = checkpoint_path(out_dir, state.process_index, state.num_processes)
+    resume = resume or ("model" if checkpoint.exists() else None)
+    batch, length = min(batch_size, len(token_ids)), max(map(len, token_ids))  # the largest batch
+    if reference and resume == "layers":
+        raise UserError(REFERENCE_PLAN)
+    files = checkpoint_files(model_dir)
+    plan, why = choose_plan(plan, model_dir, files, device, forward_dtype, batch, length, device_map, resume)
+    if reference and plan == "layers":
+        raise UserError(f"{REFERENCE_PLAN}; the whole model does not fit here ({why})")
+    return plan, why
 
 
 def grams_of_rows(
@@ -284,23 +307,25 @@ def grams_of_rows(
     adapter: Path | None,
     reference: bool,
     padding: tuple[int, str] | None,
+    holdout: tuple[list[int], list[int], str] | None = None,
 ) -> Path:
-    """compute_grams' run on the rows `token_ids` into OUT_DIR/gram.safetensors (extra: provenance to add)."""
+    """compute_grams' run on the rows `token_ids` into OUT_DIR/gram.safetensors (extra: provenance to add).
+    holdout: (fit rows, held-out rows, rule), the whole-model plan: the held-out rows' grams go to
+    OUT_DIR/gram-holdout.safetensors from the same forward passes."""
     timer = Timer()
     rank, num_processes = state.process_index, state.num_processes
     width = config.get("hidden_size")
     files = checkpoint_files(model_dir)
     checkpoint = checkpoint_path(out_dir, rank, num_processes)
-    resume = None  # a run to resume keeps its plan
-    if checkpoint_every and (out_dir / PARTS_DIR).exists():
-        resume = "layers"
-    resume = resume or ("model" if checkpoint.exists() else None)
-    batch, length = min(batch_size, len(token_ids)), max(map(len, token_ids))  # the largest batch
-    if reference and resume == "layers":
-        raise UserError(REFERENCE_PLAN)
-    plan, why = choose_plan(plan, model_dir, files, device, forward_dtype, batch, length, device_map, resume)
-    if reference and plan == "layers":
-        raise UserError(f"{REFERENCE_PLAN}; the whole model does not fit here ({why})")
+    plan, why = pick_plan(
+        token_ids, out_dir, plan, model_dir, device, forward_dtype, batch_size, device_map, checkpoint_every, reference,
+        state,
+    )  # fmt: skip
+    all_ids, held_ids = token_ids, []
+    if holdout:
+        fit_rows, held_rows, rule = holdout
+        token_ids, held_ids = [all_ids[i] for i in fit_rows], [all_ids[i] for i in held_rows]
+        extra = dict(extra, holdout=f"fit rows: {rule}")
     num_tokens = sum(map(len, token_ids))
     if reference:  # the positions its grams count, padding included
         num_tokens = sum(
@@ -308,8 +333,9 @@ def grams_of_rows(
         )
     if state.is_main_process:
         where = f"{num_processes} processes" if num_processes > 1 else str(device)
+        held_out = f" (+ {len(held_ids)} held out, {sum(map(len, held_ids))} tokens, same passes)" if holdout else ""
         print(
-            f"{model}: {len(token_ids)} examples of {dataset}, {num_tokens} tokens, "
+            f"{model}: {len(token_ids)} examples of {dataset}, {num_tokens} tokens{held_out}, "
             f"on {where} in {describe_dtype(dtype, forward_dtype, device, width)}",
             file=sys.stderr,
         )
@@ -340,12 +366,14 @@ def grams_of_rows(
     # what must match for a checkpoint to resume (batch size and the number of processes fix
     # the batches each process runs; the data through data_sha256)
     settings = provenance | dict(batch_size=batch_size, num_processes=num_processes)
+    if holdout:
+        settings["held_out_sha256"] = fingerprint(held_ids)
     out_dir.mkdir(parents=True, exist_ok=True)
     with timer("gram"):
         if plan == "model":
             grams, aliases, tokens_run = whole_model_grams(
                 model_dir,
-                token_ids,
+                all_ids,
                 batch_size,
                 device,
                 forward_dtype,
@@ -357,6 +385,7 @@ def grams_of_rows(
                 state=state,
                 padding=padding,
                 adapter=adapter,
+                held_out=frozenset(holdout[1]) if holdout else frozenset(),
             )
         else:
             grams, aliases, tokens_run = layer_by_layer_grams(
@@ -374,6 +403,16 @@ def grams_of_rows(
                 expert=expert,
             )
     path = out_dir / GRAM_FILE
+    held = {k.removeprefix(HELD): grams.pop(k) for k in list(grams) if k.startswith(HELD)}
+    if state.is_main_process and holdout:  # before gram.safetensors: a finished run has both
+        held_provenance = dict(
+            provenance,
+            num_examples=len(held_ids),
+            data_sha256=fingerprint(held_ids),
+            holdout=f"held-out rows: {holdout[2]}",
+        )
+        save_grams(out_dir / HOLDOUT_FILE, held, aliases, sum(map(len, held_ids)), held_provenance)
+        print(f"wrote {out_dir / HOLDOUT_FILE}: {len(held)} grams, {sum(map(len, held_ids))} tokens")
     if state.is_main_process:  # the one writer; the gram is streamed to disk one tensor at a time
         save_grams(path, grams, aliases, num_tokens, provenance)
         for r in range(num_processes):
@@ -386,6 +425,6 @@ def grams_of_rows(
             f"({tokens_run / seconds:.0f} tokens/s) by the {plan} plan"
             f"{f' over {num_processes} processes' if num_processes > 1 else ''}, {peak_memory(device)}"
         )
-    del grams
+    del grams, held
     meet()  # the others return once the file is in place (or stop if writing it failed)
     return path

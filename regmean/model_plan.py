@@ -28,6 +28,7 @@ from .tensor_io import write_safetensors
 from .utils import Progress, UserError, first_line
 
 CHECKPOINT_FILE = ".gram-checkpoint.safetensors"
+HELD = "held-out:"  # the held-out rows' grams (--holdout) sit beside the fit ones under this prefix
 
 
 def checkpoint_path(out_dir: str | Path, rank: int = 0, num_processes: int = 1) -> Path:
@@ -103,6 +104,7 @@ def accumulate_grams(
     rank: int = 0,
     num_processes: int = 1,
     padding: tuple[int, str] | None = None,
+    held_out: frozenset[int] = frozenset(),
 ) -> tuple[dict[str, Gram], dict[str, str], int]:
     """Accumulate the grams of every distinct linear-layer input of `model` over the
     examples `token_ids` (lists of ids), or over share `rank` of `num_processes` of their
@@ -110,12 +112,16 @@ def accumulate_grams(
     over several GPUs keeps each layer's grams beside it). Returns ({stored key: Gram},
     aliases, number of tokens run in this call: fewer than its share when resuming).
     padding: (pad id, side) for the reference's batches (--rows reference, one process): file order,
-    padded on that side, every position counted in a running mean (calibration.RunningMeanGram)."""
+    padded on that side, every position counted in a running mean (calibration.RunningMeanGram).
+    held_out: rows (indices into token_ids) whose tokens go to a second gram per input, keyed HELD + its key,
+    in the same forward passes (--holdout); the other rows' tokens go to the first."""
     device = model.device
     probe = torch.tensor([token_ids[0][:16]], device=device)
     leaders, aliases, head_name, head_reads_base_output = find_shared_inputs(model, probe)
     kind = Gram if padding is None else RunningMeanGram
     grams = {name: kind(m.in_features, module_device(m, device)) for name, m in leaders.items()}
+    if held_out:
+        grams |= {HELD + name: kind(m.in_features, module_device(m, device)) for name, m in leaders.items()}
     lengths = [len(ids) for ids in token_ids]
     if padding is None:
         batches = split_batches(length_batches(lengths, batch_size), lengths, num_processes)[rank]
@@ -134,6 +140,8 @@ def accumulate_grams(
         def hook(module, args):
             check_one_row_per_token(name, args[0], batch_rows["total"])
             grams[name].add(args[0], batch_rows["index"])
+            if held_out:
+                grams[HELD + name].add(args[0], batch_rows["held"])
 
         return hook
 
@@ -158,18 +166,23 @@ def accumulate_grams(
             for b in range(start, len(batches)):
                 if padding is None:
                     input_ids, mask = collate(token_ids, batches[b])
-                    batch_rows["index"] = mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+                    held = torch.tensor([i in held_out for i in batches[b]])[:, None] & mask.bool()
+                    fit = mask.bool() & ~held
+                    batch_rows["index"] = fit.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+                    batch_rows["held"] = held.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
                 else:  # the reference's: every position, padding included
                     input_ids, mask = pad_batch(token_ids, batches[b], *padding)
                     batch_rows["index"] = None
                 batch_rows["total"] = mask.numel()
-                counted = mask.numel() if padding else len(batch_rows["index"])
+                counted = mask.numel() if padding else len(batch_rows["index"]) + len(batch_rows["held"])
                 input_ids, mask = input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
                 if skip_head:
                     hidden = model.base_model(
                         input_ids=input_ids, attention_mask=mask, use_cache=False
                     ).last_hidden_state
                     grams[head_name].add(hidden, batch_rows["index"])
+                    if held_out:
+                        grams[HELD + head_name].add(hidden, batch_rows["held"])
                     del hidden
                 else:
                     model(input_ids=input_ids, attention_mask=mask, use_cache=False)
@@ -235,10 +248,11 @@ def whole_model_grams(
     state,
     padding: tuple[int, str] | None = None,
     adapter: Path | None = None,
+    held_out: frozenset[int] = frozenset(),
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], int]:
     """--plan model: this process's share through the whole expert (a LoRA: its base with `adapter` folded in),
     then every process's sums added up. Returns ({stored key: packed gram, each on its device}, aliases, tokens
-    run by all processes)."""
+    run by all processes; held_out: see accumulate_grams, their grams keyed HELD + key)."""
     model = load_model(model_dir, device, dtype, device_map, max_memory, adapter)
     grams, aliases, tokens_run = accumulate_grams(
         model,
@@ -251,6 +265,7 @@ def whole_model_grams(
         rank=state.process_index,
         num_processes=state.num_processes,
         padding=padding,
+        held_out=held_out,
     )
     del model
     meet()  # every share is done, or one rank failed and all stop here

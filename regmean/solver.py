@@ -64,6 +64,19 @@ def precision_floor(directions: Tensor, diagonal: Tensor) -> Tensor:
     return EPS32 * (directions.abs().double().T @ diagonal.double().clamp_min(0).sqrt()).square()
 
 
+def symmetric_eigh(a: Tensor) -> tuple[Tensor, Tensor]:
+    """torch.linalg.eigh, on one thread on the cpu: its LAPACK driver synchronizes its threads at every column of
+    the tridiagonal reduction, and on a busy cpu two threads took 6-10x as long as one (docs/benchmarks.md)."""
+    if a.device.type != "cpu" or torch.get_num_threads() == 1:
+        return torch.linalg.eigh(a)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(a)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def reduce_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
     """G̃ = α G + (1 - α) diag(G): off-diagonals scaled by α, the diagonal kept (one new tensor)."""
     out = gram * alpha
@@ -247,7 +260,7 @@ class RegMeanSystem:
                 if not self.singular_within_precision():
                     return
                 self.chol = None
-        evals, evecs = torch.linalg.eigh(self.a64)
+        evals, evecs = symmetric_eigh(self.a64)
         floors = DOUBT * precision_floor(evecs, self.a64.diagonal())
         keep = evals > floors
         self.cutoff = floors[~keep].max().item() if not keep.all() else 0.0

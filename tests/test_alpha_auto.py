@@ -40,7 +40,7 @@ def known_case(seed, n=24, fit_samples=120, val_samples=600, rows=48):
     return ws, sigmas, [gram(s, fit_samples) for s in sigmas], [gram(s, val_samples) for s in sigmas]
 
 
-@pytest.mark.parametrize("how, tol", [("solver", 1e-5), ("eigh", 1e-6)])
+@pytest.mark.parametrize("how, tol", [("solver", 1e-5), ("eigh", 1e-6), ("cholesky", 1e-6)])
 def test_criterion_is_the_closed_form(how, tol):
     ws, _, fit, val = known_case(0)
     f32 = [[x.float() for x in xs] for xs in (fit, val, ws)]
@@ -50,6 +50,18 @@ def test_criterion_is_the_closed_form(how, tol):
         for i, (wi, v) in enumerate(zip(ws, val)):
             ref = torch.trace((w - wi) @ v.float().double() @ (w - wi).T).item()
             assert abs(curve["per_expert"][k, i].item() - ref) <= tol * ref, (alpha, i)
+
+
+def test_unexcited_directions_agree_with_the_solver():
+    """Fit grams of rank 8, their sum of rank 16 < 24: at α = 1 the solver leaves directions at the average, and
+    every way of taking the criterion goes to the solver there; elsewhere the closed forms equal its solution."""
+    ws, _, fit, val = known_case(1, fit_samples=8)
+    f32 = [[x.float() for x in xs] for xs in (fit, val, ws)]
+    curves = {how: alpha_curve(*f32, COEFS, ALPHA_GRID, how=how) for how in ("solver", "eigh", "cholesky")}
+    assert 1.0 in curves["eigh"]["solved"] and 1.0 in curves["cholesky"]["solved"]
+    for how in ("eigh", "cholesky"):
+        rel = (curves[how]["per_expert"] - curves["solver"]["per_expert"]).abs() / curves["solver"]["per_expert"]
+        assert rel.max().item() < 1e-5, (how, rel.max().item())
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

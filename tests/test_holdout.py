@@ -1,13 +1,16 @@
 """compute_gram.py --holdout F: every round(1/F)-th row goes to gram-holdout.safetensors, the rest to
 gram.safetensors; together, token-weighted, they are the grams of all rows, on both plans and on two processes;
-a bad fraction is refused in one line before any work."""
+on the whole-model plan in the forward passes of all rows (no more than without --holdout), checkpointed and
+resumed; a bad fraction is refused in one line before any work."""
 
 import pytest
 from test_gram_distributed import launch
 from test_gram_layers import MAX_LENGTH, gram
+from torch import nn
 
 from conftest import ROOT
 from regmean.grams import HOLDOUT_FILE, holdout_rows
+from regmean.model_plan import checkpoint_path
 from regmean.tensor_io import GramFile
 from regmean.utils import GRAM_FILE, UserError
 
@@ -41,6 +44,44 @@ def test_holdout_on_two_processes(experts, calib_files, tmp_path):
     args += ["--dtype", "float32", "--plan", "model", "--holdout", "0.34"]
     proc = launch(2, ROOT / "compute_gram.py", args)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_parts_make_the_whole(out, whole)
+
+
+def forward_passes(run, stop_at=None):
+    """run() with the model's forward passes counted; the first one once `stop_at` exists raises KeyboardInterrupt
+    (like Ctrl-C after the first checkpoint)."""
+    count = []
+
+    def hook(module, args):
+        if type(module).__name__ == "LlamaModel":
+            if stop_at is not None and stop_at.exists():
+                raise KeyboardInterrupt
+            count.append(1)
+
+    handle = nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return len(count)
+
+
+def test_holdout_is_one_pass_and_resumes(experts, calib_files, tmp_path, capsys):
+    def run(out, *extra):
+        return lambda: gram(experts[0], calib_files["code"], out, "--plan", "model", *extra)
+
+    whole = tmp_path / "all" / GRAM_FILE
+    passes = forward_passes(run(tmp_path / "all"))
+    assert forward_passes(run(tmp_path / "split", "--holdout", 0.34)) == passes  # the rows of both, once
+    assert_parts_make_the_whole(tmp_path / "split", whole)
+
+    out, args = tmp_path / "resumed", ("--holdout", 0.34, "--checkpoint-every", 1)
+    with pytest.raises(KeyboardInterrupt):
+        forward_passes(run(out, *args), stop_at=checkpoint_path(out))
+    assert not (out / GRAM_FILE).exists() and not (out / HOLDOUT_FILE).exists()
+    capsys.readouterr()
+    assert forward_passes(run(out, *args)) == passes - 1  # the checkpointed batch is not run again
+    assert "resuming from" in capsys.readouterr().err
     assert_parts_make_the_whole(out, whole)
 
 
