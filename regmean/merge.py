@@ -281,12 +281,27 @@ def print_plan(s: MergeSettings, inputs: Inputs, tensors: int, device, out_dtype
     if inputs.tied and s.method != "avg":
         head, embedding = next(iter(inputs.tied.items()))
         print(f"{head} is tied to {embedding}: the shared matrix is merged by the mean, lm_head's gram is not used")
+    if s.method == "regmean":
+        print(gram_reads(s))
     if inputs.excluded:
         print(f"excluded from {s.method} (averaged), matching {s.exclude}: {', '.join(inputs.excluded)}")
     sizes = sorted({e.config.get("vocab_size") for e in experts})
     if len(sizes) > 1:
         print(f"vocabularies nest ({' < '.join(map(str, sizes))} tokens): rows only some experts have are their mean")
         print(f"config and tokenizer from {inputs.source.dir}, the largest vocabulary")
+
+
+def gram_reads(s: MergeSettings) -> str:
+    """The log line on how the grams are held and read (docs/merging.md#memory)."""
+    if s.solve == "reference":
+        return "grams: the N grams of an input held at once (--solve reference, as the reference did)"
+    figures = "the output error figures read each gram again" if s.error_sample_every else "each read once"
+    auto = (
+        f"; --alpha {s.alpha}'s validation criterion holds an input's N fit and N validation grams at once"
+        if s.alpha in AUTO
+        else ""
+    )
+    return f"grams: one expert's at a time (memory independent of the number of experts), {figures}{auto}"
 
 
 def plan_hidden_states(s: MergeSettings, inputs: Inputs, device) -> tuple[torch.dtype, int, dict]:

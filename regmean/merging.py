@@ -15,8 +15,10 @@ Each linear layer's report row carries its output error figures (regmean/merge_r
 solver's own float32 rows and grams as the merge runs.
 """
 
+import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from .experts import (
     merged_infos,
 )
 from .merge_report import SAMPLE_EVERY, block_slice, layer_figures, sample_step
-from .solver import ReferenceSystem, RegMeanSystem, output_error_terms
+from .solver import ReferenceSystem, RegMeanSystem, add_deviation, deviation_sums, output_error_terms, wide_rhs
 from .tensor_io import (
     ST_DTYPES,
     GramFile,
@@ -38,6 +40,9 @@ from .tensor_io import (
 from .utils import Progress, Timer
 
 BLOCK_MB = 64  # large tensors are merged in blocks of rows of about this many MB per expert, as float32
+CHUNK_GRAMS = (
+    4  # the rows solved per pass over the experts: up to 4 grams' worth (or a block); more read the grams again
+)
 
 
 # ----------------------------------------------------------------------------- the merge
@@ -75,17 +80,23 @@ def pick_rows(blocks: list[Tensor], merged: Tensor, rows: tuple[int, int], step:
 
 
 def group_error_figures(
-    grams: list[Tensor], picks: dict[str, list[list[Tensor]]], num_rows: dict[str, int], coefs: list[float]
+    grams: Callable[[int], Tensor], picks: dict[str, list[list[Tensor]]], num_rows: dict[str, int], coefs: list[float]
 ) -> dict[str, dict]:
     """The output error figures of the weights that read one input, from the rows pick_rows took
-    ({weight: one pick per block}) and the experts' full grams (float32, on the rows' device): one
-    product per expert for all of them. The average is rounded to the merged weight's dtype, as an
-    `avg` merge would write it. Returns {weight: merge_report.layer_figures}."""
+    ({weight: one pick per block: each expert's rows, then the merged ones}) and the experts' full grams
+    (grams(i): float32, read one at a time): one product per expert for all of them. The average is
+    rounded to the merged weight's dtype, as an `avg` merge would write it. Returns {weight:
+    merge_report.layer_figures}."""
     names = list(picks)
     columns = [torch.cat([pick[j] for name in names for pick in picks[name]]) for j in range(len(coefs) + 1)]
     experts, merged = [c.float() for c in columns[:-1]], columns[-1]
     average = sum(c * w for c, w in zip(coefs, experts)).to(merged.dtype)
-    terms = output_error_terms(merged, average, experts, grams)
+    terms = []
+    for i, w in enumerate(experts):
+        gram = grams(i).to(w.device, torch.float32)
+        terms.append(output_error_terms(merged, average, [w], [gram]))
+        del gram
+    terms = torch.cat(terms, 1)
     sizes = [sum(len(pick[0]) for pick in picks[name]) for name in names]
     return {name: layer_figures(t, num_rows[name]) for name, t in zip(names, terms.split(sizes, -1))}
 
@@ -155,19 +166,20 @@ class StreamingMerge:
     def linear_group(
         self,
         members: list[str],
-        grams: list[Tensor],
+        grams: Callable[[int], Tensor],
         tokens: list[int | None],
         keep: bool = False,
-        system=None,
+        family: list | None = None,
         alpha: float | None = None,
     ) -> tuple[list[dict], dict[str, Tensor]]:
         """RegMean merge of the linear weights `members` that read one input (q/k/v, gate/up, or one
-        layer alone) on one factorization of their system. grams: each expert's gram of that input;
-        tokens: how many tokens each gram saw (None where unknown); system: a factorization of these
-        very grams at this α to reuse (see merge_tensors), else one is made and left in self.system;
-        alpha: this input's α (default: the merge's). Returns one report row per weight and, with
-        keep, {name: merged weight as written}."""
-        infos, kept = self.infos, {}
+        layer alone) on one factorization of their system, one expert's gram at a time: grams(i) gives
+        expert i's gram of that input (float32 [in, in]) and is called once per pass over the experts
+        (docs/merging.md#memory). tokens: how many tokens each gram saw (None where unknown); family: the
+        (digests, α, system) of groups merged before whose grams may be identical copies (merge_tensors),
+        to which this group's is added; alpha: this input's α (default: the merge's). Returns one report
+        row per weight and, with keep, {name: merged weight as written}."""
+        kept = {}
         alpha = self.alpha if alpha is None else alpha
         for member in [m for m in members if m in self.averaged]:
             merged = self.mean(member, keep)
@@ -176,14 +188,155 @@ class StreamingMerge:
         members = [m for m in members if m not in self.averaged]
         if not members:
             return [], kept
+        if self.solve == "reference":  # the reference's arithmetic: its N grams at once, as it held them
+            return self.held_group(members, [grams(i) for i in range(len(self.experts))], tokens, keep, family, alpha)
+        t0, n, num = time.perf_counter(), self.infos[members[0]][0][1], len(self.experts)
+        blocks, out = [], {}  # blocks of rows every expert has: solved; out (keep): (member, start) -> merged block
+        for member in members:
+            for rows, have in self.blocks(member):
+                if len(have) < num:  # tokens only some experts have: their rows' mean
+                    merged = self.mean_block(member, rows, have)
+                    with self.timer("write"):
+                        self.writer.write(member, merged, rows[0])
+                    if keep:
+                        out[member, rows[0]] = merged
+                else:
+                    blocks.append((member, rows))
+        steps = {m: sample_step(self.infos[m][0][0], self.sample_every) for m in members} if self.sample_every else {}
+        first, picks = dict(stats=[], digests=[] if family is not None else None, tokens=tokens), {}
+        system, wide = RegMeanSystem.start(n, alpha, self.coefs, self.device), wide_rhs(n, alpha)
+        worst, reused = dict.fromkeys(members, (0.0, 0.0)), False
+        for c, chunk in enumerate(chunk_blocks(blocks, max(int(self.block_mb * 2**20 // (4 * n)), CHUNK_GRAMS * n))):
+            sums = self.chunk_pass(
+                chunk, grams, n, alpha, wide, *((system, first) if c == 0 else (None, None)), picks, steps
+            )
+            with self.timer("solve"):
+                if c == 0:
+                    same = next((s for d, a, s in family or [] if a == alpha and d == first["digests"]), None)
+                    reused = same is not None
+                    if reused:
+                        system = same
+                    else:
+                        system.finish()
+                        if family is not None:
+                            family.append((first["digests"], alpha, system))
+                solved = system.solve_deviation(*sums)
+            if solved is None:  # the path moved to float64 (a fallback): the sums again, in float64
+                wide, sums = True, None
+                sums = self.chunk_pass(chunk, grams, n, alpha, True)
+                with self.timer("solve"):
+                    solved = system.solve_deviation(*sums)
+            del sums
+            merged, residual, error = solved
+            merged, start = merged.to(self.out_dtype), 0
+            for member, rows in chunk:
+                block = merged[start : start + rows[1] - rows[0]]
+                if keep:
+                    out[member, rows[0]] = block
+                start += rows[1] - rows[0]
+                worst[member] = (max(worst[member][0], residual), max(worst[member][1], error))
+                with self.timer("write"):
+                    self.writer.write(member, block, rows[0])
+                if (member, rows[0]) in picks:
+                    picks[member, rows[0]].append(block[block_slice(rows, steps[member])].clone())
+            del merged
+        report, seconds = [], time.perf_counter() - t0
+        total_rows = sum(self.infos[m][0][0] for m in members)
+        for member in members:
+            if keep:
+                kept[member] = torch.cat([b for (m, _), b in sorted(out.items(), key=lambda x: x[0][1]) if m == member])
+            report.append(
+                dict(
+                    tensor=member,
+                    alpha=alpha,
+                    n=system.n,
+                    **system.diagnostics(),
+                    residual=worst[member][0],
+                    error_estimate=worst[member][1],
+                    seconds=round(seconds * self.infos[member][0][0] / total_rows, 4),
+                    grams=first["stats"],
+                    **({"factor_reused": True} if reused else {}),
+                )
+            )
+        self.system = system
+        if picks:  # the output error figures: each gram read again, one at a time
+            by_member = {}
+            for (member, _), pick in picks.items():
+                by_member.setdefault(member, []).append(pick)
+            with self.timer("figures"):
+                figures = group_error_figures(grams, by_member, {m: self.infos[m][0][0] for m in by_member}, self.coefs)
+            for row in report:
+                row["output_error"] = figures[row["tensor"]]
+        return report, kept
+
+    def chunk_pass(
+        self,
+        chunk: list[tuple[str, tuple[int, int]]],
+        grams: Callable[[int], Tensor],
+        n: int,
+        alpha: float,
+        wide: bool,
+        system: RegMeanSystem | None = None,
+        first: dict | None = None,
+        picks: dict | None = None,
+        steps: dict[str, int] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One pass over the experts for a chunk of rows [(weight, (start, stop))]: expert i's gram (added to
+        `system` when given) and its rows of the chunk, one expert at a time. Returns the first expert's rows
+        and the sums of solver.solve_deviation. first (the group's first pass): the grams' stats and digests
+        are taken there; picks: the sampled rows of the output error figures (steps: their spacing per weight)."""
+        size = sum(b - a for _, (a, b) in chunk)
+        rhs, spread = deviation_sums(size, n, wide, self.device)
+        anchor = None
+        for i, expert in enumerate(self.experts):
+            with self.timer("load"):
+                gram = grams(i).to(self.device, torch.float32)
+                rows, start = torch.empty(size, n, device=self.device), 0
+                for member, (a, b) in chunk:
+                    rows[start : start + b - a] = expert.read(member, (a, b))
+                    start += b - a
+            if first is not None:
+                first["stats"].append(gram_stats(gram, first["tokens"][i]))
+                if first["digests"] is not None:
+                    first["digests"].append(hashlib.blake2b(gram.cpu().numpy()).digest())
+            start = 0
+            for member, (a, b) in chunk if picks is not None and steps else []:
+                picks.setdefault((member, a), []).append(
+                    rows[start : start + b - a][block_slice((a, b), steps[member])].clone()
+                )
+                start += b - a
+            with self.timer("solve"):
+                if system is not None:
+                    system.add_gram(i, gram)
+                if i == 0:
+                    anchor = rows
+                else:
+                    add_deviation(rhs, spread, gram, self.coefs[i], alpha, rows.sub_(anchor))
+            del gram, rows
+        return anchor, spread, rhs
+
+    def held_group(
+        self,
+        members: list[str],
+        grams: list[Tensor],
+        tokens: list[int | None],
+        keep: bool,
+        family: list | None,
+        alpha: float,
+    ) -> tuple[list[dict], dict[str, Tensor]]:
+        """--solve reference: the group merged on its N grams held at once, as the reference did (one
+        solver.ReferenceSystem), block by block of rows. Arguments and result as linear_group's."""
+        infos, kept = self.infos, {}
         t0 = time.perf_counter()
         stats = [gram_stats(g, n) for g, n in zip(grams, tokens)]
+        digests = [hashlib.blake2b(g.cpu().numpy()).digest() for g in grams] if family is not None else None
+        system = next((s for d, a, s in family or [] if a == alpha and d == digests), None)
         reused = system is not None
         if not reused:
             with self.timer("solve"):
-                system = (ReferenceSystem if self.solve == "reference" else RegMeanSystem).factor(
-                    grams, alpha, self.coefs, self.device, num_rows=sum(infos[m][0][0] for m in members)
-                )
+                system = ReferenceSystem.factor(grams, alpha, self.coefs, self.device)
+            if family is not None:
+                family.append((digests, alpha, system))
         self.system = system
         factor_s = time.perf_counter() - t0
         report, picks = [], {}
@@ -226,10 +379,25 @@ class StreamingMerge:
             factor_s = 0.0  # the factorization is counted once, with the first layer of its group
         if picks:
             with self.timer("figures"):
-                figures = group_error_figures(system.grams, picks, {m: infos[m][0][0] for m in picks}, self.coefs)
+                figures = group_error_figures(
+                    system.grams.__getitem__, picks, {m: infos[m][0][0] for m in picks}, self.coefs
+                )
             for row in report:
                 row["output_error"] = figures[row["tensor"]]
         return report, kept
+
+
+def chunk_blocks(blocks: list[tuple[str, tuple[int, int]]], max_rows: int) -> list[list]:
+    """Consecutive blocks of rows [(weight, (start, stop))] in chunks of at most max_rows rows (a block
+    never split): the rows a streamed pass over the experts solves at once."""
+    chunks, size = [], max_rows
+    for member, (a, b) in blocks:
+        if size + b - a > max_rows:
+            chunks.append([])
+            size = 0
+        chunks[-1].append((member, (a, b)))
+        size += b - a
+    return chunks
 
 
 def gram_groups(gram_files: list[GramFile], linear: dict[str, int]) -> dict[tuple[str, ...], list[str]]:
@@ -276,19 +444,21 @@ def merge_tensors(
             done.add(name)
             bar.update(1)
             continue
-        factored = []  # (grams, α, system) of the family so far: identical grams, read again, are factored once
-        for key in families[family_of[group_of[name]]]:
-            with merge.timer("load"):
-                grams = [g.get(k) for g, k in zip(gram_files, key)]
+        family = []  # (digests, α, system) of the family's groups so far: identical grams are factored once
+        keys = families[family_of[group_of[name]]]
+        for key in keys:
             alpha = merge.alphas[key[0]] if merge.alphas is not None else None
-            same = next((s for seen, a, s in factored if a == alpha and all(map(torch.equal, seen, grams))), None)
-            rows, _ = merge.linear_group(groups[key], grams, tokens, system=same, alpha=alpha)
-            if same is None and rows:
-                factored.append((grams, alpha, merge.system))
+
+            def read(i: int, key: tuple[str, ...] = key) -> Tensor:
+                return gram_files[i].get(key[i])
+
+            rows, _ = merge.linear_group(
+                groups[key], read, tokens, family=family if len(keys) > 1 else None, alpha=alpha
+            )
             report += [dict(r, gram=key[0]) for r in rows]
             done.update(groups[key])
             bar.update(len(groups[key]))
-        del factored, grams
+        del family
     bar.close()
     return report
 
@@ -341,7 +511,6 @@ def judge_tensors(
     groups = gram_groups(gram_files, linear)
     bar = Progress(total=sum(len(v) for v in groups.values()), desc="judging", unit="layer")
     for key, members in groups.items():
-        grams = [g.get(k).to(device, torch.float32) for g, k in zip(gram_files, key)]
         picks = {}
         for member in members:
             step = sample_step(infos[member][0][0], sample_every)
@@ -352,8 +521,9 @@ def judge_tensors(
                 merged = read_tensor(merged_files[member], member, rows).to(device)
                 picks.setdefault(member, []).append(pick_rows(blocks, merged, rows, step))
             bar.update(1)
-        figures = group_error_figures(grams, picks, {m: infos[m][0][0] for m in members}, coefs)
+        figures = group_error_figures(
+            lambda i, key=key: gram_files[i].get(key[i]), picks, {m: infos[m][0][0] for m in members}, coefs
+        )
         report += [dict(tensor=m, gram=key[0], output_error=figures[m]) for m in members]
-        del grams
     bar.close()
     return report

@@ -154,7 +154,7 @@ def merge_regmean_pp(
             counts = [g[leader].num_rows for g in grams]
             with timer("solve"):
                 results = [g.pop(leader).result() for g in grams]
-            rows, kept = merge.linear_group(members, results, counts, keep=True)
+            rows, kept = merge.linear_group(members, results.__getitem__, counts, keep=True)
             del results
             report += [dict(r, gram=f"{prefix}.{leader}", layer=l) for r in rows]
             merged.update(kept)
@@ -180,6 +180,6 @@ def merge_regmean_pp(
                 for b in range(len(calib[i].batches)):
                     gram.add(norm(states.get((i, b))))
                 grams.append(gram.result())
-        rows, _ = merge.linear_group([model.head_name], grams, [c.num_tokens for c in calib])
+        rows, _ = merge.linear_group([model.head_name], grams.__getitem__, [c.num_tokens for c in calib])
         report += [dict(r, gram=model.head_module, layer=num_layers) for r in rows]
     return report

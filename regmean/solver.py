@@ -11,6 +11,15 @@ shared by the layers that read one input (q/k/v, gate/up):
     merged, residual, error = RegMeanSystem.factor(grams, alpha, coefs, device).solve(rows)
     merged, diagnostics = merge_weight(expert_weights, grams, alpha, coefs)     # one layer
 
+or, holding one expert's gram at a time (the streamed merge: memory independent of the number of experts),
+
+    system = RegMeanSystem.start(n, alpha, coefs, device)
+    for i, gram in enumerate(grams): system.add_gram(i, gram)          # A = Σ cᵢ G̃ᵢ + λI, in float64
+    system.finish()                                                       # factored as above
+    rhs, spread = deviation_sums(num_rows, n, wide_rhs(n, alpha))         # then per expert i > 0:
+    add_deviation(rhs, spread, gram, coefs[i], alpha, expert_rows - first_expert_rows)
+    merged, residual, error = system.solve_deviation(first_expert_rows, spread, rhs)
+
 The solve is float32 Cholesky where that is accurate (its error is measured on random probes),
 float64 Cholesky where the gram is too ill-conditioned for float32, and an eigendecomposition
 where even that fails; never lstsq (whose default CPU driver truncates the rank of
@@ -69,7 +78,7 @@ class RegMeanSystem:
     `path` is the solver in use (see PATHS); `solve` moves to the next one where the current one
     is not accurate enough, and the layers solved after that use it too."""
 
-    grams: list[Tensor]  # float32 [n, n] per expert, on the solve device
+    grams: list[Tensor] | None  # float32 [n, n] per expert, on the solve device; None when streamed (start)
     coefs: list[float]
     alpha: float
     ridge: float  # λ
@@ -83,10 +92,11 @@ class RegMeanSystem:
     cutoff: float = 0.0  # the largest DOUBT x precision floor of a direction left at the average (0: none)
     unexcited: int = 0  # input directions left at the average (eigenvalue below their precision floor)
     margin: float | None = None  # Cholesky paths: the smallest curvature found over its precision floor
+    probes: tuple[Tensor, Tensor] | None = None  # streamed: the probes z and A z (exact float64), summed as grams come
 
     @property
     def n(self) -> int:
-        return self.grams[0].shape[0]
+        return self.grams[0].shape[0] if self.grams is not None else self.a64.shape[0]
 
     @classmethod
     def factor(
@@ -139,18 +149,56 @@ class RegMeanSystem:
             system.maps = [torch.cholesky_solve(d, l32) for d in system.deltas]
         return system
 
+    @classmethod
+    def start(cls, n: int, alpha: float, coefs: list[float], device: torch.device | str = "cpu") -> "RegMeanSystem":
+        """An empty system of one input [n, n], to which add_gram adds one expert's gram at a time and that
+        finish then factors as factor does: A is summed in float64 (exact from the float32 grams), and so
+        are the probes' products, so that no gram is kept."""
+        system = cls(grams=None, coefs=list(coefs), alpha=alpha, ridge=0.0)
+        system.a64 = torch.zeros(n, n, dtype=torch.float64, device=device)
+        z = torch.randn(n, NUM_PROBES, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+        system.probes = (z, torch.zeros_like(z))
+        return system
+
+    def add_gram(self, i: int, gram: Tensor, chunk: int = 2048) -> None:
+        """A += cᵢ G̃ᵢ for expert i's gram (float32 [n, n]), a chunk of rows at a time (no float64 copy)."""
+        c, g, z = self.coefs[i], gram.to(self.a64.device, torch.float32), self.probes[0]
+        for r in range(0, self.n, chunk):
+            self.a64[r : r + chunk].add_(g[r : r + chunk], alpha=c * self.alpha)
+        self.a64.diagonal().add_(g.diagonal(), alpha=c * (1 - self.alpha))
+        self.probes[1].add_(reduced_product(g, self.alpha, z), alpha=c)
+
+    def finish(self) -> None:
+        """Factor the system that add_gram summed: the ridge, float32 Cholesky with its probe error and
+        its check for curvature near the precision floor, then the fallbacks (as factor)."""
+        scale = self.a64.diagonal().mean().item()
+        if not scale > 0:  # the data never reached this input: the average everywhere
+            self.path, self.unexcited, self.ridge, self.probes = "average", self.n, 1.0, None
+            return
+        self.ridge = RIDGE * scale
+        self.a64.diagonal().add_(self.ridge)
+        z, az = self.probes
+        self.probes = None
+        l32, info = torch.linalg.cholesky_ex(self.a64.float())
+        if info.item() != 0:
+            self.upgrade()
+            return
+        z_solved = torch.cholesky_solve(az.add_(z, alpha=self.ridge).float(), l32).double()
+        self.chol, self.probe_error = l32, ((z_solved - z).norm() / z.norm()).item()
+        if self.singular_within_precision():
+            self.path = "cholesky64"  # skip float64 Cholesky: A is as singular in float64
+            self.upgrade()
+
     def apply_a(self, x: Tensor, chunk: int = 2048) -> Tensor:
         """A x for a few columns x, in x's precision. In float64 the products come from the
         float32 grams a chunk of rows at a time (no float64 copy of a 14336 x 14336 gram)."""
+        if self.grams is None:  # streamed: A itself, in float64
+            return (self.a64 @ x.to(self.a64.dtype)).to(x.dtype)
         if x.dtype == torch.float64 and self.a64 is not None:
             return self.a64 @ x
         out = self.ridge * x
         for g, c in zip(self.grams, self.coefs):
-            if x.dtype == torch.float64:
-                gx = torch.cat([g[i : i + chunk].double() @ x for i in range(0, len(g), chunk)])
-            else:
-                gx = g @ x
-            out += c * (self.alpha * gx + (1 - self.alpha) * torch.diagonal(g).to(x.dtype)[:, None] * x)
+            out += c * reduced_product(g, self.alpha, x, chunk)
         return out
 
     def singular_within_precision(self) -> bool:
@@ -177,6 +225,8 @@ class RegMeanSystem:
 
     def apply_a_diagonal(self) -> Tensor:
         """The diagonal of A (float64), from the float32 grams."""
+        if self.grams is None:
+            return self.a64.diagonal()
         return sum(c * g.diagonal().double() for g, c in zip(self.grams, self.coefs)) + self.ridge
 
     def upgrade(self) -> None:
@@ -248,6 +298,74 @@ class RegMeanSystem:
         if not finite:  # cannot happen with finite inputs; never write NaN anyway
             merged, residual = avg.float(), float("nan")
         return merged, residual, error
+
+    def solve_deviation(self, anchor: Tensor, spread: Tensor, rhs: Tensor) -> tuple[Tensor, float, float] | None:
+        """solve() for a streamed system, from sums taken one expert at a time: the merged rows (float32
+        [rows, in]), the relative residual and the estimated relative error. anchor: the first expert's rows W₀;
+        spread: Σ cᵢ (Wᵢ − W₀); rhs: Σ cᵢ (Wᵢ − W₀) G̃ᵢ (deviation_sums, add_deviation). With Z = W − W₀ the
+        system is A Zᵀ = (rhs + λ spread)ᵀ: the same solution as solve's (the ridge pulls toward the average
+        W₀ + spread), and a deviation, so rounding stays proportional to the experts' differences. On eigh64,
+        directions left at the average keep spread's part. Returns None where the path needs a float64 rhs and
+        this one is float32 (wide_rhs said float32 would do): the caller sums it again in float64."""
+        while True:
+            wide = self.path in ("cholesky64", "eigh64")
+            if wide and rhs.dtype != torch.float64:
+                return None
+            if self.path == "average":
+                return (anchor + spread).float(), 0.0, 0.0
+            t = rhs + self.ridge * spread
+            if self.path == "eigh64":
+                evals, evecs = self.eig
+                s64 = spread.double()
+                z = s64 - (s64 @ evecs) @ evecs.T + ((t @ evecs) / evals) @ evecs.T
+            else:
+                z = torch.cholesky_solve(t.T.to(self.chol.dtype), self.chol).T
+            merged = (anchor.to(z.dtype) + z).float()
+            error = 0.0 if wide else self.probe_error * (z.norm() / merged.norm().clamp_min(1e-30)).item()
+            sample = torch.linspace(0, len(t) - 1, min(NUM_RESIDUAL_COLUMNS, len(t)), device=t.device).long()
+            t_sample = t[sample].T.to(z.dtype)
+            res = self.apply_a(z[sample].T.contiguous()) - t_sample
+            residual = (res.norm() / t_sample.norm().clamp_min(1e-30)).item()
+            finite = bool(torch.isfinite(merged).all())
+            if (finite and residual <= RESIDUAL_LIMIT and error <= TOLERANCE) or self.path == "eigh64":
+                break
+            self.upgrade()
+        if not finite:  # cannot happen with finite inputs; never write NaN anyway
+            merged, residual = (anchor + spread).float(), float("nan")
+        return merged, residual, error
+
+
+def reduced_product(gram: Tensor, alpha: float, x: Tensor, chunk: int = 2048) -> Tensor:
+    """G̃ x = α G x + (1 − α) diag(G) x for a float32 gram and columns x ([n, k]), in x's precision: in
+    float64 a chunk of the gram's rows at a time (no float64 copy of the gram)."""
+    if x.dtype == torch.float64:
+        gx = torch.empty(len(gram), x.shape[1], dtype=x.dtype, device=x.device)
+        for i in range(0, len(gram), chunk):
+            torch.matmul(gram[i : i + chunk].double(), x, out=gx[i : i + chunk])
+    else:
+        gx = gram @ x
+    return gx.mul_(alpha).addcmul_(torch.diagonal(gram).to(x.dtype)[:, None], x, value=1 - alpha)
+
+
+def wide_rhs(n: int, alpha: float) -> bool:
+    """Whether a streamed system's sums should be float64: unless its float32 Cholesky path is certain by
+    construction, (1 − α) / (n eps32) above 2x DOUBT (every direction's curvature then lies that far above its
+    precision floor: alpha_choice.plain_solve), as the fallbacks solve in float64 from float64 sums."""
+    return not (1 - alpha) / (n * EPS32) > 2 * DOUBT
+
+
+def deviation_sums(rows: int, n: int, wide: bool, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Zeroed rhs and spread [rows, n] for solve_deviation, float64 where wide."""
+    dtype = torch.float64 if wide else torch.float32
+    return torch.zeros(rows, n, dtype=dtype, device=device), torch.zeros(rows, n, dtype=dtype, device=device)
+
+
+def add_deviation(rhs: Tensor, spread: Tensor, gram: Tensor, coef: float, alpha: float, deviation: Tensor) -> None:
+    """rhs += cᵢ Yᵢ G̃ᵢ and spread += cᵢ Yᵢ for expert i's deviation Yᵢ = Wᵢ − W₀ from the first expert ([rows,
+    in]; G̃ᵢ is symmetric), in rhs's precision."""
+    deviation = deviation.to(rhs.dtype)
+    rhs.add_(reduced_product(gram, alpha, deviation.T).T, alpha=coef)
+    spread.add_(deviation, alpha=coef)
 
 
 def merge_weight(

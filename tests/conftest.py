@@ -161,6 +161,7 @@ NUMERICS = {
     "test_gram_format.py",
     "test_gram_layers.py",
     "test_merge.py",
+    "test_merge_n.py",
     "test_reference_arithmetic.py",
     "test_regmeanpp.py",
     "test_regmeanpp_tied.py",

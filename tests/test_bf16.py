@@ -146,14 +146,14 @@ def test_a_bfloat16_merge_a_quarter_short_fails(bf16_experts, calib_files, pp_re
     the average are 25% short fails them. Finer errors are the float32 tests' to find (they see 1%)."""
     from regmean import solver
 
-    solve = solver.RegMeanSystem.solve
+    solve = solver.RegMeanSystem.solve_deviation
 
-    def short(self, expert_rows):
-        merged, residual, error = solve(self, expert_rows)
-        average = sum(c * w.to(merged.dtype) for c, w in zip(self.coefs, expert_rows))
+    def short(self, anchor, spread, rhs):
+        merged, residual, error = solve(self, anchor, spread, rhs)
+        average = (anchor + spread).to(merged.dtype)
         return average + 0.75 * (merged - average), residual, error
 
-    monkeypatch.setattr(solver.RegMeanSystem, "solve", short)
+    monkeypatch.setattr(solver.RegMeanSystem, "solve_deviation", short)
     out = run_pp(bf16_experts, calib_files, tmp_path / "pp", "--alpha", PP_ALPHA, "--forward-dtype", "bfloat16",
                  "--dtype", "float32")  # fmt: skip
     with pytest.raises(AssertionError, match=r"correction off by 2\.\d+e-01"):

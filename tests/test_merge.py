@@ -207,14 +207,14 @@ def test_regmean_matches_float64_reference(experts, calib, expert_tensors, tmp_p
 
 def off_by_one_percent(monkeypatch):
     """A deliberately wrong solver: the real one, its correction to the average scaled by 0.99."""
-    solve = solver.RegMeanSystem.solve
+    solve = solver.RegMeanSystem.solve_deviation
 
-    def wrong(self, expert_rows):
-        merged, residual, error = solve(self, expert_rows)
-        average = sum(c * w.to(merged.dtype) for c, w in zip(self.coefs, expert_rows))
+    def wrong(self, anchor, spread, rhs):
+        merged, residual, error = solve(self, anchor, spread, rhs)
+        average = (anchor + spread).to(merged.dtype)
         return average + 0.99 * (merged - average), residual, error
 
-    monkeypatch.setattr(solver.RegMeanSystem, "solve", wrong)
+    monkeypatch.setattr(solver.RegMeanSystem, "solve_deviation", wrong)
 
 
 @pytest.mark.parametrize("alpha", [0.1, 1.0])

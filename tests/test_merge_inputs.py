@@ -457,7 +457,7 @@ def test_bad_inputs_are_refused_with_nothing_written(experts, calib, base_model,
 
 
 def test_interrupted_merge_leaves_nothing(experts, calib, tmp_path, monkeypatch):
-    solve, calls = solver.RegMeanSystem.solve, []
+    solve, calls = solver.RegMeanSystem.solve_deviation, []
 
     def interrupted(*args):  # the real solver, then an interruption halfway through the layers
         calls.append(1)
@@ -465,7 +465,7 @@ def test_interrupted_merge_leaves_nothing(experts, calib, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return solve(*args)
 
-    monkeypatch.setattr(solver.RegMeanSystem, "solve", interrupted)
+    monkeypatch.setattr(solver.RegMeanSystem, "solve_deviation", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run("regmean", "--models", *experts, "--grams", calib[0]["st"], calib[1]["st"], "--output-dir", tmp_path / "m")
     assert list(tmp_path.iterdir()) == []

@@ -356,16 +356,16 @@ def test_interrupted_merge_leaves_no_spilled_hidden_states(experts, calib_files,
     and nothing is left, neither the output nor its temporary folder with the hidden states."""
     from regmean import solver
 
-    solve, seen = solver.RegMeanSystem.solve, []
+    solve, seen = solver.RegMeanSystem.solve_deviation, []
 
-    def interrupted(self, expert_rows):
+    def interrupted(self, *sums):
         spilled = list(tmp_path.glob(".pp.tmp-*/.hidden-states/*.safetensors"))
         seen.append(len(spilled))
-        if len(seen) == 8:  # layer 0 has 4 inputs (q/k/v, o, gate/up, down) and 7 weights
+        if len(seen) == 8:  # one solve per input (q/k/v, o, gate/up, down): the 8th is layer 1's last
             raise KeyboardInterrupt
-        return solve(self, expert_rows)
+        return solve(self, *sums)
 
-    monkeypatch.setattr(solver.RegMeanSystem, "solve", interrupted)
+    monkeypatch.setattr(solver.RegMeanSystem, "solve_deviation", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_pp(experts, calib_files, tmp_path / "pp", "--max-hidden-gb", 0)
     assert seen[-1] > 0  # the hidden states were on disk when it stopped
