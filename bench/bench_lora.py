@@ -1,5 +1,5 @@
 """Merging LoRA adapters into one adapter (--output-format adapter) against the dense path, time and peak memory
-(issue 31; docs/benchmarks.md has no figures from it yet: the results are in docs/merging.md's LoRA section).
+(the figures: docs/merging.md's section on adapters).
 
     python bench/bench_lora.py smollm2      # two LoRA adapters of SmolLM2-135M-Instruct (ranks 16 and 8, every
                                             #   linear layer), grams on the demo's calibration rows, then
