@@ -38,9 +38,8 @@ from .tensor_io import (
 from .utils import Progress, Timer
 
 BLOCK_MB = 64  # large tensors are merged in blocks of rows of about this many MB per expert, as float32
-CHUNK_GRAMS = (
-    4  # the rows solved per pass over the experts: up to 4 grams' worth (or a block); more read the grams again
-)
+# the rows solved per pass over the experts: up to this many grams' worth (or a block); more read the grams again
+CHUNK_GRAMS = 4
 
 
 # ----------------------------------------------------------------------------- the merge
