@@ -18,6 +18,7 @@ NUM_EXAMPLES = 10000  # first N rows of each dataset, unshuffled
 MAX_LENGTH = 256  # tokens per example, truncated
 BATCH_SIZE = 32  # examples per forward pass
 ROWS = ("ours", "reference")  # ours: one BOS, length batches, padding left out; reference: as its compute_gram.py
+HELD = "held-out:"  # --holdout: the held-out rows' grams sit beside the fit ones under this prefix
 
 
 # ----------------------------------------------------------------------------- rows -> tokens
@@ -145,6 +146,15 @@ def split_batches(batches: list[list[int]], lengths: list[int], num_shares: int)
         shares[rank].append(b)
         load[rank] += cost[b]
     return [[batches[b] for b in sorted(share)] for share in shares]
+
+
+def fit_and_held_positions(
+    batch: list[int], mask: torch.Tensor, held_out: frozenset[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions of a collated batch's real tokens (mask [B, T]) in fit rows and in held-out rows
+    (`held_out`: example indices, --holdout): the two grams a forward pass feeds."""
+    held = torch.tensor([i in held_out for i in batch])[:, None] & mask.bool()
+    return (mask.bool() & ~held).flatten().nonzero().squeeze(1), held.flatten().nonzero().squeeze(1)
 
 
 def collate(token_ids: list[list[int]], batch: list[int], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

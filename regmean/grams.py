@@ -16,6 +16,7 @@ import torch
 
 from .calibration import (
     BATCH_SIZE,
+    HELD,
     MAX_LENGTH,
     NUM_EXAMPLES,
     ROWS,
@@ -29,10 +30,9 @@ from .calibration import (
 )
 from .experts import Expert, load_expert
 from .layerwise import PARTS_DIR, DecoderAdapter, choose_plan, grams_by_layer
-from .model_plan import HELD, check_no_foreign_checkpoints, checkpoint_path, whole_model_grams
+from .model_plan import check_no_foreign_checkpoints, checkpoint_path, whole_model_grams
 from .ranks import PROCESS_GROUP_TIMEOUT, all_reduce_grams, meet, rank_placement, ranks_in_step
 from .tensor_io import (
-    GramFile,
     checkpoint_files,
     config_fingerprint,
     save_grams,
@@ -62,7 +62,6 @@ ROW_RULE = "ours"  # calibration.ROWS: ours, or the reference's rows and running
 
 HOLDOUT = None  # --holdout F: every round(1/F)-th row goes to a second gram file (validation grams); None: no holdout
 HOLDOUT_FILE = "gram-holdout.safetensors"  # the held-out rows' grams, beside gram.safetensors
-HOLDOUT_WORK = ".holdout"  # the layer plan's held-out pass: its checkpoints and layer files, under the output folder
 
 
 def holdout_rows(num_rows: int, fraction: float | None) -> tuple[list[int], list[int], str]:
@@ -121,10 +120,12 @@ def layer_by_layer_grams(
     settings: dict,
     state,
     expert=None,
+    held_out: frozenset[int] = frozenset(),
 ) -> tuple[dict, dict[str, str], int]:
     """--plan layers: this process's share through one decoder layer at a time (layerwise.grams_by_layer),
-    every process's sums added up after each layer (a LoRA `expert`: each layer's tensors folded as read).
-    Returns (the grams, aliases, tokens run by all)."""
+    every process's sums added up after each layer (a LoRA `expert`: each layer's tensors folded as read;
+    held_out: rows whose grams are keyed HELD + key, from the same layer runs). Returns (the grams, aliases,
+    tokens run by all)."""
     lengths = [len(ids) for ids in token_ids]
     batches = split_batches(length_batches(lengths, batch_size), lengths, state.num_processes)[state.process_index]
     adapter = DecoderAdapter(model_dir, tensor_infos(files), device, dtype, what="--plan layers")
@@ -140,6 +141,7 @@ def layer_by_layer_grams(
         max_hidden_gb=max_hidden_gb,
         is_main=state.is_main_process,
         progress=state.is_main_process,
+        held_out=held_out,
     )
     meet()
     return grams, aliases, sum(lengths) if tokens_run else 0  # every share ran through every layer
@@ -243,21 +245,8 @@ def compute_grams(
     )
     if held_rows and state.is_main_process:
         print(f"holdout: {rule}", file=sys.stderr)
-    if held_rows and pick_plan(token_ids, out_dir, **run)[0] == "model":  # one pass, two accumulators per input
-        return grams_of_rows(token_ids, out_dir, {}, holdout=(fit_rows, held_rows, rule), **run)
-    if held_rows:  # the layer plan: the held-out rows first, in a pass and a work folder of their own
-        run["plan"] = "layers"
-        held = [token_ids[i] for i in held_rows]
-        work = out_dir / HOLDOUT_WORK
-        done = out_dir / HOLDOUT_FILE
-        if not (done.exists() and GramFile(done).metadata.get("data_sha256") == fingerprint(held)):
-            path = grams_of_rows(held, work, dict(holdout=f"held-out rows: {rule}"), **run)
-            if state.is_main_process:
-                path.replace(done)
-                shutil.rmtree(work, ignore_errors=True)
-            meet()
-        token_ids = [token_ids[i] for i in fit_rows]
-    return grams_of_rows(token_ids, out_dir, dict(holdout=f"fit rows: {rule}") if rule else {}, **run)
+    # with held-out rows, every pass (or layer run) feeds two accumulators per input
+    return grams_of_rows(token_ids, out_dir, {}, holdout=(fit_rows, held_rows, rule) if held_rows else None, **run)
 
 
 def pick_plan(
@@ -310,8 +299,8 @@ def grams_of_rows(
     holdout: tuple[list[int], list[int], str] | None = None,
 ) -> Path:
     """compute_grams' run on the rows `token_ids` into OUT_DIR/gram.safetensors (extra: provenance to add).
-    holdout: (fit rows, held-out rows, rule), the whole-model plan: the held-out rows' grams go to
-    OUT_DIR/gram-holdout.safetensors from the same forward passes."""
+    holdout: (fit rows, held-out rows, rule): the held-out rows' grams go to OUT_DIR/gram-holdout.safetensors
+    from the same forward passes (whole-model plan) or layer runs (layer plan)."""
     timer = Timer()
     rank, num_processes = state.process_index, state.num_processes
     width = config.get("hidden_size")
@@ -391,7 +380,7 @@ def grams_of_rows(
             grams, aliases, tokens_run = layer_by_layer_grams(
                 model_dir,
                 files,
-                token_ids,
+                all_ids,
                 batch_size,
                 device,
                 forward_dtype,
@@ -401,9 +390,11 @@ def grams_of_rows(
                 settings=settings,
                 state=state,
                 expert=expert,
+                held_out=frozenset(holdout[1]) if holdout else frozenset(),
             )
     path = out_dir / GRAM_FILE
-    held = {k.removeprefix(HELD): grams.pop(k) for k in list(grams) if k.startswith(HELD)}
+    # the held-out grams apart (as lazily as the layer plan's finished grams, if that is what they are)
+    held = type(grams)((k.removeprefix(HELD), grams.pop(k)) for k in list(grams) if k.startswith(HELD))
     if state.is_main_process and holdout:  # before gram.safetensors: a finished run has both
         held_provenance = dict(
             provenance,

@@ -11,6 +11,7 @@ tokens are kept packed (real tokens only) on the device, in host memory or on di
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .calibration import Gram, LinearInputs, check_one_row_per_token, collate
+from .calibration import HELD, Gram, LinearInputs, check_one_row_per_token, collate, fit_and_held_positions
 from .tensor_io import read_tensor, tensor_infos, write_safetensors
 from .utils import Progress, UserError, dtype_name, temporary_of
 
@@ -231,24 +232,34 @@ def layer_linear_inputs(adapter: DecoderAdapter, layer: nn.Module, index: int) -
 
 
 def layer_grams(
-    layer: nn.Module, run_batch, batches: list, aliases: dict[str, str], device, grams: dict[str, Gram] | None = None
+    layer: nn.Module,
+    run_batch,
+    batches: list,
+    aliases: dict[str, str],
+    device,
+    grams: dict[str, Gram] | None = None,
+    held: tuple[dict[str, Gram], list[Tensor]] | None = None,
 ) -> dict[str, Gram]:
-    """Grams of the inputs of every nn.Linear in `layer` over the real tokens of `batches`, the
-    layer being run by run_batch(b). Linear layers fed the very same tensor (q/k/v, gate/up) share
-    one gram, under the first one's name; the others are recorded in `aliases`. `grams` may hold
-    the accumulators already (made here as needed otherwise). Returns {name: Gram}."""
+    """Grams of the inputs of every nn.Linear in `layer` over the tokens at `batches`' flat positions
+    (input_ids, mask, positions), the layer being run by run_batch(b). Linear layers fed the very same
+    tensor (q/k/v, gate/up) share one gram, under the first one's name; the others are recorded in
+    `aliases`. `grams` may hold the accumulators already (made here as needed otherwise). held: (grams,
+    each batch's positions of held-out tokens), a second gram per input from the same passes (--holdout).
+    Returns {name: Gram}."""
     grams, current = ({} if grams is None else grams), {}
 
     def add(name, x):
         check_one_row_per_token(name, x, current["total"])
-        if name not in grams:
-            grams[name] = Gram(x.shape[-1], device)
-        grams[name].add(x, current["index"])
+        for into, rows in current["into"]:
+            if name not in into:
+                into[name] = Gram(x.shape[-1], device)
+            into[name].add(x, rows)
 
     # no_grad, not inference_mode: LinearInputs tells shared inputs by their version counters
     with torch.no_grad(), LinearInputs(layer, add) as watch:
         for b, (_, mask, index) in enumerate(batches):
-            current.update(total=mask.numel(), index=index.to(device))
+            into = [(grams, index.to(device))] + ([(held[0], held[1][b].to(device))] if held else [])
+            current.update(total=mask.numel(), into=into)
             run_batch(b)
             watch.new_pass()
     aliases.update(watch.aliases)
@@ -305,13 +316,13 @@ def mapped_tensor(file: Path, name: str) -> Tensor:
 
 
 class FinishedGrams(dict):
-    """{stored key: gram} whose grams are mapped from the finished layers' files only when asked for,
-    so that the gram file is written from them one tensor at a time. Going through values() (the
-    writer's data pass) deletes each layer's file once its grams have been handed out, so the disk
+    """{stored key: (file, name in it)} whose grams are mapped from the finished layers' files only when
+    asked for, so that the gram file is written from them one tensor at a time. Going through values()
+    (the writer's data pass) deletes each layer's file once its grams have been handed out, so the disk
     holds the grams about once, not twice (a write that fails halfway recomputes those layers)."""
 
     def __getitem__(self, key: str) -> Tensor:
-        return mapped_tensor(super().__getitem__(key), key)
+        return mapped_tensor(*super().__getitem__(key))
 
     def items(self):
         return ((k, self[k]) for k in self)
@@ -320,16 +331,14 @@ class FinishedGrams(dict):
         keys = list(self)
         for i, key in enumerate(keys):
             yield self[key]  # mapped: readable until freed, even once its file is unlinked
-            path = super().__getitem__(key)
-            if i + 1 == len(keys) or super().__getitem__(keys[i + 1]) != path:
+            path = super().__getitem__(key)[0]
+            if i + 1 == len(keys) or super().__getitem__(keys[i + 1])[0] != path:
                 path.unlink(missing_ok=True)
 
 
-def read_part(path: Path, settings: dict) -> tuple[dict[str, Path], dict[str, str]] | None:
+def read_part(path: Path, settings: dict) -> tuple[dict[str, tuple[Path, str]], dict[str, str]] | None:
     """A finished layer's keys and aliases, None when it is not there; a part made with other
     settings is refused as compute_gram.py's checkpoints are."""
-    import json
-
     from safetensors import safe_open
 
     if not path.exists():
@@ -343,7 +352,7 @@ def read_part(path: Path, settings: dict) -> tuple[dict[str, Path], dict[str, st
             f"{path} was made with other settings ({diff}); rerun with those settings to resume, "
             f"or delete {path.parent} to start over"
         )
-    return {k: path for k in keys}, json.loads(meta["aliases"])
+    return {k: (path, k) for k in keys}, json.loads(meta["aliases"])
 
 
 def process_rank() -> int:
@@ -377,6 +386,7 @@ def grams_by_layer(
     max_hidden_gb: float | None = None,
     is_main: bool = True,
     progress: bool = True,
+    held_out: frozenset[int] = frozenset(),
 ) -> tuple[FinishedGrams, dict[str, str], int]:
     """The grams of every distinct linear input of the model, one decoder layer at a time: the
     hidden states of this process's `batches` (lists of example indices) are kept (device, host or
@@ -385,9 +395,11 @@ def grams_by_layer(
     After each layer reduce(grams, tokens) sums every process's grams in place (compute_gram.py's
     all-reduce), and the main process writes them to OUTPUT_DIR/.gram-layers/, where a later run
     with resume=True and the same settings picks up after the last finished layer (the finished
-    layers then only move the hidden states on). Returns (the grams, read from those files as they
-    are used, aliases, tokens run through the layers here); the main process logs where the hidden
-    states are kept."""
+    layers then only move the hidden states on). held_out: example indices whose tokens go to a second
+    gram per input, keyed HELD + its key, from the same layer runs (--holdout), into a file of their own
+    per layer (layer-NNNNN-held.safetensors, written before the layer's). Returns (the grams, read from
+    those files as they are used, aliases, tokens run through the layers here); the main process logs
+    where the hidden states are kept."""
     parts_dir = out_dir / PARTS_DIR
     if not resume and is_main and parts_dir.exists():
         shutil.rmtree(parts_dir)  # a previous run's layers, not asked to resume from
@@ -395,23 +407,36 @@ def grams_by_layer(
     part_paths = [parts_dir / f"layer-{i:05d}.safetensors" for i in range(num_layers)]
     if adapter.head_module is not None:
         part_paths.append(parts_dir / "head.safetensors")
+
+    def held_path(path: Path) -> Path:
+        return path.with_name(f"{path.stem}-held{path.suffix}")
+
     where, aliases, done = {}, {}, 0
     for path in part_paths if resume else []:
-        part = read_part(path, settings)
-        if part is None:
+        parts = [read_part(p, settings) for p in ([held_path(path)] if held_out else []) + [path]]
+        if None in parts:
             break
-        where.update(part[0])
-        aliases.update(part[1])
+        for keys, part_aliases in parts:
+            where.update(keys)
+            aliases.update(part_aliases)
         done += 1
     done = agree_on_done(done)
-    where = {k: p for k, p in where.items() if p in part_paths[:done]}
+    finished = {*part_paths[:done], *map(held_path, part_paths[:done])}
+    where = {k: p for k, p in where.items() if p[0] in finished}
     aliases = {k: v for k, v in aliases.items() if v in where}
 
     # layer 0's input: the embeddings of this process's tokens, packed (padding left out)
-    calib = []
+    calib, fit_batches, held_at, packed = [], [], [], []
     for batch in batches:
         input_ids, mask = collate(token_ids, batch)
-        calib.append((input_ids, mask, mask.flatten().nonzero().squeeze(1)))
+        index = mask.flatten().nonzero().squeeze(1)
+        calib.append((input_ids, mask, index))
+        if held_out:  # which tokens feed the fit grams and which the held-out ones: flat, and among the packed
+            fit, held = fit_and_held_positions(batch, mask, held_out)
+            fit_batches.append((input_ids, mask, fit))
+            held_at.append(held)
+            is_held = torch.zeros(mask.numel(), dtype=torch.bool).index_fill_(0, held, True)[index]
+            packed.append(((~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)))
     num_tokens = sum(len(index) for _, _, index in calib)
     plan = hidden_states_plan(max_hidden_gb, device, adapter.dtype, adapter.config.hidden_size, num_tokens, host=True)
     if done == len(part_paths):
@@ -425,10 +450,13 @@ def grams_by_layer(
     def finish(grams: dict[str, Gram], part_aliases: dict[str, str], path: Path) -> None:
         """All processes' sums added up; the main process writes them (the next run's resume point)."""
         reduce(grams, 0)
-        if is_main:
-            meta = dict(settings=json.dumps(settings, sort_keys=True), aliases=json.dumps(part_aliases))
-            write_safetensors(path, {k: g.packed() for k, g in grams.items()}, meta)
-        where.update({k: path for k in grams})
+        meta = dict(settings=json.dumps(settings, sort_keys=True), aliases=json.dumps(part_aliases))
+        files = {held_path(path): [k for k in grams if k.startswith(HELD)]} if held_out else {}
+        files[path] = [k for k in grams if not k.startswith(HELD)]  # the layer's own file last: the resume point
+        for file, keys in files.items():
+            if is_main:
+                write_safetensors(file, {k: grams[k].packed() for k in keys}, meta)
+            where.update({k: (file, k) for k in keys})
         aliases.update(part_aliases)
 
     if is_main:
@@ -458,23 +486,29 @@ def grams_by_layer(
             leaders, shared = linear_inputs(adapter, index)
             prefix = adapter.layer_prefix(index)
             grams = {name: Gram(n, device) for name, n in leaders.items()}
+            held = ({name: Gram(n, device) for name, n in leaders.items()}, held_at) if held_out else None
             seen = {}
-            layer_grams(layer, lambda b, layer=layer, index=index: run(layer, index, b), calib, seen, device, grams)
+            layer_grams(layer, functools.partial(run, layer, index), fit_batches or calib, seen, device, grams, held)
             if seen and seen != shared:
                 raise UserError(f"layer {index}: linear layers share inputs as {seen}, not as probed ({shared})")
             del layer
             grams = {f"{prefix}.{k}": g for k, g in grams.items()}
+            grams |= {f"{HELD}{prefix}.{k}": g for k, g in held[0].items()} if held else {}
             finish(grams, {f"{prefix}.{k}": f"{prefix}.{v}" for k, v in shared.items()}, part_paths[index])
             del grams
             bar.update()
         if adapter.head_module is not None:  # lm_head reads the final norm's output
-            norm = adapter.load_norm(files)
-            gram = Gram(adapter.config.hidden_size, device)
+            norm, head = adapter.load_norm(files), adapter.head_module
+            keys = [head, HELD + head] if held_out else [head]
+            grams = {key: Gram(adapter.config.hidden_size, device) for key in keys}
             with torch.inference_mode():
                 for b in range(len(calib)):
-                    gram.add(norm(states.get((0, b))))
+                    hidden = norm(states.get((0, b)))
+                    if held_out:
+                        grams[HELD + head].add(hidden, packed[b][1].to(device))
+                    grams[head].add(hidden, packed[b][0].to(device) if held_out else None)
             del norm
-            finish({adapter.head_module: gram}, {}, part_paths[-1])
+            finish(grams, {}, part_paths[-1])
             bar.update()
     finally:
         bar.close()

@@ -13,12 +13,14 @@ import torch
 from torch import nn
 
 from .calibration import (
+    HELD,
     Gram,
     RunningMeanGram,
     check_one_row_per_token,
     collate,
     file_order_batches,
     find_shared_inputs,
+    fit_and_held_positions,
     length_batches,
     pad_batch,
     split_batches,
@@ -28,7 +30,6 @@ from .tensor_io import write_safetensors
 from .utils import Progress, UserError, first_line
 
 CHECKPOINT_FILE = ".gram-checkpoint.safetensors"
-HELD = "held-out:"  # the held-out rows' grams (--holdout) sit beside the fit ones under this prefix
 
 
 def checkpoint_path(out_dir: str | Path, rank: int = 0, num_processes: int = 1) -> Path:
@@ -166,10 +167,9 @@ def accumulate_grams(
             for b in range(start, len(batches)):
                 if padding is None:
                     input_ids, mask = collate(token_ids, batches[b])
-                    held = torch.tensor([i in held_out for i in batches[b]])[:, None] & mask.bool()
-                    fit = mask.bool() & ~held
-                    batch_rows["index"] = fit.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
-                    batch_rows["held"] = held.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+                    fit, held = fit_and_held_positions(batches[b], mask, held_out)
+                    batch_rows["index"] = fit.to(device, non_blocking=True)
+                    batch_rows["held"] = held.to(device, non_blocking=True)
                 else:  # the reference's: every position, padding included
                     input_ids, mask = pad_batch(token_ids, batches[b], *padding)
                     batch_rows["index"] = None

@@ -125,10 +125,10 @@ def test_layer_plan_resumes_after_the_last_finished_layer(experts, calib_files, 
     out = tmp_path / "resumed"
     real = layerwise.layer_grams
 
-    def interrupted(layer, run_batch, batches, aliases, device, grams=None):
+    def interrupted(*args, **kwargs):
         if (out / PARTS_DIR / "layer-00000.safetensors").exists():
             raise KeyboardInterrupt
-        return real(layer, run_batch, batches, aliases, device, grams)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(layerwise, "layer_grams", interrupted)
     with pytest.raises(KeyboardInterrupt):

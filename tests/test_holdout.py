@@ -1,7 +1,7 @@
 """compute_gram.py --holdout F: every round(1/F)-th row goes to gram-holdout.safetensors, the rest to
 gram.safetensors; together, token-weighted, they are the grams of all rows, on both plans and on two processes;
-on the whole-model plan in the forward passes of all rows (no more than without --holdout), checkpointed and
-resumed; a bad fraction is refused in one line before any work."""
+in the forward passes of all rows (whole-model plan) or one run of each layer (layer plan), no more than without
+--holdout, checkpointed and resumed; a bad fraction is refused in one line before any work."""
 
 import pytest
 from test_gram_distributed import launch
@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import ROOT
 from regmean.grams import HOLDOUT_FILE, holdout_rows
+from regmean.layerwise import PARTS_DIR
 from regmean.model_plan import checkpoint_path
 from regmean.tensor_io import GramFile
 from regmean.utils import GRAM_FILE, UserError
@@ -36,12 +37,13 @@ def test_holdout_and_fit_grams_are_the_grams_of_all_rows(experts, calib_files, t
     assert_parts_make_the_whole(tmp_path / "split", whole)
 
 
-def test_holdout_on_two_processes(experts, calib_files, tmp_path):
-    whole = gram(experts[0], calib_files["code"], tmp_path / "all", "--plan", "model")
+@pytest.mark.parametrize("plan", ["model", "layers"])
+def test_holdout_on_two_processes(experts, calib_files, tmp_path, plan):
+    whole = gram(experts[0], calib_files["code"], tmp_path / "all", "--plan", plan)
     out = tmp_path / "two"
     args = ["--model", str(experts[0]), "--dataset", str(calib_files["code"]), "--format", "code"]
     args += ["--output-dir", str(out), "--max-length", str(MAX_LENGTH), "--batch-size", "2", "--device", "cpu"]
-    args += ["--dtype", "float32", "--plan", "model", "--holdout", "0.34"]
+    args += ["--dtype", "float32", "--plan", plan, "--holdout", "0.34"]
     proc = launch(2, ROOT / "compute_gram.py", args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_parts_make_the_whole(out, whole)
@@ -82,6 +84,48 @@ def test_holdout_is_one_pass_and_resumes(experts, calib_files, tmp_path, capsys)
     capsys.readouterr()
     assert forward_passes(run(out, *args)) == passes - 1  # the checkpointed batch is not run again
     assert "resuming from" in capsys.readouterr().err
+    assert_parts_make_the_whole(out, whole)
+
+
+def test_holdout_on_the_layer_plan_reads_each_layer_once_and_resumes(experts, calib_files, tmp_path, monkeypatch):
+    """The held-out rows' hidden states go through each layer beside the fit rows' (no second run of the layers);
+    interrupted after layer 0, both of its part files are kept and the rerun runs layer 1 only."""
+    from regmean import layerwise
+
+    loads, grams_of_layer = [], layerwise.layer_grams
+    load_layer = layerwise.DecoderAdapter.load_layer
+    monkeypatch.setattr(
+        layerwise.DecoderAdapter, "load_layer", lambda self, i, *a: loads.append(i) or load_layer(self, i, *a)
+    )
+
+    def run(out, *extra):
+        loads.clear()
+        gram(experts[0], calib_files["code"], out, "--plan", "layers", *extra)
+        return list(loads)
+
+    whole = tmp_path / "all" / GRAM_FILE
+    layers = run(tmp_path / "all")
+    assert run(tmp_path / "split", "--holdout", 0.34) == layers == [0, 1]
+    assert_parts_make_the_whole(tmp_path / "split", whole)
+
+    out, args = tmp_path / "resumed", ("--holdout", 0.34, "--checkpoint-every", 1)
+
+    def interrupted(*a, **k):
+        if (out / PARTS_DIR / "layer-00000.safetensors").exists():
+            raise KeyboardInterrupt
+        return grams_of_layer(*a, **k)
+
+    monkeypatch.setattr(layerwise, "layer_grams", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(out, *args)
+    assert sorted(p.name for p in (out / PARTS_DIR).iterdir()) == [
+        "layer-00000-held.safetensors",
+        "layer-00000.safetensors",
+    ]
+    calls = []
+    monkeypatch.setattr(layerwise, "layer_grams", lambda *a, **k: calls.append(1) or grams_of_layer(*a, **k))
+    run(out, *args)
+    assert len(calls) == 1  # layer 1 only
     assert_parts_make_the_whole(out, whole)
 
 
