@@ -45,22 +45,29 @@ def write_rows(path: Path, n: int) -> Path:
     return path
 
 
-def time_v(cmd: list[str], log: Path) -> dict:
-    """Run cmd under /usr/bin/time -v (output to log); wall seconds and peak RSS from its report."""
+def timed_run(cmd: list[str], log: Path) -> tuple[str, float, float]:
+    """Run cmd under /usr/bin/time -v, its output to log: (the log's text, wall seconds, CPU seconds). A failed
+    command stops the bench with the log's tail."""
     start = time.time()
     with open(log, "w") as f:
         done = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     text = log.read_text()
     if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {done.returncode}), see {log}:\n{text[-2000:]}")
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {done.returncode}), see {log}:\n{text[-3000:]}")
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", text).group(1)) for kind in ("User", "System"))
+    return text, round(time.time() - start, 1), round(cpu, 1)
+
+
+def time_v(cmd: list[str], log: Path) -> dict:
+    """timed_run's figures of a compute_gram.py run: wall and CPU seconds, peak RSS, tokens and the plan."""
+    text, wall, cpu = timed_run(cmd, log)
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
     tokens = re.search(r"(\d+) tokens in [\d.]+ s \((\d+) tokens/s\)", text)
     plan = re.search(r"plan: (\w+) \((.*)\)", text)
     gpu = re.search(r"peak GPU ([\d.]+) GiB", text)  # compute_gram.py's own figure, on cuda
-    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", text).group(1)) for kind in ("User", "System"))
     return dict(
-        wall_s=round(time.time() - start, 1),
-        cpu_s=round(cpu, 1),  # the machine is shared: cpu seconds say what the run itself cost
+        wall_s=wall,
+        cpu_s=cpu,  # the machine is shared: cpu seconds say what the run itself cost
         peak_rss_gb=round(rss_kb * 1024 / 1e9, 3),
         peak_rss_gib=round(rss_kb / 2**20, 3),
         peak_gpu_gib=float(gpu.group(1)) if gpu else None,

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_gram_8b import write_rows  # noqa: E402
+from bench_gram_8b import timed_run, write_rows  # noqa: E402
 from make_llama3_8b_shaped import CHUNK_ELEMENTS, LLAMA3_8B, build_tokenizer, weight_plan  # noqa: E402
 
 from regmean.utils import UserError  # noqa: E402
@@ -282,19 +281,14 @@ def measured(cmd: list[str], log: Path, inputs: list[Path], output: Path) -> dic
     """Run cmd under /usr/bin/time -v after dropping its inputs from the page cache: wall, CPU, peak RSS, bytes
     read and written (the file system's block counts), and the disk its output takes."""
     drop_page_cache([p for p in inputs if p.exists()])
-    start = time.time()
-    with open(log, "w") as f:
-        done = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    text = log.read_text()
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {done.returncode}), see {log}:\n{text[-3000:]}")
+    text, wall, cpu = timed_run(cmd, log)
 
     def field(label: str) -> float:
         return float(re.search(rf"{label}: ([\d.]+)", text).group(1))
 
     return dict(
-        wall_s=round(time.time() - start, 1),
-        cpu_s=round(field(r"User time \(seconds\)") + field(r"System time \(seconds\)"), 1),
+        wall_s=wall,
+        cpu_s=cpu,
         peak_rss_gb=round(field(r"Maximum resident set size \(kbytes\)") * 1024 / 1e9, 3),
         read_gb=round(field("File system inputs") * 512 / 1e9, 3),
         written_gb=round(field("File system outputs") * 512 / 1e9, 3),

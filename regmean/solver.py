@@ -298,19 +298,9 @@ class RegMeanSystem:
                 rhs_sample = rhs_t[sample]
                 del rhs_t
             del diffs
-            merged = (avg + dev_t).float()
-            error = 0.0 if wide else self.probe_error * (dev_t.norm() / merged.norm().clamp_min(1e-30)).item()
-            # The residual of the system solved, on a sample of output rows, in the solve's precision.
-            rhs_sample = rhs_sample.T
-            res = self.apply_a(dev_t[sample].T.contiguous()) - rhs_sample
-            residual = (res.norm() / rhs_sample.norm().clamp_min(1e-30)).item()
-            finite = bool(torch.isfinite(merged).all())
-            if (finite and residual <= RESIDUAL_LIMIT and error <= TOLERANCE) or self.path == "eigh64":
-                break
+            if (done := self.checked(avg, dev_t, rhs_sample, sample, avg)) is not None:
+                return done
             self.upgrade()
-        if not finite:  # cannot happen with finite inputs; never write NaN anyway
-            merged, residual = avg.float(), float("nan")
-        return merged, residual, error
 
     def solve_deviation(self, anchor: Tensor, spread: Tensor, rhs: Tensor) -> tuple[Tensor, float, float] | None:
         """solve() for a streamed system, from sums taken one expert at a time: the merged rows (float32
@@ -333,18 +323,30 @@ class RegMeanSystem:
                 z = s64 - (s64 @ evecs) @ evecs.T + ((t @ evecs) / evals) @ evecs.T
             else:
                 z = torch.cholesky_solve(t.T.to(self.chol.dtype), self.chol).T
-            merged = (anchor.to(z.dtype) + z).float()
-            error = 0.0 if wide else self.probe_error * (z.norm() / merged.norm().clamp_min(1e-30)).item()
             sample = torch.linspace(0, len(t) - 1, min(NUM_RESIDUAL_COLUMNS, len(t)), device=t.device).long()
-            t_sample = t[sample].T.to(z.dtype)
-            res = self.apply_a(z[sample].T.contiguous()) - t_sample
-            residual = (res.norm() / t_sample.norm().clamp_min(1e-30)).item()
-            finite = bool(torch.isfinite(merged).all())
-            if (finite and residual <= RESIDUAL_LIMIT and error <= TOLERANCE) or self.path == "eigh64":
-                break
+            if (done := self.checked(anchor, z, t[sample], sample, anchor + spread)) is not None:
+                return done
             self.upgrade()
+
+    def checked(
+        self, base: Tensor, dev: Tensor, rhs_sample: Tensor, sample: Tensor, average: Tensor
+    ) -> tuple[Tensor, float, float] | None:
+        """The merged rows base + dev (float32), the relative residual of the system on the sampled output rows
+        (rhs_sample: their right-hand side, [k, in]; in the solve's precision) and the estimated relative error;
+        None where they fail the bounds and a wider path is left (upgrade() and solve again)."""
+        wide = self.path in ("cholesky64", "eigh64")
+        merged = (base.to(dev.dtype) + dev).float()
+        error = 0.0 if wide else self.probe_error * (dev.norm() / merged.norm().clamp_min(1e-30)).item()
+        rhs_sample = rhs_sample.T.to(dev.dtype)
+        res = self.apply_a(dev[sample].T.contiguous()) - rhs_sample
+        residual = (res.norm() / rhs_sample.norm().clamp_min(1e-30)).item()
+        finite = bool(torch.isfinite(merged).all())
+        if finite and residual <= RESIDUAL_LIMIT and error <= TOLERANCE:
+            return merged, residual, error
+        if self.path != "eigh64":
+            return None
         if not finite:  # cannot happen with finite inputs; never write NaN anyway
-            merged, residual = (anchor + spread).float(), float("nan")
+            return average.float(), float("nan"), error
         return merged, residual, error
 
 
