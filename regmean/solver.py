@@ -298,7 +298,7 @@ class RegMeanSystem:
                 rhs_sample = rhs_t[sample]
                 del rhs_t
             del diffs
-            if (done := self.checked(avg, dev_t, rhs_sample, sample, avg)) is not None:
+            if (done := self.checked(avg, dev_t, rhs_sample, sample, (avg,))) is not None:
                 return done
             self.upgrade()
 
@@ -324,16 +324,17 @@ class RegMeanSystem:
             else:
                 z = torch.cholesky_solve(t.T.to(self.chol.dtype), self.chol).T
             sample = torch.linspace(0, len(t) - 1, min(NUM_RESIDUAL_COLUMNS, len(t)), device=t.device).long()
-            if (done := self.checked(anchor, z, t[sample], sample, anchor + spread)) is not None:
+            if (done := self.checked(anchor, z, t[sample], sample, (anchor, spread))) is not None:
                 return done
             self.upgrade()
 
     def checked(
-        self, base: Tensor, dev: Tensor, rhs_sample: Tensor, sample: Tensor, average: Tensor
+        self, base: Tensor, dev: Tensor, rhs_sample: Tensor, sample: Tensor, average: tuple[Tensor, ...]
     ) -> tuple[Tensor, float, float] | None:
         """The merged rows base + dev (float32), the relative residual of the system on the sampled output rows
         (rhs_sample: their right-hand side, [k, in]; in the solve's precision) and the estimated relative error;
-        None where they fail the bounds and a wider path is left (upgrade() and solve again)."""
+        None where they fail the bounds and a wider path is left (upgrade() and solve again). average: the
+        average's terms, summed only if the last path gives no finite answer."""
         wide = self.path in ("cholesky64", "eigh64")
         merged = (base.to(dev.dtype) + dev).float()
         error = 0.0 if wide else self.probe_error * (dev.norm() / merged.norm().clamp_min(1e-30)).item()
@@ -346,7 +347,7 @@ class RegMeanSystem:
         if self.path != "eigh64":
             return None
         if not finite:  # cannot happen with finite inputs; never write NaN anyway
-            return average.float(), float("nan"), error
+            return sum(average).float(), float("nan"), error
         return merged, residual, error
 
 
