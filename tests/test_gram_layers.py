@@ -117,6 +117,17 @@ def test_auto_takes_the_layer_plan_when_the_model_does_not_fit(experts, calib_fi
     assert sorted(p.name for p in (tmp_path / "auto").iterdir()) == [GRAM_FILE]  # spill and parts removed
 
 
+def interrupted_after_layer_0(out, layer_grams):
+    """layer_grams that raises KeyboardInterrupt (like Ctrl-C) once layer 0's part file is in OUT's parts folder."""
+
+    def interrupted(*args, **kwargs):
+        if (out / PARTS_DIR / "layer-00000.safetensors").exists():
+            raise KeyboardInterrupt
+        return layer_grams(*args, **kwargs)
+
+    return interrupted
+
+
 def test_layer_plan_resumes_after_the_last_finished_layer(experts, calib_files, tmp_path, monkeypatch, capsys):
     """Interrupted while layer 1 runs: layer 0's grams are on disk; the same command (--checkpoint-every)
     continues from layer 1 (layer 0 only moves the hidden states on) and gives the uninterrupted grams."""
@@ -124,13 +135,7 @@ def test_layer_plan_resumes_after_the_last_finished_layer(experts, calib_files, 
 
     out = tmp_path / "resumed"
     real = layerwise.layer_grams
-
-    def interrupted(*args, **kwargs):
-        if (out / PARTS_DIR / "layer-00000.safetensors").exists():
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(layerwise, "layer_grams", interrupted)
+    monkeypatch.setattr(layerwise, "layer_grams", interrupted_after_layer_0(out, real))
     with pytest.raises(KeyboardInterrupt):
         gram(experts[0], calib_files["code"], out, "--plan", "layers", "--checkpoint-every", "1")
     assert not (out / GRAM_FILE).exists()

@@ -5,7 +5,7 @@ in the forward passes of all rows (whole-model plan) or one run of each layer (l
 
 import pytest
 from test_gram_distributed import launch
-from test_gram_layers import MAX_LENGTH, gram
+from test_gram_layers import MAX_LENGTH, gram, interrupted_after_layer_0
 from torch import nn
 
 from conftest import ROOT
@@ -109,13 +109,7 @@ def test_holdout_on_the_layer_plan_reads_each_layer_once_and_resumes(experts, ca
     assert_parts_make_the_whole(tmp_path / "split", whole)
 
     out, args = tmp_path / "resumed", ("--holdout", 0.34, "--checkpoint-every", 1)
-
-    def interrupted(*a, **k):
-        if (out / PARTS_DIR / "layer-00000.safetensors").exists():
-            raise KeyboardInterrupt
-        return grams_of_layer(*a, **k)
-
-    monkeypatch.setattr(layerwise, "layer_grams", interrupted)
+    monkeypatch.setattr(layerwise, "layer_grams", interrupted_after_layer_0(out, grams_of_layer))
     with pytest.raises(KeyboardInterrupt):
         run(out, *args)
     assert sorted(p.name for p in (out / PARTS_DIR).iterdir()) == [
